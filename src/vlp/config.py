@@ -1,0 +1,191 @@
+"""Model configs as dataclasses, named presets, and their JSON round trip.
+
+A config is pure data: it is saved as ``config.json`` beside every checkpoint, so a
+checkpoint directory is enough to rebuild its model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlp.errors import ConfigError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    act: str = "gelu"  # "gelu" or "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP)
+    norm_eps: float = 1e-5
+    pre_norm: bool = True  # LayerNorm on the embedded tokens before the blocks (open_clip ln_pre)
+    pool: str = "cls"  # "cls", "mean" or "none"
+    patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped in training
+    dropout: float = 0.0
+    mean: tuple[float, float, float] = OPENAI_MEAN  # image normalisation of the preprocessing
+    std: tuple[float, float, float] = OPENAI_STD
+    resize_mode: str = "shortest"  # eval resize: "shortest" side then center crop, or "squash"
+    interpolation: str = "bicubic"
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    norm_eps: float = 1e-5
+    causal: bool = True  # causal self-attention (CLIP text tower) or bidirectional
+    pool: str = "eos"  # "eos": first eos_id token; "argmax": highest token id (open_clip)
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    dropout: float = 0.0
+
+
+@dataclass
+class ClipConfig:
+    family: str = "clip"
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip" (pairwise sigmoid)
+    init_logit_scale: float = 2.6592  # ln(1/0.07); SigLIP uses ln(10)
+    init_logit_bias: float | None = None  # SigLIP: -10
+    max_logit_scale: float = 4.6052  # ln(100): CLIP clips the temperature so logits scale <= 100
+    proj_bias: bool = False
+
+
+CONFIG_CLASSES: dict[str, type] = {"clip": ClipConfig}
+_NESTED: dict[str, type] = {"vision": VisionConfig, "text": TextConfig}
+
+
+def config_to_dict(config: Any) -> dict:
+    """Plain JSON-ready dict of a (nested) config dataclass."""
+    return dataclasses.asdict(config)
+
+
+def _from_dict(cls: type, data: dict, where: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        if key in _NESTED and isinstance(value, dict):
+            value = _from_dict(_NESTED[key], value, f"{where}.{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, where: str = "config") -> Any:
+    """Rebuild a config from ``config_to_dict`` output; the ``family`` field picks the class."""
+    family = data.get("family")
+    if family not in CONFIG_CLASSES:
+        raise ConfigError(
+            f"{where}: unknown model family {family!r}; expected one of {sorted(CONFIG_CLASSES)}"
+        )
+    return _from_dict(CONFIG_CLASSES[family], data, where)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+
+
+def load_config(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    return config_from_dict(data, where=str(path))
+
+
+# ---------------------------------------------------------------------------------------
+# presets: registered by exact name; each function returns a fresh config
+
+PRESETS: dict[str, Callable[[], Any]] = {}
+
+
+def register_preset(name: str) -> Callable:
+    def decorator(fn: Callable[[], Any]) -> Callable[[], Any]:
+        if name in PRESETS:
+            raise ValueError(f"preset {name!r} is registered twice")
+        PRESETS[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> Any:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {list_presets()}")
+    return PRESETS[name]()
+
+
+@register_preset("clip-tiny")
+def _clip_tiny() -> ClipConfig:
+    # ~1.6M params: 64 px images, 8 px patches, BPE vocab 1024 trained on the captions; CPU-sized
+    return ClipConfig(
+        embed_dim=128,
+        vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4,
+                            mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        text=TextConfig(vocab_size=1024, context_length=32, width=128, layers=4, heads=4),
+    )
+
+
+def _clip_openclip_shape(patch: int, vision_width: int, vision_layers: int, vision_heads: int,
+                         embed_dim: int, text_width: int, text_heads: int) -> ClipConfig:
+    return ClipConfig(
+        embed_dim=embed_dim,
+        vision=VisionConfig(image_size=224, patch_size=patch, width=vision_width,
+                            layers=vision_layers, heads=vision_heads),
+        text=TextConfig(vocab_size=49408, context_length=77, width=text_width, layers=12,
+                        heads=text_heads, pad_id=0, bos_id=49406, eos_id=49407),
+    )
+
+
+@register_preset("clip-vit-b-32")
+def _clip_vit_b_32() -> ClipConfig:  # 151.3M params, open_clip ViT-B-32
+    return _clip_openclip_shape(32, 768, 12, 12, 512, 512, 8)
+
+
+@register_preset("clip-vit-b-16")
+def _clip_vit_b_16() -> ClipConfig:  # 149.6M params, open_clip ViT-B-16
+    return _clip_openclip_shape(16, 768, 12, 12, 512, 512, 8)
+
+
+@register_preset("clip-vit-l-14")
+def _clip_vit_l_14() -> ClipConfig:  # 427.6M params, open_clip ViT-L-14
+    return _clip_openclip_shape(14, 1024, 24, 16, 768, 768, 12)
+
+
+@register_preset("siglip-tiny")
+def _siglip_tiny() -> ClipConfig:  # clip-tiny trained with the pairwise sigmoid loss
+    config = _clip_tiny()
+    config.loss = "siglip"
+    config.init_logit_scale = 2.302585  # ln(10)
+    config.init_logit_bias = -10.0
+    return config

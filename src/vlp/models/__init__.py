@@ -1,0 +1,28 @@
+"""Model families, each composed from ``vlp.nn`` blocks, built from their config by family."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from vlp.errors import ConfigError
+from vlp.models.clip import CLIP, build_clip
+
+MODEL_BUILDERS: dict[str, Callable[[Any], nn.Module]] = {
+    "clip": build_clip,
+}
+
+
+def build_model(config: Any) -> nn.Module:
+    """Random-init model for a config; the config's ``family`` picks the builder."""
+    family = getattr(config, "family", None)
+    if family not in MODEL_BUILDERS:
+        raise ConfigError(
+            f"unknown model family {family!r}; expected one of {sorted(MODEL_BUILDERS)}"
+        )
+    return MODEL_BUILDERS[family](config)
+
+
+__all__ = ["CLIP", "MODEL_BUILDERS", "build_clip", "build_model"]

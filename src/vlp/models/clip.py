@@ -1,0 +1,83 @@
+"""CLIP (Radford et al. 2021, arXiv 2103.00020): an image tower and a text tower trained so
+that matching pairs have the highest cosine similarity in a shared embedding space."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlp.config import ClipConfig
+from vlp.errors import ConfigError
+from vlp.losses import clip_loss, siglip_loss
+from vlp.nn import TextTransformer, VisionTransformer
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: ClipConfig, visual: VisionTransformer, text: TextTransformer):
+        super().__init__()
+        if config.loss not in ("clip", "siglip"):
+            raise ConfigError(f"clip.loss {config.loss!r}; expected 'clip' or 'siglip'")
+        self.config = config
+        self.visual = visual
+        self.text = text
+        # temperature as a log-parameterised multiplier, clamped at max_logit_scale (paper §2.5)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        if config.init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+        else:
+            self.logit_bias = None
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"logit_scale", "logit_bias"}
+        names |= {f"visual.{n}" for n in self.visual.no_weight_decay()}
+        names |= {f"text.{n}" for n in self.text.no_weight_decay()}
+        return names
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.transformer.grad_checkpointing = enable
+        self.text.transformer.grad_checkpointing = enable
+
+    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
+        """``(B, 3, H, W) -> (B, embed_dim)``, L2-normalised unless ``normalize=False``."""
+        features = self.visual(pixels)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, input_ids: Tensor, normalize: bool = True,
+                    attention_mask: Tensor | None = None) -> Tensor:
+        """``(B, L) -> (B, embed_dim)``, L2-normalised unless ``normalize=False``."""
+        features = self.text(input_ids, attention_mask)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def scale(self) -> Tensor:
+        """The logit multiplier exp(logit_scale), clamped at exp(max_logit_scale)."""
+        return self.logit_scale.clamp(max=self.config.max_logit_scale).exp()
+
+    def logits(self, pixels: Tensor, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits_per_image [B_img, B_txt], logits_per_text [B_txt, B_img])``."""
+        image = self.encode_image(pixels)
+        text = self.encode_text(input_ids)
+        logits_per_image = self.scale() * image @ text.T
+        if self.logit_bias is not None:
+            logits_per_image = logits_per_image + self.logit_bias
+        return logits_per_image, logits_per_image.T
+
+    def forward(self, batch: dict[str, Tensor]) -> dict:
+        image = self.encode_image(batch["pixels"])
+        text = self.encode_text(batch["input_ids"])
+        if self.config.loss == "siglip":
+            out = siglip_loss(image, text, self.scale(), self.logit_bias)
+        else:
+            out = clip_loss(image, text, self.scale())
+        return {"loss": out.loss, "losses": {"contrastive": out.loss.detach()},
+                "logit_scale": self.scale().detach()}
+
+
+def build_clip(config: ClipConfig) -> CLIP:
+    visual = VisionTransformer(config.vision, config.embed_dim, proj_bias=config.proj_bias)
+    text = TextTransformer(config.text, config.embed_dim, proj_bias=config.proj_bias)
+    if not math.isfinite(config.init_logit_scale):
+        raise ConfigError("clip.init_logit_scale must be finite")
+    return CLIP(config, visual, text)
