@@ -79,9 +79,11 @@ def test_encoders_are_normalised_and_logit_scale_clamped():
 
 
 def test_constant_init_gives_hand_computed_loss():
-    config = ClipConfig(embed_dim=8,
-                        vision=VisionConfig(image_size=16, patch_size=8, width=8, layers=1, heads=2),
-                        text=TextConfig(vocab_size=20, context_length=6, width=8, layers=1, heads=2))
+    config = ClipConfig(
+        embed_dim=8,
+        vision=VisionConfig(image_size=16, patch_size=8, width=8, layers=1, heads=2),
+        text=TextConfig(vocab_size=20, context_length=6, width=8, layers=1, heads=2),
+    )
     model = build_model(config)
     with torch.no_grad():
         for p in model.parameters():

@@ -37,6 +37,7 @@ class VisionConfig:
     std: tuple[float, float, float] = OPENAI_STD
     resize_mode: str = "shortest"  # eval resize: "shortest" side then center crop, or "squash"
     interpolation: str = "bicubic"
+    pos_embed_antialias: bool = False  # antialiased bicubic when resizing positions (open_clip)
 
 
 @dataclass
@@ -51,6 +52,8 @@ class TextConfig:
     norm_eps: float = 1e-5
     causal: bool = True  # causal self-attention (CLIP text tower) or bidirectional
     pool: str = "eos"  # "eos": first eos_id token; "argmax": highest token id (open_clip)
+    eos_fallback: str = "last"  # "eos" pool of a row without eos: "last" or "first" (HF CLIP)
+    mask_padding: bool = False  # causal tower also masks attention_mask==0 keys (HF CLIP)
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2

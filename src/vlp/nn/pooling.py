@@ -21,18 +21,22 @@ def pool_mean(tokens: Tensor, mask: Tensor | None = None) -> Tensor:
     return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
-def eos_positions(input_ids: Tensor, eos_id: int) -> Tensor:
-    """Position of the first ``eos_id`` in each row; rows without one use their last position
-    (never silently index 0)."""
+def eos_positions(input_ids: Tensor, eos_id: int, fallback: str = "last") -> Tensor:
+    """Position of the first ``eos_id`` in each row; rows without one use their last position,
+    or index 0 with ``fallback="first"`` (what HF CLIP and open_clip's "eos" pool do)."""
+    if fallback not in ("last", "first"):
+        raise ValueError(f"eos fallback {fallback!r}; expected 'last' or 'first'")
     is_eos = input_ids == eos_id
     first = is_eos.int().argmax(dim=1)
+    if fallback == "first":
+        return first
     last = torch.full_like(first, input_ids.shape[1] - 1)
     return torch.where(is_eos.any(dim=1), first, last)
 
 
-def pool_eos(tokens: Tensor, input_ids: Tensor, eos_id: int) -> Tensor:
+def pool_eos(tokens: Tensor, input_ids: Tensor, eos_id: int, fallback: str = "last") -> Tensor:
     """Token at the first ``eos_id`` of each row, ``(B, T, D) -> (B, D)``."""
-    index = eos_positions(input_ids, eos_id)
+    index = eos_positions(input_ids, eos_id, fallback)
     return tokens[torch.arange(tokens.shape[0], device=tokens.device), index]
 
 

@@ -48,7 +48,8 @@ class TextTransformer(nn.Module):
 
     def forward_features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """``(B, L) -> (B, L, width)`` after the final norm. A causal tower ignores padding
-        (tokens never see later positions); a bidirectional one masks it out."""
+        (tokens never see later positions) unless ``mask_padding`` is set and an
+        ``attention_mask`` is given (left padding); a bidirectional one masks it out."""
         B, L = input_ids.shape
         if L > self.config.context_length:
             raise ConfigError(f"text of {L} tokens exceeds context_length "
@@ -60,12 +61,14 @@ class TextTransformer(nn.Module):
                 attention_mask = self.padding_mask(input_ids)
             keep = attention_mask.bool()
             mask = keep[:, None, None, :]
+        elif self.config.mask_padding and attention_mask is not None:
+            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L), merged with causal
         x = self.transformer(x, mask=mask)
         return self.norm(x)
 
     def pool(self, tokens: Tensor, input_ids: Tensor) -> Tensor:
         if self.config.pool == "eos":
-            return pool_eos(tokens, input_ids, self.config.eos_id)
+            return pool_eos(tokens, input_ids, self.config.eos_id, self.config.eos_fallback)
         if self.config.pool == "argmax":
             return pool_argmax(tokens, input_ids)
         if self.config.pool == "mean":

@@ -14,8 +14,10 @@ from vlp.nn.pooling import pool_cls, pool_mean
 from vlp.nn.transformer import Transformer, init_transformer_
 
 
-def resize_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int = 1) -> Tensor:
-    """Bicubically resample learned positions ``(prefix + g*g, D)`` to a ``new_grid`` square."""
+def resize_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int = 1,
+                     antialias: bool = False) -> Tensor:
+    """Bicubically resample learned positions ``(prefix + g*g, D)`` to a ``new_grid`` square;
+    ``antialias`` switches to torch's antialiased kernel (open_clip's choice, also upsampling)."""
     prefix, grid = pos_embed[:num_prefix_tokens], pos_embed[num_prefix_tokens:]
     old_grid = math.isqrt(grid.shape[0])
     if old_grid * old_grid != grid.shape[0]:
@@ -25,7 +27,7 @@ def resize_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int = 
     dim = grid.shape[1]
     grid = grid.reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2)  # (1, D, g, g)
     grid = F.interpolate(grid.float(), size=(new_grid, new_grid), mode="bicubic",
-                         align_corners=False).to(pos_embed.dtype)
+                         align_corners=False, antialias=antialias).to(pos_embed.dtype)
     grid = grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, dim)
     return torch.cat([prefix, grid], dim=0)
 
@@ -99,7 +101,8 @@ class VisionTransformer(nn.Module):
                               f"{self.config.patch_size}")
         grid = image_size // self.config.patch_size
         with torch.no_grad():
-            self.pos_embed = nn.Parameter(resize_pos_embed(self.pos_embed.data, grid))
+            self.pos_embed = nn.Parameter(resize_pos_embed(
+                self.pos_embed.data, grid, antialias=self.config.pos_embed_antialias))
         self.grid = grid
         self.config.image_size = image_size
 

@@ -1,0 +1,334 @@
+"""The ``vlp`` command line: each subcommand is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vlp.errors import VlpError
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    print(json.dumps(data, sort_keys=False, default=str))
+
+
+def _eval_spec(args: argparse.Namespace) -> Any:
+    from vlp.eval.suite import EvalSpec
+
+    return EvalSpec(
+        zeroshot_data=args.zeroshot_data,
+        classnames=_read_lines(args.classnames) if args.classnames else None,
+        templates=_read_lines(args.templates) if args.templates else None,
+        retrieval_data=args.retrieval_data,
+        retrieval_kind=args.retrieval_kind,
+        retrieval_options={"image_key": args.image_key, "caption_key": args.caption_key,
+                           "separator": args.separator, "image_root": args.image_root},
+        batch_size=args.eval_batch_size,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+
+
+def _read_lines(path: str) -> list[str]:
+    from vlp.errors import DataError
+
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{path}: file not found")
+    lines = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: no non-empty lines")
+    return lines
+
+
+def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation data")
+    g.add_argument("--zeroshot-data", metavar="DIR",
+                   help="image folder (class_name/*.jpg) for zero-shot classification")
+    g.add_argument("--classnames", metavar="FILE",
+                   help="one class name per line (default: the folder names, '_' -> ' ')")
+    g.add_argument("--templates", metavar="FILE",
+                   help="one prompt template with '{}' per line (default: built-in set)")
+    g.add_argument("--retrieval-data", metavar="PATH",
+                   help="captions data for image<->text retrieval (CSV/TSV/JSONL/COCO/WDS)")
+    g.add_argument("--retrieval-kind", default="auto",
+                   choices=["auto", "csv", "tsv", "jsonl", "coco", "wds"],
+                   help="format of --retrieval-data (default: from the path)")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="batch size for encoding")
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data columns")
+    g.add_argument("--image-key", help="CSV/JSONL column holding the image path "
+                                       "(default: filepath for CSV, image for JSONL)")
+    g.add_argument("--caption-key", help="CSV/JSONL column holding the caption (default: caption)")
+    g.add_argument("--separator", help="CSV separator (default: tab for .tsv, else comma)")
+    g.add_argument("--image-root", help="root of relative image paths / COCO image directory")
+
+
+def _load_model_and_tokenizer(path: str) -> tuple[Any, Any]:
+    import vlp
+
+    model = vlp.load(path)
+    return model, vlp.load_tokenizer(path)
+
+
+# ---------------------------------------------------------------------------------------
+# subcommands
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from vlp.data.synthetic import write_dataset
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    meta = write_dataset(args.out, formats=formats, n_train=args.train, n_val=args.val,
+                         n_test=args.test, seed=args.seed, image_size=args.image_size,
+                         captions_per_image=args.captions_per_image,
+                         noisy_fraction=args.noisy_fraction, progress=not args.no_progress)
+    _print_json({"out": str(args.out), "counts": meta.get("counts"),
+                 "duplicate_caption_share": meta.get("duplicate_caption_share")})
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vlp.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=args.model, tokenizer=args.tokenizer,
+        train_data=args.train_data, train_kind=args.train_kind,
+        val_data=args.val_data, val_kind=args.val_kind,
+        image_key=args.image_key, caption_key=args.caption_key, separator=args.separator,
+        image_root=args.image_root,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        max_steps=args.max_steps, epochs=args.epochs, grad_clip=args.grad_clip,
+        output_dir=args.output_dir, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, seed=args.seed,
+        num_workers=args.num_workers, precision=args.precision, compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing, resume=args.resume,
+        progress=not args.no_progress,
+    )
+    spec = _eval_spec(args)
+    result = train(cfg, eval_fn=None if spec.is_empty() else _eval_fn(spec))
+    _print_json(result)
+    return 0
+
+
+def _eval_fn(spec: Any) -> Any:
+    from vlp.eval.suite import evaluate
+
+    def eval_fn(model: Any, tokenizer: Any, step: int) -> dict[str, float]:
+        return evaluate(model, tokenizer, spec)
+
+    return eval_fn
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vlp.errors import ConfigError
+    from vlp.eval.suite import evaluate
+
+    spec = _eval_spec(args)
+    if spec.is_empty():
+        raise ConfigError("vlp eval: give --zeroshot-data and/or --retrieval-data")
+    model, tokenizer = _load_model_and_tokenizer(args.checkpoint)
+    metrics = evaluate(model, tokenizer, spec)
+    _print_json({"checkpoint": args.checkpoint, **metrics})
+    return 0
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    from vlp.eval import zeroshot_eval
+
+    model, tokenizer = _load_model_and_tokenizer(args.checkpoint)
+    metrics = zeroshot_eval(model, tokenizer, args.data,
+                            classnames=_read_lines(args.classnames) if args.classnames else None,
+                            templates=_read_lines(args.templates) if args.templates else None,
+                            batch_size=args.eval_batch_size, num_workers=args.num_workers,
+                            progress=not args.no_progress)
+    _print_json({"checkpoint": args.checkpoint, **metrics})
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from vlp.errors import ConfigError
+    from vlp.eval import embed_images, embed_texts, save_embeddings
+
+    if bool(args.images) == bool(args.texts):
+        raise ConfigError("vlp embed: give exactly one of --images or --texts")
+    model, tokenizer = _load_model_and_tokenizer(args.checkpoint)
+    if args.images:
+        result = embed_images(model, args.images, batch_size=args.batch_size,
+                              num_workers=args.num_workers, progress=not args.no_progress)
+        embeddings, ids, skipped = result.embeddings, result.ids, len(result.skipped)
+    else:
+        ids = _read_lines(args.texts)
+        embeddings = embed_texts(model, tokenizer, ids, batch_size=args.batch_size,
+                                 progress=not args.no_progress)
+        skipped = 0
+    path = save_embeddings(args.out, embeddings, ids)
+    _print_json({"out": str(path), "count": int(embeddings.shape[0]),
+                 "dim": int(embeddings.shape[1]), "skipped": skipped})
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import vlp
+
+    path = vlp.convert(args.src, args.dst, src_format=args.src_format,
+                       dst_format=args.dst_format)
+    _print_json({"out": str(path), "from": args.src_format, "to": args.dst_format})
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vlp.demo import DemoConfig, demo
+
+    cfg = DemoConfig(out=args.out, n_train=args.train, n_test=args.test, steps=args.steps,
+                     batch_size=args.batch_size, seed=args.seed, num_workers=args.num_workers,
+                     progress=not args.no_progress)
+    result = demo(cfg)
+    _print_json(result)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlp",
+        description="Vision-language pretraining: build data, train, evaluate, embed, convert.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
+    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    # data
+    data = sub.add_parser("data", help="dataset utilities")
+    data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    synth = data_sub.add_parser(
+        "synth", parents=[common],
+        help="write the built-in synthetic image-caption dataset to disk",
+        description="Write the seeded synthetic world (coloured shapes with captions, class "
+                    "labels and QA pairs) in real on-disk formats.")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--format", default="csv,jsonl,coco,imagefolder,wds",
+                       help="comma-separated formats: csv, jsonl, coco, imagefolder, wds")
+    synth.add_argument("--train", type=int, default=5000, help="training images")
+    synth.add_argument("--val", type=int, default=500, help="validation images")
+    synth.add_argument("--test", type=int, default=1000, help="test images (one caption each)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=64)
+    synth.add_argument("--captions-per-image", type=int, default=5)
+    synth.add_argument("--noisy-fraction", type=float, default=0.0,
+                       help="share of captions replaced by mismatched/corrupted text")
+    synth.set_defaults(func=cmd_data_synth)
+
+    # train
+    tr = sub.add_parser("train", parents=[common], help="train a model",
+                        description="Train a model from a preset (or a checkpoint) on "
+                                    "image-text data, with checkpoints and exact resume.")
+    tr.add_argument("--model", default="clip-tiny",
+                    help="preset name (see `vlp.list_models()`) or a checkpoint directory")
+    tr.add_argument("--tokenizer", help="tokenizer directory (default: train a BPE on captions)")
+    tr.add_argument("--train-data", required=True, help="training data path")
+    tr.add_argument("--train-kind", default="auto",
+                    choices=["auto", "csv", "tsv", "jsonl", "coco", "wds"])
+    tr.add_argument("--val-data", help="validation captions data (val loss)")
+    tr.add_argument("--val-kind", default="auto",
+                    choices=["auto", "csv", "tsv", "jsonl", "coco", "wds"])
+    _add_source_args(tr)
+    tr.add_argument("--output-dir", default="runs/train", help="run directory")
+    tr.add_argument("--batch-size", type=int, default=64)
+    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update")
+    tr.add_argument("--lr", type=float, default=5e-4)
+    tr.add_argument("--weight-decay", type=float, default=0.2)
+    tr.add_argument("--warmup-steps", type=int, default=0)
+    tr.add_argument("--max-steps", type=int, help="optimizer steps")
+    tr.add_argument("--epochs", type=int, help="epochs (with --max-steps: whichever ends first)")
+    tr.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm; 0 disables")
+    tr.add_argument("--eval-every", type=int, default=0, help="steps between evaluations")
+    tr.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
+    tr.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0: all)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+    tr.add_argument("--grad-checkpointing", action="store_true")
+    tr.add_argument("--resume", help="'latest' (in --output-dir) or a checkpoint directory")
+    _add_eval_data_args(tr)
+    tr.set_defaults(func=cmd_train)
+
+    # eval
+    ev = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint",
+                        description="Zero-shot classification and/or retrieval metrics.")
+    ev.add_argument("checkpoint", help="checkpoint directory")
+    _add_eval_data_args(ev)
+    _add_source_args(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    zs = sub.add_parser("zeroshot", parents=[common], help="zero-shot classification",
+                        description="Top-1/top-5 zero-shot accuracy on an image folder.")
+    zs.add_argument("checkpoint", help="checkpoint directory")
+    zs.add_argument("--data", required=True, help="image folder root (class_name/*.jpg)")
+    zs.add_argument("--classnames", help="one class name per line")
+    zs.add_argument("--templates", help="one prompt template with '{}' per line")
+    zs.add_argument("--eval-batch-size", type=int, default=256)
+    zs.set_defaults(func=cmd_zeroshot)
+
+    em = sub.add_parser("embed", parents=[common], help="write image or text embeddings",
+                        description="Encode images (a directory or data file) or texts (one "
+                                    "per line) and save L2-normalised embeddings.")
+    em.add_argument("checkpoint", help="checkpoint directory")
+    em.add_argument("--images", help="image directory, CSV/JSONL/COCO file or shard pattern")
+    em.add_argument("--texts", help="text file, one text per line")
+    em.add_argument("--out", required=True, help="output .safetensors or .npy file")
+    em.add_argument("--batch-size", type=int, default=256)
+    em.set_defaults(func=cmd_embed)
+
+    cv = sub.add_parser("convert", help="convert checkpoints between vlp, HF and open_clip",
+                        description="Convert a CLIP checkpoint between formats.")
+    cv.add_argument("--from", dest="src_format", required=True,
+                    choices=["vlp", "hf", "open_clip"])
+    cv.add_argument("--to", dest="dst_format", required=True, choices=["vlp", "hf", "open_clip"])
+    cv.add_argument("src", help="source checkpoint directory or file")
+    cv.add_argument("dst", help="destination directory")
+    cv.set_defaults(func=cmd_convert)
+
+    dm = sub.add_parser("demo", parents=[common], help="synthetic data -> train clip-tiny -> eval",
+                        description="End to end on CPU: write the synthetic dataset, train "
+                                    "clip-tiny through the real loaders, report held-out "
+                                    "zero-shot top-1 and retrieval R@1.")
+    dm.add_argument("--out", default="runs/demo", help="directory for data, run and checkpoints")
+    dm.add_argument("--train", type=int, default=None, help="training images")
+    dm.add_argument("--test", type=int, default=None, help="held-out images")
+    dm.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    dm.add_argument("--batch-size", type=int, default=None)
+    dm.add_argument("--seed", type=int, default=0)
+    dm.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except VlpError as error:
+        print(f"vlp: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

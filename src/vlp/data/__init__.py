@@ -1,0 +1,48 @@
+"""Data: sources over on-disk formats, image transforms, and the resumable loader.
+
+`vlp.data.synthetic` (the built-in dataset) is imported on its own, to keep this import light.
+"""
+
+from vlp.data.loader import SKIP_REASONS, Loader, derive_seed, make_loader, open_image
+from vlp.data.sources import (
+    SOURCE_KINDS,
+    CocoSource,
+    CsvSource,
+    ImageFolderSource,
+    JsonlSource,
+    ListSource,
+    MapSource,
+    Record,
+    RetrievalGroups,
+    WebDatasetSource,
+    build_source,
+    expand_braces,
+    expand_urls,
+    infer_source_kind,
+)
+from vlp.data.transforms import ImageTransform, image_transform, random_resized_crop_box
+
+__all__ = [
+    "SKIP_REASONS",
+    "SOURCE_KINDS",
+    "CocoSource",
+    "CsvSource",
+    "ImageFolderSource",
+    "ImageTransform",
+    "JsonlSource",
+    "ListSource",
+    "Loader",
+    "MapSource",
+    "Record",
+    "RetrievalGroups",
+    "WebDatasetSource",
+    "build_source",
+    "derive_seed",
+    "expand_braces",
+    "expand_urls",
+    "image_transform",
+    "infer_source_kind",
+    "make_loader",
+    "open_image",
+    "random_resized_crop_box",
+]

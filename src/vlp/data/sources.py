@@ -1,0 +1,675 @@
+"""Data sources: image-text (or image-label) records read from files on disk.
+
+A map-style source has ``len(source)`` and ``source[i] -> Record``; the loader shuffles and
+shards its indices. `WebDatasetSource` is a stream of tar shards; the loader splits its shards
+across ranks and workers. Records hold the image as a path (or raw bytes) and are decoded only
+by the loader, so building a source never opens an image.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from vlp.errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# WebDataset member extensions that hold the image, in order of preference.
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One sample: image path or encoded bytes, caption (None when absent), class index, key."""
+
+    image: str | bytes
+    text: str | None
+    label: int | None
+    key: str
+
+
+@dataclass
+class RetrievalGroups:
+    """Unique images and their captions, for image<->text retrieval eval.
+
+    ``text_to_image[t]`` is the index into ``images`` of the image that caption ``t`` describes.
+    Records with a missing or empty caption are left out, and so are images left with none.
+    """
+
+    images: list[str | bytes]
+    texts: list[str]
+    text_to_image: list[int]
+
+    @property
+    def image_to_texts(self) -> list[list[int]]:
+        """Caption indices of each image, in caption order."""
+        result: list[list[int]] = [[] for _ in self.images]
+        for text_index, image_index in enumerate(self.text_to_image):
+            result[image_index].append(text_index)
+        return result
+
+
+class _StringColumn:
+    """A read-only list of ``str | None`` kept in two numpy arrays.
+
+    Forked DataLoader workers share it without touching Python object refcounts, so memory is
+    not copied page by page as a long list of str objects would be.
+    """
+
+    def __init__(self, values: Iterable[str | None]) -> None:
+        parts: list[bytes] = []
+        lengths: list[int] = []
+        for value in values:
+            encoded = b"" if value is None else value.encode("utf-8")
+            parts.append(encoded)
+            lengths.append(-1 if value is None else len(encoded))
+        sizes = np.array([max(n, 0) for n in lengths], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._blob = np.frombuffer(b"".join(parts), dtype=np.uint8)
+        self._is_null = np.array([n < 0 for n in lengths], dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self._is_null)
+
+    def __getitem__(self, index: int) -> str | None:
+        if self._is_null[index]:
+            return None
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return self._blob[start:end].tobytes().decode("utf-8")
+
+    def __iter__(self) -> Iterator[str | None]:
+        return (self[i] for i in range(len(self)))
+
+
+class MapSource:
+    """Base of the random-access sources: ``len(source)`` records, ``source[i] -> Record``."""
+
+    has_text: bool = True
+    has_labels: bool = False
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Record:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Record]:
+        return (self[i] for i in range(len(self)))
+
+    def groups(self) -> RetrievalGroups:
+        """Captions grouped by image (rows with the same image path share one image)."""
+        if not self.has_text:
+            raise DataError(f"{self!r} has no captions to group for retrieval")
+        image_index: dict[str | bytes, int] = {}
+        images: list[str | bytes] = []
+        texts: list[str] = []
+        text_to_image: list[int] = []
+        for record in self:
+            if record.text is None or not record.text.strip():
+                continue
+            if record.image not in image_index:
+                image_index[record.image] = len(images)
+                images.append(record.image)
+            texts.append(record.text)
+            text_to_image.append(image_index[record.image])
+        return RetrievalGroups(images=images, texts=texts, text_to_image=text_to_image)
+
+
+class _TableSource(MapSource):
+    """Rows of (image path, caption, label) held in compact columns."""
+
+    def __init__(self, where: str, images: list[str], texts: list[str | None] | None,
+                 labels: list[int] | None) -> None:
+        self._where = where
+        self._images = _StringColumn(images)
+        self._texts = _StringColumn(texts) if texts is not None else None
+        self._labels = np.array(labels, dtype=np.int64) if labels is not None else None
+        self.has_text = texts is not None
+        self.has_labels = labels is not None
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> Record:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"record {index} out of range for {len(self)} records")
+        index = index % len(self)
+        return Record(
+            image=self._images[index] or "",
+            text=self._texts[index] if self._texts is not None else None,
+            label=int(self._labels[index]) if self._labels is not None else None,
+            key=str(index),
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._where!r}, {len(self)} records)"
+
+
+def _resolve_image_path(root: str, value: str | None) -> str:
+    if not value:
+        return ""
+    return value if os.path.isabs(value) else os.path.join(root, value)
+
+
+def _parse_label(value: Any, where: str, key: str) -> int:
+    try:
+        label = int(value)
+    except (TypeError, ValueError):
+        label = None
+    if label is None or (isinstance(value, float) and value != label):
+        raise DataError(f"{where}: label {value!r} in {key!r} is not an integer class index")
+    return label
+
+
+def _require_file(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    return path
+
+
+class CsvSource(_TableSource):
+    """CSV/TSV with a header row; image paths are relative to the file's directory (or root)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        image_key: str = "filepath",
+        caption_key: str | None = "caption",
+        separator: str | None = None,
+        label_key: str | None = None,
+        image_root: str | os.PathLike[str] | None = None,
+    ) -> None:
+        path = _require_file(path)
+        if separator is None:
+            separator = "\t" if path.suffix.lower() == ".tsv" else ","
+        root = str(image_root) if image_root is not None else str(path.parent)
+        images: list[str] = []
+        texts: list[str | None] = []
+        labels: list[int] = []
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=separator)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: empty file, expected a header row naming the columns")
+            columns = {name.strip(): i for i, name in enumerate(header)}
+            wanted = {"image_key": image_key, "caption_key": caption_key, "label_key": label_key}
+            for option, name in wanted.items():
+                if name is not None and name not in columns:
+                    raise DataError(
+                        f"{path}: no column {name!r} ({option}); columns present: "
+                        f"{list(columns)} (separator {separator!r})"
+                    )
+            image_col = columns[image_key]
+            text_col = columns[caption_key] if caption_key is not None else None
+            label_col = columns[label_key] if label_key is not None else None
+            for row in reader:
+                if not row:
+                    continue
+                images.append(_resolve_image_path(root, _cell(row, image_col)))
+                if text_col is not None:
+                    texts.append(_cell(row, text_col))
+                if label_col is not None:
+                    where = f"{path}:{reader.line_num}"
+                    labels.append(_parse_label(_cell(row, label_col), where, label_key))
+        super().__init__(str(path), images, texts if caption_key is not None else None,
+                         labels if label_key is not None else None)
+
+
+def _cell(row: list[str], column: int) -> str | None:
+    return row[column] if column < len(row) else None
+
+
+class JsonlSource(_TableSource):
+    """One JSON object per line; a caption may be a string or a list (one record per caption)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        image_key: str = "image",
+        caption_key: str | None = "caption",
+        label_key: str | None = None,
+        image_root: str | os.PathLike[str] | None = None,
+    ) -> None:
+        path = _require_file(path)
+        root = str(image_root) if image_root is not None else str(path.parent)
+        images: list[str] = []
+        texts: list[str | None] = []
+        labels: list[int] = []
+        with path.open(encoding="utf-8-sig") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not valid JSON ({e.msg})") from e
+                if not isinstance(row, dict):
+                    raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                wanted = {"image_key": image_key, "caption_key": caption_key,
+                          "label_key": label_key}
+                for option, key in wanted.items():
+                    if key is not None and key not in row:
+                        raise DataError(f"{where}: no key {key!r} ({option}); keys present: "
+                                        f"{list(row)}")
+                image = _resolve_image_path(root, _as_text(row[image_key], where, image_key))
+                captions: list[str | None] = [None]
+                if caption_key is not None:
+                    value = row[caption_key]
+                    if isinstance(value, list):
+                        captions = [_as_text(v, where, caption_key) for v in value]
+                    else:
+                        captions = [_as_text(value, where, caption_key)]
+                label = (_parse_label(row[label_key], where, label_key)
+                         if label_key is not None else None)
+                for caption in captions:
+                    images.append(image)
+                    texts.append(caption)
+                    if label is not None:
+                        labels.append(label)
+        super().__init__(str(path), images, texts if caption_key is not None else None,
+                         labels if label_key is not None else None)
+
+
+def _as_text(value: Any, where: str, key: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise DataError(f"{where}: {key!r} should be a string, got {type(value).__name__}")
+
+
+class CocoSource(_TableSource):
+    """COCO captions JSON (``images`` + ``annotations``): one record per caption annotation.
+
+    ``file_name`` is relative to `image_root` (default: the JSON file's directory).
+    """
+
+    def __init__(self, annotation_json: str | os.PathLike[str],
+                 image_root: str | os.PathLike[str] | None = None) -> None:
+        path = _require_file(annotation_json)
+        root = str(image_root) if image_root is not None else str(path.parent)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
+                or not isinstance(data.get("annotations"), list):
+            raise DataError(f"{path}: expected a COCO captions object with 'images' and "
+                            f"'annotations' lists")
+        file_of_image: dict[Any, str] = {}
+        for i, image in enumerate(data["images"]):
+            if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+                raise DataError(f"{path}: images[{i}] needs 'id' and 'file_name'")
+            file_of_image[image["id"]] = _resolve_image_path(root, image["file_name"])
+        images: list[str] = []
+        texts: list[str | None] = []
+        keys: list[str] = []
+        for i, annotation in enumerate(data["annotations"]):
+            if not isinstance(annotation, dict) or "image_id" not in annotation:
+                raise DataError(f"{path}: annotations[{i}] needs 'image_id' and 'caption'")
+            image_id = annotation["image_id"]
+            if image_id not in file_of_image:
+                raise DataError(f"{path}: annotations[{i}] refers to image_id {image_id!r}, "
+                                f"which is not in 'images'")
+            images.append(file_of_image[image_id])
+            texts.append(_as_text(annotation.get("caption"), f"{path}: annotations[{i}]",
+                                  "caption"))
+            keys.append(str(annotation.get("id", i)))
+        self._image_order = [file_of_image[image["id"]] for image in data["images"]]
+        self._keys = _StringColumn(keys)
+        super().__init__(str(path), images, texts, None)
+
+    def __getitem__(self, index: int) -> Record:
+        record = super().__getitem__(index)
+        return Record(record.image, record.text, None, self._keys[index] or "")
+
+    def groups(self) -> RetrievalGroups:
+        """Images in the order of the JSON's ``images`` list, each with its captions."""
+        groups = super().groups()
+        position = {image: i for i, image in enumerate(self._image_order)}
+        order = sorted(range(len(groups.images)), key=lambda i: position[groups.images[i]])
+        new_index = {old: new for new, old in enumerate(order)}
+        return RetrievalGroups(
+            images=[groups.images[i] for i in order],
+            texts=groups.texts,
+            text_to_image=[new_index[i] for i in groups.text_to_image],
+        )
+
+
+class ImageFolderSource(MapSource):
+    """``root/<class_dir>/**/<image>``: class index from sorted class dirs, no captions.
+
+    ``classnames`` are the directory names with ``_`` read as a space ("red_circle" -> "red
+    circle"), ready for zero-shot prompts. Pass `classes` (directory names) to fix the label
+    order, e.g. to share one label space between splits that lack some classes.
+    """
+
+    has_text = False
+    has_labels = True
+
+    def __init__(self, root: str | os.PathLike[str],
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                 classes: Sequence[str] | None = None) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: image folder not found (expected root/<class>/<image>)")
+        self.root = root
+        present = sorted(
+            entry.name for entry in os.scandir(root)
+            if entry.is_dir() and not entry.name.startswith(".")
+        )
+        if not present:
+            raise DataError(f"{root}: no class directories (expected root/<class>/<image>)")
+        if classes is not None:
+            unknown = sorted(set(present) - set(classes))
+            if unknown:
+                raise DataError(f"{root}: class directories {unknown} are not in the given "
+                                f"classes")
+        self.classes = list(classes) if classes is not None else present
+        self.classnames = [name.replace("_", " ") for name in self.classes]
+        suffixes = tuple(ext.lower() for ext in extensions)
+        paths: list[str] = []
+        labels: list[int] = []
+        for label, class_dir in enumerate(self.classes):
+            if class_dir not in present:
+                continue
+            for directory, subdirs, files in os.walk(root / class_dir):
+                subdirs.sort()
+                for name in sorted(files):
+                    if name.lower().endswith(suffixes) and not name.startswith("."):
+                        paths.append(os.path.join(directory, name))
+                        labels.append(label)
+        if not paths:
+            raise DataError(f"{root}: no images with extensions {list(suffixes)} in class dirs")
+        self._paths = _StringColumn(paths)
+        self._labels = np.array(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int) -> Record:
+        path = self._paths[index] or ""
+        return Record(image=path, text=None, label=int(self._labels[index]),
+                      key=os.path.relpath(path, self.root))
+
+    def __repr__(self) -> str:
+        return f"ImageFolderSource({str(self.root)!r}, {len(self)} images, " \
+               f"{len(self.classes)} classes)"
+
+
+class ListSource(MapSource):
+    """Records from in-memory lists, e.g. the unique images of `RetrievalGroups` for eval."""
+
+    def __init__(self, images: Sequence[str | bytes], texts: Sequence[str | None] | None = None,
+                 labels: Sequence[int] | None = None) -> None:
+        for name, values in (("texts", texts), ("labels", labels)):
+            if values is not None and len(values) != len(images):
+                raise DataError(f"ListSource: {len(values)} {name} for {len(images)} images")
+        self._images = list(images)
+        self._texts = list(texts) if texts is not None else None
+        self._labels = list(labels) if labels is not None else None
+        self.has_text = texts is not None
+        self.has_labels = labels is not None
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> Record:
+        return Record(
+            image=self._images[index],
+            text=self._texts[index] if self._texts is not None else None,
+            label=self._labels[index] if self._labels is not None else None,
+            key=str(index),
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# WebDataset tar shards (img2dataset layout: {key}.jpg + {key}.txt and/or {key}.json)
+
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a-{000..002}.tar`` -> three names (zero padded as written); ``{x,y}`` -> alternatives."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end():]
+    numeric = _RANGE.match(body)
+    if numeric:
+        first, last = numeric.group(1), numeric.group(2)
+        padded = any(len(s.lstrip("-")) > 1 and s.lstrip("-")[0] == "0" for s in (first, last))
+        width = max(len(first), len(last)) if padded else 0
+        step = 1 if int(last) >= int(first) else -1
+        choices = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
+    else:
+        choices = body.split(",")
+    return [name for choice in choices for name in expand_braces(head + choice + tail)]
+
+
+def expand_urls(urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Shard paths from a brace pattern (``::`` joins several), a directory, or a list."""
+    if isinstance(urls, str | os.PathLike):
+        patterns = str(urls).split("::")
+    else:
+        patterns = [str(u) for u in urls]
+    shards: list[str] = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = sorted(str(p) for p in Path(pattern).iterdir() if p.suffix == ".tar")
+            if not found:
+                raise DataError(f"{pattern}: directory has no .tar shards")
+            shards.extend(found)
+        else:
+            shards.extend(expand_braces(pattern))
+    if not shards:
+        raise DataError(f"{urls!r}: no WebDataset shards given")
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise DataError(f"{missing[0]}: shard not found ({len(missing)} of {len(shards)} "
+                        f"shards missing)")
+    return shards
+
+
+@dataclass(slots=True)
+class TarSample:
+    """One sample's members in a shard: extension -> (data offset, size), read lazily."""
+
+    key: str
+    members: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, ext.lower() if dot else ""
+
+
+def scan_shard(path: str) -> Iterator[TarSample]:
+    """Samples of one uncompressed tar in file order, from headers only (no data is read).
+
+    Consecutive members with the same key (path up to the first dot of the file name) form
+    one sample, as webdataset does.
+    """
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            current: TarSample | None = None
+            while True:
+                info = tar.next()
+                if info is None:
+                    break
+                tar.members.clear()  # headers are not needed again; keep memory flat
+                if not info.isfile():
+                    continue
+                key, ext = _split_member_name(info.name)
+                base = key.rpartition("/")[2]
+                if not ext or base.startswith((".", "__")):
+                    continue
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield current
+                    current = TarSample(key)
+                current.members[ext] = (info.offset_data, info.size)
+            if current is not None:
+                yield current
+    except tarfile.ReadError as e:
+        raise DataError(f"{path}: not a readable uncompressed tar shard ({e})") from e
+
+
+def _stats_count(shard: str) -> int | None:
+    """img2dataset's ``<shard>_stats.json`` sample count, when present."""
+    stats = Path(shard).with_name(Path(shard).stem + "_stats.json")
+    if not stats.is_file():
+        return None
+    try:
+        count = json.loads(stats.read_text()).get("successes")
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return None
+    return count if isinstance(count, int) and count >= 0 else None
+
+
+def decode_tar_sample(sample: TarSample, read: Callable[[int, int], bytes],
+                      label_key: str | None) -> Record:
+    """Record of a scanned sample; `read(offset, size)` reads bytes from its shard."""
+    members = sample.members
+    image_ext = next((ext for ext in WDS_IMAGE_EXTS if ext in members), None)
+    image = read(*members[image_ext]) if image_ext is not None else b""
+    meta: dict[str, Any] = {}
+    if "json" in members:
+        try:
+            loaded = json.loads(read(*members["json"]))
+            meta = loaded if isinstance(loaded, dict) else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+    text: str | None = None
+    if "txt" in members:
+        text = read(*members["txt"]).decode("utf-8", errors="replace")
+    elif isinstance(meta.get("caption"), str):
+        text = meta["caption"]
+    label: int | None = None
+    if label_key is not None:
+        raw = read(*members["cls"]).decode().strip() if "cls" in members else meta.get(label_key)
+        try:
+            label = int(raw) if raw is not None else None
+        except (TypeError, ValueError):
+            label = None
+    return Record(image=image, text=text, label=label, key=sample.key)
+
+
+class WebDatasetSource:
+    """A stream of tar shards (img2dataset layout); the loader splits shards across workers.
+
+    `num_samples` sets the epoch size; without it, shards are counted once from their tar
+    headers (or img2dataset ``*_stats.json`` files). With `label_key`, labels come from a
+    ``.cls`` member or that field of the ``.json`` member.
+    """
+
+    has_labels: bool
+
+    def __init__(self, urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+                 num_samples: int | None = None, label_key: str | None = None,
+                 has_text: bool = True) -> None:
+        self.shards = expand_urls(urls)
+        if num_samples is not None and num_samples <= 0:
+            raise ConfigError(f"num_samples must be positive, got {num_samples}")
+        self._num_samples = num_samples
+        self._shard_sizes: list[int] | None = None
+        self.label_key = label_key
+        self.has_labels = label_key is not None
+        self.has_text = has_text
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        """Samples per shard, counted once from the tar headers and cached."""
+        if self._shard_sizes is None:
+            sizes = []
+            shards = tqdm(self.shards, desc="counting WebDataset samples", unit="shard",
+                          disable=len(self.shards) < 16, leave=False)
+            for shard in shards:
+                count = _stats_count(shard)
+                sizes.append(count if count is not None else sum(1 for _ in scan_shard(shard)))
+            self._shard_sizes = sizes
+        return self._shard_sizes
+
+    @property
+    def num_samples_given(self) -> bool:
+        """True when the epoch size was given rather than counted from the shards."""
+        return self._num_samples is not None
+
+    @property
+    def num_samples(self) -> int:
+        if self._num_samples is not None:
+            return self._num_samples
+        return sum(self.shard_sizes)
+
+    def __iter__(self) -> Iterator[Record]:
+        for shard in self.shards:
+            with open(shard, "rb") as f:
+                read = _file_reader(f)
+                for sample in scan_shard(shard):
+                    yield decode_tar_sample(sample, read, self.label_key)
+
+    def __repr__(self) -> str:
+        return f"WebDatasetSource({len(self.shards)} shards, first {self.shards[0]!r})"
+
+
+def _file_reader(f: Any) -> Callable[[int, int], bytes]:
+    def read(offset: int, size: int) -> bytes:
+        f.seek(offset)
+        return f.read(size)
+
+    return read
+
+
+# ---------------------------------------------------------------------------------------
+
+# kind -> (source class, default options)
+SOURCE_KINDS: dict[str, tuple[type, dict[str, Any]]] = {
+    "csv": (CsvSource, {}),
+    "tsv": (CsvSource, {"separator": "\t"}),
+    "jsonl": (JsonlSource, {}),
+    "coco": (CocoSource, {}),
+    "imagefolder": (ImageFolderSource, {}),
+    "wds": (WebDatasetSource, {}),
+}
+
+
+def infer_source_kind(path: str | os.PathLike[str]) -> str:
+    """Kind from the file extension, or for a directory from its contents."""
+    text = str(path)
+    suffix = Path(text).suffix.lower()
+    by_suffix = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "coco", ".tar": "wds"}
+    if suffix in by_suffix or "{" in text or "::" in text:
+        return by_suffix.get(suffix, "wds")
+    if os.path.isdir(text):
+        has_tar = any(p.suffix == ".tar" for p in Path(text).iterdir())
+        return "wds" if has_tar else "imagefolder"
+    raise DataError(f"{text}: cannot tell the data format; pass kind= one of {list(SOURCE_KINDS)}")
+
+
+def build_source(kind: str, path: str | os.PathLike[str] | Sequence[str], **options: Any) -> Any:
+    """A source by kind name ("csv", "tsv", "jsonl", "coco", "imagefolder", "wds" or "auto")."""
+    if kind == "auto":
+        kind = infer_source_kind(path if isinstance(path, str | os.PathLike) else path[0])
+    if kind not in SOURCE_KINDS:
+        raise ConfigError(f"unknown data source kind {kind!r}; expected one of "
+                          f"{sorted(SOURCE_KINDS)} or 'auto'")
+    source_class, defaults = SOURCE_KINDS[kind]
+    accepted = list(inspect.signature(source_class).parameters)[1:]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(f"data source {kind!r} takes no option(s) {unknown}; expected some of "
+                          f"{accepted}")
+    return source_class(path, **{**defaults, **options})

@@ -1,0 +1,150 @@
+"""Image preprocessing: PIL image -> normalised float tensor [3, H, W].
+
+Training augmentation draws every random number from an explicit `torch.Generator`, so the
+loader can seed it per sample and an augmentation is reproducible (and resumable) bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from vlp.config import VisionConfig
+from vlp.errors import ConfigError
+
+INTERPOLATIONS = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST,
+    "lanczos": InterpolationMode.LANCZOS,
+}
+RESIZE_MODES = ("shortest", "squash")
+# RandomResizedCrop range used for CLIP pretraining (open_clip's default scale, Inception ratio).
+TRAIN_CROP_SCALE = (0.9, 1.0)
+TRAIN_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None,
+) -> tuple[int, int, int, int]:
+    """(top, left, crop_height, crop_width) of a crop covering `scale` of the area.
+
+    The aspect ratio is log-uniform in `ratio`; after 10 failed tries (crop larger than the
+    image), falls back to the largest centred crop with its aspect ratio clamped into `ratio`.
+    """
+    area = width * height
+    log_ratio_low, log_ratio_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        draws = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * draws[0])
+        aspect = math.exp(log_ratio_low + (log_ratio_high - log_ratio_low) * draws[1])
+        crop_width = round(math.sqrt(target_area * aspect))
+        crop_height = round(math.sqrt(target_area / aspect))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = int(torch.randint(0, height - crop_height + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - crop_width + 1, (1,), generator=generator))
+            return top, left, crop_height, crop_width
+    image_ratio = width / height
+    if image_ratio < ratio[0]:
+        crop_width, crop_height = width, round(width / ratio[0])
+    elif image_ratio > ratio[1]:
+        crop_width, crop_height = round(height * ratio[1]), height
+    else:
+        crop_width, crop_height = width, height
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+
+class ImageTransform:
+    """Callable ``(PIL image, generator=None) -> FloatTensor[3, size, size]``; pickle-able.
+
+    Train: random resized crop (parameters from `generator`) to ``size``. Eval: resize the
+    shortest side and center crop ("shortest"), or resize both sides ("squash"). Both then
+    normalise with `mean` / `std` (pixel values scaled to [0, 1] first).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+        train: bool,
+        resize_mode: str = "shortest",
+        interpolation: str = "bicubic",
+        scale: tuple[float, float] = TRAIN_CROP_SCALE,
+        ratio: tuple[float, float] = TRAIN_CROP_RATIO,
+    ) -> None:
+        if resize_mode not in RESIZE_MODES:
+            raise ConfigError(f"vision.resize_mode={resize_mode!r}; expected one of "
+                              f"{list(RESIZE_MODES)}")
+        if interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"vision.interpolation={interpolation!r}; expected one of "
+                              f"{sorted(INTERPOLATIONS)}")
+        if image_size <= 0:
+            raise ConfigError(f"vision.image_size={image_size}; expected a positive integer")
+        self.image_size = image_size
+        self.train = train
+        self.resize_mode = resize_mode
+        self.interpolation = interpolation
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        std_tensor = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        mean_tensor = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add on the uint8 pixels
+        self._pixel_scale = 1.0 / (255.0 * std_tensor)
+        self._pixel_shift = -mean_tensor / std_tensor
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        size = [self.image_size, self.image_size]
+        mode = INTERPOLATIONS[self.interpolation]
+        if self.train:
+            width, height = image.size
+            top, left, crop_height, crop_width = random_resized_crop_box(
+                width, height, self.scale, self.ratio, generator)
+            image = TF.resized_crop(image, top, left, crop_height, crop_width, size,
+                                    interpolation=mode, antialias=True)
+        elif self.resize_mode == "squash":
+            image = TF.resize(image, size, interpolation=mode, antialias=True)
+        else:
+            if min(image.size) != self.image_size:
+                image = TF.resize(image, [self.image_size], interpolation=mode, antialias=True)
+            image = TF.center_crop(image, size)
+        pixels = TF.pil_to_tensor(image).float()
+        return pixels.mul_(self._pixel_scale).add_(self._pixel_shift)
+
+    def __repr__(self) -> str:
+        kind = "train" if self.train else f"eval, {self.resize_mode}"
+        return f"ImageTransform({self.image_size}px, {kind}, {self.interpolation})"
+
+
+def _vision_config(config: Any) -> VisionConfig:
+    for candidate in (config, getattr(config, "vision", None),
+                      getattr(getattr(config, "config", None), "vision", None)):
+        if isinstance(candidate, VisionConfig):
+            return candidate
+    raise ConfigError(f"image_transform needs a VisionConfig, a model config with .vision, or a "
+                      f"model with .config.vision; got {type(config).__name__}")
+
+
+def image_transform(config: Any, train: bool) -> ImageTransform:
+    """The preprocessing a model expects, from its VisionConfig (or its config, or the model)."""
+    vision = _vision_config(config)
+    return ImageTransform(
+        image_size=vision.image_size,
+        mean=tuple(vision.mean),
+        std=tuple(vision.std),
+        train=train,
+        resize_mode=vision.resize_mode,
+        interpolation=vision.interpolation,
+    )

@@ -1,0 +1,164 @@
+"""Image-text retrieval: recall@k and ranks in both directions, and the model-level eval.
+
+Ranks count ties with a wrong candidate against the model (rank = 1 + number of wrong
+candidates scoring >= the best right one), so collapsed features score chance, never perfect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vlp.data.sources import ListSource, RetrievalGroups
+from vlp.errors import DataError
+from vlp.eval.embed import embed_images, embed_texts, model_device
+
+
+def _check_features(image_features: Tensor, text_features: Tensor, text_to_image: Tensor) -> None:
+    if image_features.ndim != 2 or text_features.ndim != 2:
+        raise ValueError(
+            f"features must be [N, D] and [M, D]; got {tuple(image_features.shape)} and "
+            f"{tuple(text_features.shape)}"
+        )
+    if image_features.shape[1] != text_features.shape[1]:
+        raise ValueError(
+            f"image and text features differ in width: {image_features.shape[1]} vs "
+            f"{text_features.shape[1]}"
+        )
+    if text_to_image.shape != (text_features.shape[0],):
+        raise ValueError(
+            f"text_to_image must be [M] = [{text_features.shape[0]}]; "
+            f"got {tuple(text_to_image.shape)}"
+        )
+    num_images = image_features.shape[0]
+    if num_images == 0 or text_features.shape[0] == 0:
+        raise ValueError("retrieval needs at least one image and one text")
+    if int(text_to_image.min()) < 0 or int(text_to_image.max()) >= num_images:
+        raise ValueError(f"text_to_image has indices outside [0, {num_images})")
+    captions_per_image = torch.bincount(text_to_image.cpu(), minlength=num_images)
+    if bool((captions_per_image == 0).any()):
+        missing = int((captions_per_image == 0).nonzero()[0])
+        raise ValueError(f"image {missing} has no caption in text_to_image; every image needs one")
+
+
+@torch.no_grad()
+def image_to_text_ranks(
+    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, chunk_size: int = 1024
+) -> Tensor:
+    """[N] rank (1 = best) of each image's best-scoring own caption among all M texts."""
+    text_to_image = text_to_image.to(image_features.device)
+    text_features_t = text_features.float().T  # (D, M)
+    ranks = []
+    for start in range(0, image_features.shape[0], chunk_size):
+        image_chunk = image_features[start : start + chunk_size].float()
+        similarity = image_chunk @ text_features_t  # (c, M)
+        image_index = torch.arange(start, start + image_chunk.shape[0], device=similarity.device)
+        is_own_caption = text_to_image[None, :] == image_index[:, None]  # (c, M)
+        best_own = similarity.masked_fill(~is_own_caption, float("-inf")).amax(dim=1)  # (c,)
+        beaten_by = (similarity >= best_own[:, None]) & ~is_own_caption
+        ranks.append(1 + beaten_by.sum(dim=1))
+    return torch.cat(ranks).cpu()
+
+
+@torch.no_grad()
+def text_to_image_ranks(
+    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, chunk_size: int = 1024
+) -> Tensor:
+    """[M] rank (1 = best) of each caption's own image among all N images."""
+    text_to_image = text_to_image.to(text_features.device)
+    image_features_t = image_features.float().T  # (D, N)
+    ranks = []
+    for start in range(0, text_features.shape[0], chunk_size):
+        text_chunk = text_features[start : start + chunk_size].float()
+        similarity = text_chunk @ image_features_t  # (c, N)
+        own_image = text_to_image[start : start + text_chunk.shape[0], None]  # (c, 1)
+        own_score = similarity.gather(1, own_image)  # (c, 1)
+        # >= counts the own image once, so this is 1 + number of wrong images at or above it
+        ranks.append((similarity >= own_score).sum(dim=1))
+    return torch.cat(ranks).cpu()
+
+
+def _rank_summary(prefix: str, ranks: Tensor, ks: Sequence[int]) -> dict[str, float]:
+    summary = {f"{prefix}_r{k}": int((ranks <= k).sum()) / len(ranks) for k in ks}
+    summary[f"{prefix}_mean_rank"] = float(ranks.double().mean())
+    summary[f"{prefix}_median_rank"] = float(ranks.double().quantile(0.5))
+    return summary
+
+
+def retrieval_metrics(
+    image_features: Tensor,
+    text_features: Tensor,
+    text_to_image: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Recall@k, mean and median rank for image->text (``i2t_*``) and text->image (``t2i_*``).
+
+    ``text_to_image[m]`` is the image index of caption m; an image is a hit at k when ANY of
+    its captions is in its top k. Recalls are fractions in [0, 1]; ``rsum`` is their sum over
+    both directions. Similarities are computed ``chunk_size`` rows at a time, so memory is
+    O(chunk_size * max(N, M)), never O(N * M).
+    """
+    _check_features(image_features, text_features, text_to_image)
+    i2t = image_to_text_ranks(image_features, text_features, text_to_image, chunk_size)
+    t2i = text_to_image_ranks(image_features, text_features, text_to_image, chunk_size)
+    metrics = {**_rank_summary("i2t", i2t, ks), **_rank_summary("t2i", t2i, ks)}
+    metrics["rsum"] = sum(metrics[f"{direction}_r{k}"] for direction in ("i2t", "t2i") for k in ks)
+    metrics["num_images"] = image_features.shape[0]
+    metrics["num_texts"] = text_features.shape[0]
+    return metrics
+
+
+def retrieval_groups(source: Any) -> RetrievalGroups:
+    """Unique images, all captions and ``text_to_image`` of a caption source.
+
+    Map sources group themselves (``source.groups()``, COCO in its JSON's image order); a
+    stream such as WebDataset is read once and grouped the same way.
+    """
+    if hasattr(source, "groups"):
+        return source.groups()
+    records = list(source)
+    return ListSource([r.image for r in records], [r.text for r in records]).groups()
+
+
+def retrieval_eval(
+    model: nn.Module,
+    tokenizer: Any,
+    source: Any,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+    progress: bool = True,
+) -> dict[str, float]:
+    """Image<->text retrieval over a caption source: each unique image once, every caption.
+
+    Returns the keys of ``retrieval_metrics`` plus ``num_skipped`` (unreadable images, whose
+    captions are dropped too).
+    """
+    groups = retrieval_groups(source)
+    if not groups.texts:
+        raise DataError(f"retrieval eval: {source!r} has no captioned images")
+    images, captions = groups.images, groups.texts
+    text_to_image = torch.tensor(groups.text_to_image, dtype=torch.long)
+    embedded = embed_images(model, images, batch_size=batch_size, num_workers=num_workers,
+                            progress=progress)
+    # renumber images after skipping unreadable ones; captions of skipped images go too
+    new_index = torch.full((len(images),), -1, dtype=torch.long)
+    new_index[embedded.indices] = torch.arange(len(embedded.indices))
+    text_to_kept = new_index[text_to_image]
+    kept_captions = [c for c, i in zip(captions, text_to_kept.tolist()) if i >= 0]
+    text_features = embed_texts(model, tokenizer, kept_captions, batch_size=batch_size,
+                                progress=progress)
+    device = model_device(model)
+    metrics = retrieval_metrics(
+        embedded.embeddings.to(device),
+        text_features.to(device),
+        text_to_kept[text_to_kept >= 0].to(device),
+        ks=ks,
+    )
+    metrics["num_skipped"] = len(embedded.skipped)
+    return metrics

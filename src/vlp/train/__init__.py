@@ -1,0 +1,30 @@
+"""Training: optimizer and schedule, atomic resumable checkpoints, and the training loop."""
+
+from vlp.train.checkpoint import (
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_pretrained,
+    load_weights,
+    save_checkpoint,
+    save_pretrained,
+    unwrap_model,
+)
+from vlp.train.optim import WarmupCosine, build_optimizer, param_groups
+from vlp.train.trainer import TrainConfig, train
+
+__all__ = [
+    "TrainConfig",
+    "WarmupCosine",
+    "build_optimizer",
+    "find_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_pretrained",
+    "load_weights",
+    "param_groups",
+    "save_checkpoint",
+    "save_pretrained",
+    "train",
+    "unwrap_model",
+]
