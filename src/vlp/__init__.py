@@ -44,7 +44,7 @@ def load(path: str | os.PathLike[str], map_location: str = "cpu"):
     from vlp.train.checkpoint import find_checkpoint, load_pretrained
 
     path = Path(path)
-    if path.is_dir() and not (path / "config.json").is_file():
+    if _is_run_dir(path):
         path = find_checkpoint(path, "latest")
     return load_pretrained(path, map_location=map_location)
 
@@ -61,11 +61,18 @@ def load_tokenizer(path: str | os.PathLike[str], context_length: int | None = No
     from vlp.tokenizers import load_tokenizer as _load_tokenizer
 
     path = Path(path)
-    if path.is_dir() and not (path / "tokenizer.json").is_file():
+    if _is_run_dir(path):
         from vlp.train.checkpoint import find_checkpoint
 
         path = find_checkpoint(path, "latest")
     return _load_tokenizer(path, context_length=context_length)
+
+
+def _is_run_dir(path: Path) -> bool:
+    """A training run directory (checkpoints inside) rather than a model directory."""
+    return (path.is_dir() and not (path / "config.json").is_file()
+            and not (path / "tokenizer.json").is_file()
+            and any(path.glob("checkpoint-*")))
 
 
 def image_transform(model_or_config: Any, train: bool = False):
@@ -76,11 +83,15 @@ def image_transform(model_or_config: Any, train: bool = False):
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_format: str,
-            dst_format: str) -> Path:
-    """Convert a checkpoint between ``vlp``, ``hf`` (transformers) and ``open_clip`` formats."""
+            dst_format: str, tokenizer: Any | None = None, image_size: int | None = None,
+            config: str | os.PathLike[str] | None = None) -> Path:
+    """Convert a checkpoint between ``vlp``, ``hf`` (transformers) and ``open_clip`` formats;
+    ``tokenizer`` supplies one where the source has none, ``image_size`` resamples positions,
+    ``config`` is the open_clip model config JSON for a bare weights file."""
     from vlp.interop import convert as _convert
 
-    return _convert(src, dst, src_format=src_format, dst_format=dst_format)
+    return _convert(src, dst, src_format=src_format, dst_format=dst_format,
+                    tokenizer=tokenizer, image_size=image_size, config=config)
 
 
 __all__ = [

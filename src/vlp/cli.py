@@ -180,7 +180,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import vlp
 
     path = vlp.convert(args.src, args.dst, src_format=args.src_format,
-                       dst_format=args.dst_format)
+                       dst_format=args.dst_format, tokenizer=args.tokenizer,
+                       image_size=args.image_size, config=args.config)
     _print_json({"out": str(path), "from": args.src_format, "to": args.dst_format})
     return 0
 
@@ -298,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--from", dest="src_format", required=True,
                     choices=["vlp", "hf", "open_clip"])
     cv.add_argument("--to", dest="dst_format", required=True, choices=["vlp", "hf", "open_clip"])
+    cv.add_argument("--tokenizer", help="tokenizer directory, tokenizer.json, or a directory "
+                                        "with vocab.json + merges.txt (open_clip sources)")
+    cv.add_argument("--image-size", type=int,
+                    help="interpolate position embeddings for this input size")
+    cv.add_argument("--config", help="open_clip model config JSON (for a bare weights file)")
     cv.add_argument("src", help="source checkpoint directory or file")
     cv.add_argument("dst", help="destination directory")
     cv.set_defaults(func=cmd_convert)

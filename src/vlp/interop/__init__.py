@@ -1,0 +1,15 @@
+"""Weights in and out of reference libraries (HF transformers, open_clip), as strict key maps.
+
+Nothing here imports transformers or open_clip: both formats are plain JSON + safetensors (or a
+weights-only torch file), so the core package works without the ``interop`` extra.
+"""
+
+from vlp.interop.convert import FORMATS, convert, load_any, load_vlp
+from vlp.interop.hf import load_hf, save_hf
+from vlp.interop.keymap import ImportedModel, KeyMap
+from vlp.interop.open_clip import load_open_clip, save_open_clip
+
+__all__ = [
+    "FORMATS", "ImportedModel", "KeyMap", "convert", "load_any", "load_hf", "load_open_clip",
+    "load_vlp", "save_hf", "save_open_clip",
+]
