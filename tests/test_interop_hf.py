@@ -23,12 +23,14 @@ from transformers import (  # noqa: E402
 )
 from transformers.models.clip.tokenization_clip import bytes_to_unicode  # noqa: E402
 
+import vlp  # noqa: E402
 from vlp.config import get_preset  # noqa: E402
 from vlp.data.transforms import image_transform  # noqa: E402
 from vlp.errors import CheckpointError, ConfigError  # noqa: E402
 from vlp.interop import convert, load_hf, load_vlp, save_hf  # noqa: E402
 from vlp.interop.hf import hf_config_from_clip  # noqa: E402
 from vlp.models import build_model  # noqa: E402
+from vlp.tokenizers import train_tokenizer  # noqa: E402
 
 ATOL = 1e-5
 VOCAB, BOS, EOS, PAD = 99, 97, 98, 0
@@ -185,8 +187,7 @@ def test_position_interpolation_matches_interpolate_pos_encoding(tmp_path):
 
 
 def test_vlp_native_model_exports_to_hf(tmp_path):
-    config = get_preset("clip-tiny")
-    config.text.bos_id, config.text.eos_id = 1022, 1023  # HF reads eos_token_id 2 as argmax
+    config = get_preset("clip-tiny")  # eos_id 1, bos_id 2: HF pools the first eos as vlp does
     config.vision.act = "gelu_tanh"
     torch.manual_seed(9)
     model = build_model(config).eval()
@@ -197,10 +198,60 @@ def test_vlp_native_model_exports_to_hf(tmp_path):
     reloaded = CLIPModel.from_pretrained(tmp_path / "hf").eval()
     assert reloaded.config.vision_config.hidden_act == "gelu_pytorch_tanh"
     ids = torch.zeros(2, 32, dtype=torch.long)
-    ids[:, 0], ids[0, 1:5], ids[1, 1:9] = 1022, torch.arange(10, 14), torch.arange(300, 308)
-    ids[0, 5], ids[1, 9] = 1023, 1023
+    ids[:, 0], ids[0, 1:5], ids[1, 1:9] = 2, torch.arange(10, 14), torch.arange(300, 308)
+    ids[0, 5], ids[1, 9] = 1, 1
     assert_close(max_diffs(reloaded, model, torch.randn(2, 3, 64, 64), ids),
                  "vlp->hf clip-tiny (gelu_tanh vision)")
+
+
+NATIVE_CAPTIONS = ["a red circle on a white background", "two blue squares", "a green star",
+                   "a small yellow triangle above a purple circle"]
+NATIVE_TEXTS = ["A red circle", "", "a blue square " * 10, "un café vert", "Two STARS!"]
+
+
+def test_natively_trained_tokenizer_and_model_go_to_hf_and_open_clip(tmp_path):
+    """The path nothing vlp-native could take before: train_tokenizer ids + clip-tiny preset ids
+    -> vlp.save -> `vlp convert --to hf` -> transformers loads model and tokenizer."""
+    tokenizer = train_tokenizer(NATIVE_CAPTIONS * 3, vocab_size=300, context_length=16)
+    config = get_preset("clip-tiny")
+    assert (config.text.pad_id, config.text.bos_id, config.text.eos_id) == (
+        tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
+    config.embed_dim = 32
+    config.vision.image_size, config.vision.width, config.vision.layers = 32, 32, 2
+    config.text.width, config.text.layers = 32, 2
+    config.text.context_length, config.text.vocab_size = 16, tokenizer.vocab_size
+    torch.manual_seed(13)
+    model = build_model(config).eval()
+    with torch.no_grad():  # non-trivial biases / LayerNorms so every exported key matters
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    vlp.save(model, tmp_path / "v", tokenizer=tokenizer)
+    run_cli("convert", "--from", "vlp", "--to", "hf", str(tmp_path / "v"), str(tmp_path / "hf"))
+
+    exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (exported.pad_token_id, exported.bos_token_id, exported.eos_token_id) == (0, 2, 1)
+    encoded = exported(NATIVE_TEXTS, padding="max_length", max_length=16, truncation=True,
+                       return_tensors="pt")
+    ids = tokenizer(NATIVE_TEXTS)
+    assert torch.equal(encoded.input_ids, ids)  # incl. truncation (eos last) and empty text
+    reference = CLIPModel.from_pretrained(tmp_path / "hf").eval()
+    assert reference.config.text_config.eos_token_id == 1
+    pixels = torch.randn(len(NATIVE_TEXTS), 3, 32, 32)
+    assert_close(max_diffs(reference, model, pixels, encoded.input_ids, encoded.attention_mask),
+                 "vlp-native (train_tokenizer) -> hf (cli)")
+
+    open_clip = pytest.importorskip("open_clip")
+    run_cli("convert", "--from", "vlp", "--to", "open_clip", str(tmp_path / "v"),
+            str(tmp_path / "oc"))
+    assert torch.equal(open_clip.get_tokenizer(f"local-dir:{tmp_path / 'oc'}")(NATIVE_TEXTS),
+                       ids)
+    oc_model = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}").eval()
+    with torch.no_grad():
+        got = {"image": oc_model.encode_image(pixels, normalize=True),
+               "text": oc_model.encode_text(ids, normalize=True)}
+        got["logits"] = oc_model.logit_scale.exp() * got["image"] @ got["text"].T
+    assert_close(diffs(vlp_outputs(model, pixels, ids), got),
+                 "vlp-native (train_tokenizer) -> open_clip (cli)")
 
 
 def test_core_works_without_the_reference_libraries(tmp_path):
@@ -211,16 +262,14 @@ sys.modules["open_clip"] = None
 import torch, vlp, vlp.cli, vlp.interop
 from vlp.config import get_preset
 from vlp.models import build_model
-config = get_preset("clip-tiny")
-config.text.bos_id, config.text.eos_id = 1022, 1023
-model = build_model(config).eval()
+model = build_model(get_preset("clip-tiny")).eval()
 vlp.save(model, r"{tmp_path / 'v'}")
 vlp.convert(r"{tmp_path / 'v'}", r"{tmp_path / 'h'}", src_format="vlp", dst_format="hf")
 vlp.convert(r"{tmp_path / 'h'}", r"{tmp_path / 'o'}", src_format="hf", dst_format="open_clip")
 vlp.convert(r"{tmp_path / 'o'}", r"{tmp_path / 'v2'}", src_format="open_clip", dst_format="vlp")
 back = vlp.load(r"{tmp_path / 'v2'}")
 pixels, ids = torch.randn(2, 3, 64, 64), torch.randint(3, 1000, (2, 32))
-ids[:, 0], ids[:, 20] = 1022, 1023
+ids[:, 0], ids[:, 20] = 2, 1  # clip-tiny's bos, eos
 with torch.no_grad():
     assert torch.equal(model.encode_image(pixels), back.encode_image(pixels))
     assert torch.equal(model.encode_text(ids), back.encode_text(ids))
@@ -373,7 +422,8 @@ def test_unknown_architecture_and_corrupt_files(saved_tiny):
 
 
 def test_models_hf_cannot_express_are_refused(tmp_path):
-    config = get_preset("clip-tiny")  # eos_id 2 would switch HF to argmax pooling
+    config = get_preset("clip-tiny")
+    config.text.eos_id = 2  # HF would switch to argmax pooling
     with pytest.raises(ConfigError, match="eos_id 2"):
         hf_config_from_clip(config)
     config.text.eos_id, config.proj_bias = 5, True

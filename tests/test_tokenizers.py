@@ -7,8 +7,11 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+import vlp
 from vlp.errors import ConfigError, DataError
 from vlp.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
+
+PAD, EOS, BOS = 0, 1, 2  # train_tokenizer's ids (eos is never 2: HF CLIP reads that as argmax)
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -46,8 +49,8 @@ def _clip_like_backend() -> HFTokenizer:
     return backend
 
 
-def test_specials_get_ids_0_1_2(tokenizer):
-    assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
+def test_specials_get_ids_pad_0_eos_1_bos_2(tokenizer):
+    assert (tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id) == (0, 1, 2)
     assert (tokenizer.pad_token, tokenizer.bos_token, tokenizer.eos_token) == (
         "<pad>", "<bos>", "<eos>")
     assert 259 < tokenizer.vocab_size <= 400
@@ -80,8 +83,8 @@ def test_call_layout_and_padding(tokenizer):
     assert batch.dtype == torch.long and batch.shape == (3, 16)
     for row, text in zip(batch.tolist(), texts):
         token_ids = tokenizer.encode(text)
-        expected = [1, *token_ids, 2]
-        assert row == expected + [0] * (16 - len(expected))
+        expected = [BOS, *token_ids, EOS]
+        assert row == expected + [PAD] * (16 - len(expected))
     assert tokenizer("a red circle").shape == (1, 16)
     assert tokenizer(texts, context_length=24).shape == (3, 24)
     assert tokenizer([]).shape == (0, 16)
@@ -92,10 +95,10 @@ def test_truncation_keeps_eos_last(tokenizer):
     token_ids = tokenizer.encode(text)
     assert len(token_ids) > 16
     row = tokenizer(text)[0].tolist()
-    assert row == [1, *token_ids[:14], 2]
+    assert row == [BOS, *token_ids[:14], EOS]
     exact = tokenizer.encode("a red circle")
     fitted = tokenizer("a red circle", context_length=len(exact) + 2)[0].tolist()
-    assert fitted == [1, *exact, 2]  # exactly full: no pad, nothing cut
+    assert fitted == [BOS, *exact, EOS]  # exactly full: no pad, nothing cut
     with pytest.raises(ConfigError):
         tokenizer("a red circle", context_length=1)
 
@@ -126,12 +129,13 @@ def test_save_load_round_trip_and_hf_readable(tokenizer, tmp_path):
 
     loaded = load_tokenizer(tmp_path / "tok")
     assert torch.equal(loaded(CAPTIONS), tokenizer(CAPTIONS))
-    assert (loaded.pad_id, loaded.bos_id, loaded.eos_id, loaded.context_length) == (0, 1, 2, 16)
+    assert (loaded.pad_id, loaded.bos_id, loaded.eos_id, loaded.context_length) == (
+        PAD, BOS, EOS, 16)
     assert load_tokenizer(tmp_path / "tok", context_length=9)(CAPTIONS[0]).shape == (1, 9)
     assert load_tokenizer(tmp_path / "tok" / "tokenizer.json").context_length == 16
 
     hf = HFTokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
-    assert hf.encode("a red circle").ids == [1, *tokenizer.encode("a red circle"), 2]
+    assert hf.encode("a red circle").ids == [BOS, *tokenizer.encode("a red circle"), EOS]
 
 
 def test_clip_like_post_processor_does_not_double_specials(tmp_path):
@@ -168,7 +172,7 @@ def test_special_tokens_map_and_insane_max_length(tokenizer, tmp_path):
     (tmp_path / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": {"content": "<eos>"}, "eos_token": "<bos>"}))
     loaded = load_tokenizer(tmp_path)
-    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (2, 1, 0)
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (EOS, BOS, PAD)  # roles swapped
     assert loaded.context_length == 77
 
 
@@ -217,5 +221,29 @@ def test_pickle_round_trip(tokenizer):
     restored = pickle.loads(pickle.dumps(tokenizer))
     assert torch.equal(restored(CAPTIONS), tokenizer(CAPTIONS))
     assert restored.context_length == tokenizer.context_length
-    assert (restored.pad_id, restored.bos_id, restored.eos_id) == (0, 1, 2)
-    assert restored("a <eos>")[0].tolist().count(2) == 1  # plain-text specials survive pickling
+    assert (restored.pad_id, restored.bos_id, restored.eos_id) == (PAD, BOS, EOS)
+    # plain-text specials survive pickling
+    assert restored("a <eos>")[0].tolist().count(EOS) == 1
+
+
+def _write_clip_bpe_pair(directory) -> None:
+    """A tiny CLIP-style vocab.json + merges.txt: byte symbols, a few merges, two specials."""
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>")]
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (directory / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+
+
+def test_vlp_load_tokenizer_reads_a_vocab_and_merges_directory(tmp_path):
+    _write_clip_bpe_pair(tmp_path / "bpe")
+    vocab = json.loads((tmp_path / "bpe" / "vocab.json").read_text())
+    loaded = vlp.load_tokenizer(tmp_path / "bpe", context_length=6)  # not taken for a run dir
+    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+    assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (bos, eos, eos)  # CLIP pads with eos
+    assert loaded("The  CAT")[0].tolist() == [bos, vocab["the</w>"], vocab["cat</w>"], eos, eos,
+                                              eos]
+    assert vlp.load_tokenizer(tmp_path / "bpe").context_length == 77

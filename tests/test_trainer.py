@@ -147,7 +147,9 @@ def test_run_layout_and_records(tmp_path, twelve_pairs):
     # the model's config carries the trained tokenizer's special ids
     model = load_pretrained(checkpoint)
     tokenizer_config = json.loads((checkpoint / "tokenizer_config.json").read_text())
-    assert tokenizer_config["eos_token"] == "<eos>" and model.config.text.eos_id == 2
+    assert tokenizer_config["eos_token"] == "<eos>"
+    assert (model.config.text.pad_id, model.config.text.eos_id, model.config.text.bos_id) == (
+        0, 1, 2)
     assert model.config.vision.image_size == 32
 
 

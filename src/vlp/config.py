@@ -155,7 +155,8 @@ def _clip_tiny() -> ClipConfig:
         embed_dim=128,
         vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4,
                             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-        text=TextConfig(vocab_size=1024, context_length=32, width=128, layers=4, heads=4),
+        text=TextConfig(vocab_size=1024, context_length=32, width=128, layers=4, heads=4,
+                        pad_id=0, bos_id=2, eos_id=1),  # the ids train_tokenizer assigns
     )
 
 

@@ -220,12 +220,14 @@ def train_tokenizer(
     eos_token: str = "<eos>",
     lowercase: bool = True,
 ) -> Tokenizer:
-    """Train a byte-level BPE on `texts`; pad, bos, eos get ids 0, 1, 2 (as in vlp presets).
+    """Train a byte-level BPE on `texts`; pad, eos, bos get ids 0, 1, 2 (as in vlp presets).
 
     The vocabulary may come out smaller than `vocab_size` on a small corpus (no merge left to
     learn); it never comes out larger.
     """
-    specials = [pad_token, bos_token, eos_token]
+    # Order pad, eos, bos: eos must not get id 2, which HF transformers' CLIPModel reads as the
+    # legacy "pool by argmax" switch (so a model using eos 2 could not be exported to HF).
+    specials = [pad_token, eos_token, bos_token]
     min_vocab_size = len(specials) + BYTE_ALPHABET_SIZE
     if vocab_size < min_vocab_size:
         raise ConfigError(
