@@ -183,3 +183,15 @@ def test_attentional_pooler_constant_weights():
     # attention averages values -> 13; output proj: 8 * 13 + 1 = 105
     torch.testing.assert_close(out, torch.full((2, 3, 8), 105.0))
     assert math.isclose(out.mean().item(), 105.0)
+
+
+def test_trimming_trailing_padding_keeps_pooled_output():
+    cfg = TextConfig(vocab_size=50, context_length=12, width=32, layers=2, heads=4)
+    tower = TextTransformer(cfg, output_dim=16).eval()
+    ids = torch.tensor([[1, 7, 8, 2] + [0] * 8, [1, 7, 8, 9, 10, 2] + [0] * 6])
+    trimmed, _ = tower.trim_padding(ids)
+    assert trimmed.shape == (2, 6)
+    full = tower.forward_head(tower.pool(tower.forward_features(ids), ids))
+    torch.testing.assert_close(tower(ids), full, atol=1e-6, rtol=1e-6)
+    no_eos = torch.tensor([[1, 7, 8, 9] + [0] * 8])  # no eos: nothing is padding
+    assert tower.trim_padding(no_eos)[0].shape == (1, 12)

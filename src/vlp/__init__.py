@@ -3,7 +3,7 @@
 The public API is the same for every family::
 
     model = vlp.create_model("clip-tiny")          # a named preset, random init
-    model = vlp.load("runs/demo/run/checkpoint-latest")
+    model = vlp.load("runs/demo/checkpoint-latest")
     vlp.save(model, "out/dir", tokenizer=tok)
     tok = vlp.load_tokenizer("out/dir")
     x = vlp.image_transform(model, train=False)

@@ -73,7 +73,36 @@ class ClipConfig:
     proj_bias: bool = False
 
 
-CONFIG_CLASSES: dict[str, type] = {"clip": ClipConfig}
+@dataclass
+class CocaConfig:
+    """CoCa (arXiv 2205.01917): contrastive + captioning over a ViT, a unimodal text decoder
+    with an appended CLS and a multimodal decoder cross-attending to pooled image tokens."""
+
+    family: str = "coca"
+    embed_dim: int = 512  # contrastive embedding size, also the width of the pooled image tokens
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(pool="none"))
+    # unimodal text decoder; context_length counts text tokens, the appended CLS takes one more
+    text: TextConfig = field(default_factory=lambda: TextConfig(context_length=76))
+    decoder_layers: int = 12  # multimodal decoder, as wide as the text tower
+    decoder_heads: int = 8
+    # "separate": a 1-query contrastive pooler + a caption_queries pooler (paper); "shared": one
+    # caption_queries pooler, query 0 -> contrastive, the rest -> decoder (open_clip)
+    pooler: str = "separate"
+    caption_queries: int = 256
+    pooler_heads: int = 8
+    tie_lm_head: bool = False  # LM head reuses the token embedding matrix
+    caption_weight: float = 2.0  # lambda_Cap of the paper
+    contrastive_weight: float = 1.0  # lambda_Con of the paper
+    label_smoothing: float = 0.0  # caption cross-entropy
+    init_logit_scale: float = 2.6592  # ln(1/0.07)
+    max_logit_scale: float = 4.6052  # ln(100)
+    # "cls": only the appended CLS ignores padding (after the first eos); open_clip quirks for
+    # parity: "pad_id" masks keys equal to pad_id in every row, "pad_id_legacy" (open_clip's
+    # default) shifts that key validity right by one position
+    text_mask: str = "cls"
+
+
+CONFIG_CLASSES: dict[str, type] = {"clip": ClipConfig, "coca": CocaConfig}
 _NESTED: dict[str, type] = {"vision": VisionConfig, "text": TextConfig}
 
 
@@ -193,3 +222,27 @@ def _siglip_tiny() -> ClipConfig:  # clip-tiny trained with the pairwise sigmoid
     config.init_logit_scale = 2.302585  # ln(10)
     config.init_logit_bias = -10.0
     return config
+
+
+@register_preset("coca-tiny")
+def _coca_tiny() -> CocaConfig:
+    # CPU-sized CoCa beside clip-tiny: 64 px, patch 8, width 128, vocab 1024, 32 text tokens;
+    # the text layers split in half between the unimodal and the multimodal decoder (paper)
+    tiny = _clip_tiny()
+    tiny.vision.pool = "none"
+    tiny.text.layers = 2
+    return CocaConfig(embed_dim=128, vision=tiny.vision, text=tiny.text, decoder_layers=2,
+                      decoder_heads=4, caption_queries=32, pooler_heads=4)
+
+
+@register_preset("coca-vit-b-32")
+def _coca_vit_b_32() -> CocaConfig:  # 253.56M params, open_clip coca_ViT-B-32
+    return CocaConfig(
+        embed_dim=512,
+        vision=VisionConfig(image_size=224, patch_size=32, width=768, layers=12, heads=12,
+                            pool="none"),
+        text=TextConfig(vocab_size=49408, context_length=76, width=512, layers=12, heads=8,
+                        pad_id=0, bos_id=49406, eos_id=49407),
+        decoder_layers=12, decoder_heads=8, pooler="shared", caption_queries=256,
+        pooler_heads=8,
+    )

@@ -3,6 +3,7 @@ trainer -> held-out zero-shot classification and retrieval, on CPU in minutes.""
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ class DemoConfig:
     n_test: int | None = None  # held-out images, one caption each: the retrieval split
     steps: int | None = None  # optimizer steps
     batch_size: int | None = None
-    lr: float = 2e-3
+    lr: float = 1e-3
     seed: int = 0
     num_workers: int = 2
     progress: bool = True
@@ -37,6 +38,7 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
                 for k, v in DEFAULTS.items()}
     out = Path(cfg.out)
     data_dir = out / "data"
+    _clear_previous_run(out)
     print(f"[1/3] writing the synthetic dataset to {data_dir}", flush=True)
     meta = write_dataset(data_dir, formats=("csv", "imagefolder"), n_train=settings["n_train"],
                          n_val=200, n_test=settings["n_test"], seed=cfg.seed,
@@ -47,7 +49,7 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
     train_cfg = TrainConfig(
         model="clip-tiny",
         train_data=str(data_dir / "train.csv"),
-        output_dir=str(out / "run"),
+        output_dir=str(out),
         batch_size=settings["batch_size"],
         lr=cfg.lr,
         weight_decay=0.1,
@@ -89,3 +91,17 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
           f"image->text R@1 {summary['i2t_r1']:.1%}, text->image R@1 {summary['t2i_r1']:.1%} "
           f"(chance {1 / max(1, summary['num_test_pairs']):.1%})", flush=True)
     return summary
+
+
+def _clear_previous_run(out: Path) -> None:
+    """The demo owns its directory: a rerun starts training afresh (the data is rewritten by
+    ``write_dataset``, which replaces only its own earlier output)."""
+    if not out.is_dir():
+        return
+    for path in out.glob("checkpoint-*"):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+    for name in ("log.jsonl", "train_config.json"):
+        (out / name).unlink(missing_ok=True)

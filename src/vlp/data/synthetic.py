@@ -130,6 +130,10 @@ _SINGLE_TEMPLATES = (
 _PREFIXES = ("", "", "a photo of ", "an image of ", "a picture of ", "{count} shapes: ")
 _SUFFIXES = ("", "", " on a {bg} background", " against a {bg} background")
 _SINGLE_SUFFIXES = (" on a {bg} background", " against a {bg} background", " on {bg}")
+_SUBJECT_CAPTION_PROB = 0.5  # chance per later caption of a multi-object image (one at most)
+_SUBJECT_PREFIXES = ("", "a photo of ", "an image of ", "a picture of ")
+_SUBJECT_TAILS = (" and {n} smaller {shapes}", " with {n} small {shapes}", " among small shapes",
+                  " and other shapes", "")
 _CaptionFacts = tuple[tuple[bool, ...], bool]  # which slots' sizes a caption states; background?
 
 
@@ -172,7 +176,7 @@ class _Drawn:
     image: Image.Image | None  # replaced by `jpeg` once written to disk
     objects: list[dict[str, Any]]
     captions: list[str]
-    facts: list[_CaptionFacts] = field(default_factory=list)
+    facts: list[_CaptionFacts | None] = field(default_factory=list)  # None: subject-only
     jpeg: bytes = b""
 
 
@@ -364,13 +368,18 @@ def _with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _one_caption(scene: _Scene, rng: np.random.Generator) -> tuple[str, _CaptionFacts]:
+def _one_caption(
+    scene: _Scene, rng: np.random.Generator, allow_subject: bool = True
+) -> tuple[str, _CaptionFacts | None]:
     """One caption plus which sizes and whether the background it states (for ambiguity checks).
 
     Every random choice is made before looking at colours or shapes, so a twin scene with the
     same caption seed gets the same phrasing with its swapped words.
     """
     n_objects = len(scene.slots)
+    subject_draw = rng.random()  # drawn for every caption so phrasings stay seed-stable
+    if n_objects > 1 and allow_subject and subject_draw < _SUBJECT_CAPTION_PROB:
+        return _subject_caption(scene, rng), None
     if n_objects == 1:
         template = _SINGLE_TEMPLATES[int(rng.integers(len(_SINGLE_TEMPLATES)))]
         prefix = _PREFIXES[int(rng.integers(len(_PREFIXES) - 1))]
@@ -399,18 +408,34 @@ def _one_caption(scene: _Scene, rng: np.random.Generator) -> tuple[str, _Caption
     return text, (sizes_said, bool(suffix))
 
 
+def _subject_caption(scene: _Scene, rng: np.random.Generator) -> str:
+    """An alt-text-like caption naming only the main (large) object and how many others there
+    are, as web captions often name just their subject."""
+    colour, shape, _ = scene.slots[scene.main]
+    others = len(scene.slots) - 1
+    tail = _SUBJECT_TAILS[int(rng.integers(len(_SUBJECT_TAILS)))]
+    prefix = _SUBJECT_PREFIXES[int(rng.integers(len(_SUBJECT_PREFIXES)))]
+    noun = "shape" if others == 1 else "shapes"
+    return prefix + f"a large {colour} {shape}" + tail.format(n=_NUMBER_WORDS[others], shapes=noun)
+
+
 def _token_estimate(text: str) -> int:
     """Words plus punctuation: what a BPE trained on these captions spends on them."""
     return len(text.split()) + text.count(",") + text.count(":")
 
 
-def _captions(scene: _Scene, n_captions: int) -> tuple[list[str], list[_CaptionFacts]]:
+def _captions(
+    scene: _Scene, n_captions: int
+) -> tuple[list[str], list[_CaptionFacts | None]]:
     """`n_captions` distinct captions (fewer only if the phrasings run out)."""
     rng = np.random.default_rng(scene.caption_seed)
     captions: list[str] = []
-    facts: list[_CaptionFacts] = []
+    facts: list[_CaptionFacts | None] = []
     for _ in range(20 * n_captions):
-        text, text_facts = _one_caption(scene, rng)
+        # the first caption always describes every object: it is the held-out retrieval text
+        # and at most one caption names only the subject
+        allow_subject = bool(captions) and None not in facts
+        text, text_facts = _one_caption(scene, rng, allow_subject=allow_subject)
         if text not in captions:
             captions.append(text)
             facts.append(text_facts)
@@ -588,7 +613,10 @@ def _ambiguous_caption_share(drawn: Sequence[_Drawn]) -> float:
                                                tuple((c, h) for c, h, _ in s.slots))]
             if j != index
         ]
-        for sizes_said, background_said in d.facts:
+        for facts in d.facts:
+            if facts is None:  # a subject-only caption is partial by design
+                continue
+            sizes_said, background_said = facts
             total += 1
             ambiguous += any(
                 all(not said or o.slots[k][2] == s.slots[k][2] for k, said in enumerate(sizes_said))

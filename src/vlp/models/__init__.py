@@ -9,9 +9,11 @@ from torch import nn
 
 from vlp.errors import ConfigError
 from vlp.models.clip import CLIP, build_clip
+from vlp.models.coca import CoCa, build_coca
 
 MODEL_BUILDERS: dict[str, Callable[[Any], nn.Module]] = {
     "clip": build_clip,
+    "coca": build_coca,
 }
 
 
@@ -25,4 +27,4 @@ def build_model(config: Any) -> nn.Module:
     return MODEL_BUILDERS[family](config)
 
 
-__all__ = ["CLIP", "MODEL_BUILDERS", "build_clip", "build_model"]
+__all__ = ["CLIP", "MODEL_BUILDERS", "CoCa", "build_clip", "build_coca", "build_model"]

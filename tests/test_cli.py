@@ -1,0 +1,123 @@
+"""The `vlp` command: help for every subcommand, one-line errors on bad input, and the
+commands run end to end on a small synthetic dataset."""
+
+import json
+
+import pytest
+
+from vlp.cli import build_parser, main
+
+SUBCOMMANDS = [["data", "synth"], ["train"], ["eval"], ["zeroshot"], ["embed"], ["convert"],
+               ["demo"]]
+
+
+@pytest.mark.parametrize("words", SUBCOMMANDS, ids=lambda w: " ".join(w))
+def test_every_subcommand_explains_its_arguments(words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*words, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: vlp " + " ".join(words) in text
+    assert "--" in text  # at least one documented option
+    actions = build_parser()._subparsers._group_actions[0].choices
+    assert words[0] in actions
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one clear line, no traceback
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "data"
+    assert main(["data", "synth", "--out", str(out), "--train", "40", "--val", "8", "--test",
+                 "24", "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_dir):
+    run = synth_dir.parent / "run"
+    code = main(["train", "--train-data", str(synth_dir / "train.csv"), "--output-dir", str(run),
+                 "--max-steps", "4", "--batch-size", "16", "--checkpoint-every", "2",
+                 "--num-workers", "0", "--no-progress",
+                 "--retrieval-data", str(synth_dir / "test.csv"), "--eval-every", "2"])
+    assert code == 0
+    return run
+
+
+def test_missing_file_is_one_line(tmp_path, capsys):
+    code = main(["train", "--train-data", str(tmp_path / "nope.csv"), "--max-steps", "1",
+                 "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    assert code == 2
+    line = _error_line(capsys)
+    assert "nope.csv" in line and line.startswith("vlp: error:")
+
+
+def test_bad_column_names_the_column(synth_dir, tmp_path, capsys):
+    code = main(["train", "--train-data", str(synth_dir / "train.csv"), "--caption-key", "title",
+                 "--max-steps", "1", "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    assert code == 2
+    line = _error_line(capsys)
+    assert "'title'" in line and "train.csv" in line and "filepath" in line
+
+
+def test_unknown_preset_lists_the_known_ones(synth_dir, tmp_path, capsys):
+    code = main(["train", "--model", "clip-huge", "--train-data", str(synth_dir / "train.csv"),
+                 "--max-steps", "1", "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    assert code == 2
+    line = _error_line(capsys)
+    assert "clip-huge" in line and "clip-tiny" in line
+
+
+def test_wrong_image_size_for_a_fixed_size_model(trained_run, tmp_path, capsys):
+    # clip-tiny has 8 px patches: 60 px cannot be served
+    code = main(["convert", "--from", "vlp", "--to", "vlp", "--image-size", "60",
+                 str(trained_run / "checkpoint-latest"), str(tmp_path / "out")])
+    assert code == 2
+    line = _error_line(capsys)
+    assert "60" in line and "8" in line
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_train_eval_zeroshot_embed_end_to_end(synth_dir, trained_run, tmp_path, capsys):
+    capsys.readouterr()
+    log = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert any("eval" in r and "i2t_r1" in r["eval"] for r in log)
+
+    assert main(["eval", str(trained_run), "--zeroshot-data",
+                 str(synth_dir / "imagefolder" / "test"), "--retrieval-data",
+                 str(synth_dir / "coco" / "captions_test.json"), "--image-root",
+                 str(synth_dir / "images" / "test"), "--num-workers", "0",
+                 "--no-progress"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("zeroshot_top1", "i2t_r1", "t2i_r1", "i2t_r10"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["num_texts"] == 24
+
+    assert main(["zeroshot", str(trained_run), "--data", str(synth_dir / "imagefolder" / "test"),
+                 "--num-workers", "0", "--no-progress"]) == 0
+    assert "zeroshot_top5" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a red circle\na small blue star to the left of a green square\n")
+    assert main(["embed", str(trained_run), "--texts", str(texts), "--out",
+                 str(tmp_path / "t.safetensors"), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 2
+    assert main(["embed", str(trained_run), "--images", str(synth_dir / "images" / "test"),
+                 "--out", str(tmp_path / "i.npy"), "--num-workers", "0", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["count"] == 24 and out["dim"] == 128
+
+
+def test_resume_latest_through_the_cli(synth_dir, trained_run, capsys):
+    code = main(["train", "--train-data", str(synth_dir / "train.csv"), "--output-dir",
+                 str(trained_run), "--max-steps", "6", "--batch-size", "16",
+                 "--checkpoint-every", "2", "--num-workers", "0", "--no-progress",
+                 "--resume", "latest"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 6
