@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e ".[test,interop]"
+	$(BIN)/pip install -e ".[test,interop,caption]"
 	touch $(STAMP)
 
 install: $(STAMP)

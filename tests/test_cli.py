@@ -7,8 +7,8 @@ import pytest
 
 from vlp.cli import build_parser, main
 
-SUBCOMMANDS = [["data", "synth"], ["train"], ["eval"], ["zeroshot"], ["embed"], ["convert"],
-               ["demo"]]
+SUBCOMMANDS = [["data", "synth"], ["train"], ["eval"], ["zeroshot"], ["embed"], ["caption"],
+               ["convert"], ["demo"]]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=lambda w: " ".join(w))
@@ -121,3 +121,20 @@ def test_resume_latest_through_the_cli(synth_dir, trained_run, capsys):
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["step"] == 6
+
+
+def test_caption_writes_one_line_per_image(synth_dir, tmp_path, capsys):
+    import vlp
+    from vlp.tokenizers import train_tokenizer
+
+    model = vlp.create_model("coca-tiny")
+    tok = train_tokenizer(["a red circle", "a small blue star"] * 10, vocab_size=300,
+                          context_length=32)
+    vlp.save(model, tmp_path / "coca", tokenizer=tok)
+    capsys.readouterr()
+    assert main(["caption", str(tmp_path / "coca"), "--images", str(synth_dir / "test.csv"),
+                 "--out", str(tmp_path / "caps.jsonl"), "--max-new-tokens", "4",
+                 "--num-beams", "1", "--num-workers", "0", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["count"] == 24
+    rows = [json.loads(line) for line in (tmp_path / "caps.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and all(set(r) == {"image", "caption"} for r in rows)

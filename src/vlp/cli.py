@@ -176,6 +176,21 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption(args: argparse.Namespace) -> int:
+    from vlp.caption import caption
+
+    options = {k: v for k, v in {"image_key": args.image_key, "image_root": args.image_root,
+               "separator": args.separator}.items() if v is not None}
+    path = caption(args.checkpoint, args.images, args.out, batch_size=args.batch_size,
+                   max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                   prompt=args.prompt, num_workers=args.num_workers,
+                   progress=not args.no_progress, kind=args.kind, **options)
+    with open(path) as lines:
+        count = sum(1 for _ in lines)
+    _print_json({"out": str(path), "count": count})
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import vlp
 
@@ -293,6 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--out", required=True, help="output .safetensors or .npy file")
     em.add_argument("--batch-size", type=int, default=256)
     em.set_defaults(func=cmd_embed)
+
+    cp = sub.add_parser("caption", parents=[common], help="caption images with a CoCa model",
+                        description="Write one generated caption per image as JSONL "
+                                    '{"image": id, "caption": text}.')
+    cp.add_argument("checkpoint", help="checkpoint directory (with its tokenizer)")
+    cp.add_argument("--images", required=True,
+                    help="image directory, CSV/TSV/JSONL/COCO file or shard pattern")
+    cp.add_argument("--out", required=True, help="output .jsonl file")
+    cp.add_argument("--kind", default="auto",
+                    choices=["auto", "csv", "tsv", "jsonl", "coco", "wds"])
+    cp.add_argument("--batch-size", type=int, default=32)
+    cp.add_argument("--max-new-tokens", type=int, default=20)
+    cp.add_argument("--num-beams", type=int, default=3)
+    cp.add_argument("--prompt", help="text every caption starts from (left out of the output)")
+    _add_source_args(cp)
+    cp.set_defaults(func=cmd_caption)
 
     cv = sub.add_parser("convert", help="convert checkpoints between vlp, HF and open_clip",
                         description="Convert a CLIP checkpoint between formats.")

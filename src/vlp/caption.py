@@ -1,0 +1,79 @@
+"""`vlp caption`: write one generated caption per image of a directory or data file as JSONL."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vlp.data import build_source, infer_source_kind
+from vlp.errors import ConfigError, DataError
+from vlp.eval.captioning import generate_captions, unique_images
+from vlp.eval.embed import ImageInput, _write_atomic, images_in_directory
+
+logger = logging.getLogger(__name__)
+
+CAPTIONLESS_KINDS = ("csv", "tsv", "jsonl")  # image lists need no caption column to be captioned
+
+
+def resolve_images(images: Any, *, kind: str = "auto",
+                   **source_options: Any) -> tuple[list[ImageInput], list[str]]:
+    """(images, ids) to caption: a directory of image files (recursively; a directory of .tar
+    shards is read as WebDataset), a CSV/TSV/JSONL/COCO file or a shard pattern (through
+    `vlp.data.build_source`), a source, or a list of paths. Each distinct image once."""
+    if isinstance(images, str | os.PathLike):
+        path = str(images)
+        if kind == "auto" and os.path.isdir(path) and infer_source_kind(path) != "wds":
+            files = [str(p) for p in images_in_directory(path)]
+            return files, list(files)
+        if kind == "auto":
+            kind = infer_source_kind(path)
+        if kind in CAPTIONLESS_KINDS:
+            source_options.setdefault("caption_key", None)
+        images = build_source(kind, path, **source_options)
+    elif source_options:
+        raise ConfigError(f"source options {sorted(source_options)} need images given as a path")
+    items = list(images)
+    if items and hasattr(items[0], "image"):  # records of a vlp.data source
+        return unique_images(items)
+    return items, [f"#{i}" if isinstance(x, bytes) else str(x) for i, x in enumerate(items)]
+
+
+def caption(checkpoint_or_model: str | os.PathLike[str] | nn.Module, images: Any,
+            out_path: str | os.PathLike[str], *, tokenizer: Any | None = None,
+            batch_size: int = 32, max_new_tokens: int = 20, num_beams: int = 3,
+            prompt: str | None = None, num_workers: int = 0, progress: bool = True,
+            kind: str = "auto", **source_options: Any) -> Path:
+    """Caption every image and write ``{"image": id, "caption": text}`` lines to ``out_path``
+    atomically. A checkpoint directory brings its own tokenizer; a model needs ``tokenizer``.
+    Unreadable images are skipped, counted and logged. ``kind`` / ``source_options``
+    (image_key, image_root, ...) go to `vlp.data.build_source` for data files."""
+    import vlp
+
+    if isinstance(checkpoint_or_model, nn.Module):
+        model = checkpoint_or_model
+        if tokenizer is None:
+            raise ConfigError("caption(model, ...): pass tokenizer= (a checkpoint directory "
+                              "brings its own)")
+    else:
+        model = vlp.load(checkpoint_or_model)
+        tokenizer = tokenizer or vlp.load_tokenizer(checkpoint_or_model)
+    image_list, ids = resolve_images(images, kind=kind, **source_options)
+    if not image_list:
+        raise DataError(f"no images to caption in {images}")
+    result = generate_captions(model, tokenizer, image_list, ids, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, num_beams=num_beams,
+                               prompt=prompt, num_workers=num_workers, progress=progress)
+    if result.skipped:
+        logger.warning("captioned %d images, skipped %d unreadable (first: %s)",
+                       len(result.pairs), len(result.skipped), result.skipped[0])
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps({"image": image, "caption": text}, ensure_ascii=False) + "\n"
+                    for image, text in result.pairs)
+    _write_atomic(out_path, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
+    return out_path
