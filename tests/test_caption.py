@@ -17,12 +17,7 @@ from vlp.tokenizers import train_tokenizer
 CAPTIONS = ["a red circle", "a blue square", "a green star", "two red circles"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

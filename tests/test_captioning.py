@@ -23,13 +23,7 @@ from vlp.eval.captioning import (
 from vlp.models import build_model
 from vlp.tokenizers import train_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_identical_caption_scores_one():

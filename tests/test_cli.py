@@ -73,12 +73,12 @@ def test_unknown_preset_lists_the_known_ones(synth_dir, tmp_path, capsys):
 
 
 def test_wrong_image_size_for_a_fixed_size_model(trained_run, tmp_path, capsys):
-    # clip-tiny has 8 px patches: 60 px cannot be served
+    # clip-tiny has 16 px patches: 60 px cannot be served
     code = main(["convert", "--from", "vlp", "--to", "vlp", "--image-size", "60",
                  str(trained_run / "checkpoint-latest"), str(tmp_path / "out")])
     assert code == 2
     line = _error_line(capsys)
-    assert "60" in line and "8" in line
+    assert "60" in line and "16" in line
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 

@@ -14,14 +14,12 @@ from vlp.models.coca import CaptionDecoder, CoCa
 OPEN_CLIP_COCA_VIT_B_32_PARAMS = 253_560_065  # open_clip 3.3.0 CoCa("coca_ViT-B-32") on meta
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # a shared 2-core box: one intra-op thread avoids oversubscription stalls
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed():
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(**overrides):

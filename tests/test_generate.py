@@ -19,13 +19,7 @@ from vlp.nn.decoder import CrossDecoder
 PAD, BOS, EOS, A, B = 0, 1, 2, 3, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # a shared 2-core box: one intra-op thread avoids oversubscription stalls
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class BigramDecoder:

@@ -5,15 +5,12 @@ from vlp.config import TextConfig
 from vlp.nn.decoder import CrossDecoder
 from vlp.nn.text import ClsTextTransformer, appended_cls_mask
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(autouse=True)
-def _seed_one_thread():
-    # a shared 2-core box: one intra-op thread avoids oversubscription stalls
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seed():
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_appended_cls_mask_by_hand():

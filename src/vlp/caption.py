@@ -13,7 +13,8 @@ from torch import nn
 from vlp.data import build_source, infer_source_kind
 from vlp.errors import ConfigError, DataError
 from vlp.eval.captioning import generate_captions, unique_images
-from vlp.eval.embed import ImageInput, _write_atomic, images_in_directory
+from vlp.eval.embed import ImageInput, images_in_directory
+from vlp.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -75,5 +76,5 @@ def caption(checkpoint_or_model: str | os.PathLike[str] | nn.Module, images: Any
     out_path.parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({"image": image, "caption": text}, ensure_ascii=False) + "\n"
                     for image, text in result.pairs)
-    _write_atomic(out_path, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
+    atomic_write_text(out_path, lines)
     return out_path

@@ -28,7 +28,7 @@ class DemoConfig:
     progress: bool = True
 
 
-DEFAULTS = {"n_train": 5000, "n_test": 1000, "steps": 1500, "batch_size": 128}
+DEFAULTS = {"n_train": 5000, "n_test": 1000, "steps": 1800, "batch_size": 128}
 
 
 def demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -57,6 +57,7 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
         max_steps=steps,
         checkpoint_every=max(1, steps // 3),
         keep_last=2,
+        log_every=100,
         seed=cfg.seed,
         num_workers=cfg.num_workers,
         progress=cfg.progress,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from tokenizers import Tokenizer as HFTokenizer
 
 from vlp.errors import ConfigError, DataError
+from vlp.fileio import atomic_write_text, read_json_object
 
 DEFAULT_CONTEXT_LENGTH = 77  # CLIP's text context, used when a tokenizer directory names none
 MAX_SANE_CONTEXT_LENGTH = 1_000_000  # transformers writes int(1e30) for "no limit"
@@ -194,9 +194,9 @@ class Tokenizer:
             "model_max_length": self._context_length,
             "clean_up_tokenization_spaces": False,
         }
-        _write_atomic(directory / "tokenizer.json", self._backend.to_str(pretty=True))
-        _write_atomic(directory / "tokenizer_config.json", _to_json(tokenizer_config))
-        _write_atomic(directory / "special_tokens_map.json", _to_json(special_tokens_map))
+        atomic_write_text(directory / "tokenizer.json", self._backend.to_str(pretty=True))
+        atomic_write_text(directory / "tokenizer_config.json", _to_json(tokenizer_config))
+        atomic_write_text(directory / "special_tokens_map.json", _to_json(special_tokens_map))
 
     def __getstate__(self) -> dict[str, Any]:
         # HF's JSON form rather than its native pickle: explicit, and stable across versions.
@@ -450,32 +450,11 @@ def _check_context_length(context_length: int) -> None:
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in `path`, or {} when the file is absent."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DataError(f"{path}: not readable as JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, DataError) if path.is_file() else {}
 
 
 def _to_json(data: dict[str, Any]) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`."""
-    file_descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                                  suffix=".tmp")
-    try:
-        with os.fdopen(file_descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 class _Counted:

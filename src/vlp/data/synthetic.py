@@ -41,13 +41,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "cross", "hexagon", "square", "star", "triangle")
 # Sorted by colour then shape, so the order equals sorted(imagefolder class dirs) and labels agree.
 CLASS_NAMES: list[str] = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+# Prompts for the class (the main, largest object), phrased as this world's captions are, as
+# CLIP's prompts are written per dataset ("a photo of a {}, a type of pet.").
 ZEROSHOT_TEMPLATES: list[str] = [
     "a photo of a {}.",
     "a picture of a {}.",
-    "an image with a {}.",
+    "an image of a {}.",
+    "a photo of a large {}.",
+    "a large {} and other shapes.",
     "a {} on a plain background.",
-    "a drawing of a {}.",
-    "a rendering of a {}.",
 ]
 # Low-chroma tones only: every object colour stays far from every background pixel.
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
@@ -130,7 +132,8 @@ _SINGLE_TEMPLATES = (
 _PREFIXES = ("", "", "a photo of ", "an image of ", "a picture of ", "{count} shapes: ")
 _SUFFIXES = ("", "", " on a {bg} background", " against a {bg} background")
 _SINGLE_SUFFIXES = (" on a {bg} background", " against a {bg} background", " on {bg}")
-_SUBJECT_CAPTION_PROB = 0.5  # chance per later caption of a multi-object image (one at most)
+_SUBJECT_CAPTION_PROB = 0.5  # chance per later caption of a multi-object image
+_MAX_SUBJECT_CAPTIONS = 2
 _SUBJECT_PREFIXES = ("", "a photo of ", "an image of ", "a picture of ")
 _SUBJECT_TAILS = (" and {n} smaller {shapes}", " with {n} small {shapes}", " among small shapes",
                   " and other shapes", "")
@@ -433,8 +436,8 @@ def _captions(
     facts: list[_CaptionFacts | None] = []
     for _ in range(20 * n_captions):
         # the first caption always describes every object: it is the held-out retrieval text
-        # and at most one caption names only the subject
-        allow_subject = bool(captions) and None not in facts
+        # and at most two name only the subject
+        allow_subject = bool(captions) and facts.count(None) < _MAX_SUBJECT_CAPTIONS
         text, text_facts = _one_caption(scene, rng, allow_subject=allow_subject)
         if text not in captions:
             captions.append(text)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +26,7 @@ from vlp.data.loader import open_image
 from vlp.data.sources import IMAGE_EXTENSIONS
 from vlp.data.transforms import image_transform
 from vlp.errors import ConfigError, DataError
+from vlp.fileio import atomic_write, atomic_write_text
 
 ImageInput = str | Path | bytes
 
@@ -228,11 +227,11 @@ def save_embeddings(path: str | Path, embeddings: Tensor, ids: Sequence[str]) ->
     ids = [str(i) for i in ids]
     if suffix == ".safetensors":
         metadata = {"ids": json.dumps(ids), "format": "pt"}
-        _write_atomic(path, lambda tmp: save_file({"embeddings": embeddings}, tmp, metadata))
+        atomic_write(path, lambda tmp: save_file({"embeddings": embeddings}, tmp, metadata))
     else:
-        _write_atomic(path, lambda tmp: np.save(tmp, embeddings.numpy()))
+        atomic_write(path, lambda tmp: np.save(tmp, embeddings.numpy()))
         ids_path = path.with_suffix(".ids.json")
-        _write_atomic(ids_path, lambda tmp: Path(tmp).write_text(json.dumps(ids) + "\n"))
+        atomic_write_text(ids_path, json.dumps(ids) + "\n")
     return path
 
 
@@ -251,15 +250,3 @@ def load_embeddings(path: str | Path) -> tuple[Tensor, list[str]]:
         raise DataError(f"{ids_path}: ids file for {path.name} not found")
     embeddings = torch.from_numpy(np.load(path, allow_pickle=False))
     return embeddings, json.loads(ids_path.read_text())
-
-
-def _write_atomic(path: Path, write: Callable[[str], Any]) -> None:
-    # temp file in the same directory, then rename: readers never see a half-written file
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from vlp.errors import CheckpointError, ConfigError
+from vlp.fileio import read_json_object
 from vlp.models.clip import CLIP
 from vlp.tokenizers import Tokenizer, load_tokenizer
 
@@ -200,15 +201,7 @@ class ImportedModel(NamedTuple):
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: not readable as JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, CheckpointError)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

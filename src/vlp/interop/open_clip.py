@@ -169,6 +169,22 @@ def _square(value: Any, name: str, where: str) -> int:
     return int(value)
 
 
+def _vision_width(vision: dict[str, Any], where: str) -> int:
+    """``vision_cfg.width``, which must split into heads of ``head_width``."""
+    width = int(vision["width"])
+    if width % int(vision["head_width"]):
+        raise CheckpointError(f"{where}: vision_cfg.width {width} is not a multiple of "
+                              f"head_width {vision['head_width']}")
+    return width
+
+
+def _special_ids(tokenizer: Tokenizer | None, vocab_size: int) -> tuple[int, int]:
+    """(bos, eos): the tokenizer's, else open_clip's convention of the last two ids."""
+    if tokenizer is not None:
+        return tokenizer.bos_id, tokenizer.eos_id
+    return vocab_size - 2, vocab_size - 1
+
+
 def clip_config_from_open_clip(model_cfg: dict[str, Any], where: str = CONFIG_FILE,
                                preprocess_cfg: dict[str, Any] | None = None,
                                tokenizer: Tokenizer | None = None) -> ClipConfig:
@@ -202,16 +218,10 @@ def clip_config_from_open_clip(model_cfg: dict[str, Any], where: str = CONFIG_FI
                               f"of {sorted(TEXT_POOLS)}")
     act = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
     vocab_size = int(text["vocab_size"])
-    if tokenizer is not None:
-        bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
-    else:
-        bos_id, eos_id = vocab_size - 2, vocab_size - 1
+    bos_id, eos_id = _special_ids(tokenizer, vocab_size)
     if text["pool_type"] == "eos":
         eos_id = int(text["eos_id"])  # the id the reference pools at
-    width = int(vision["width"])
-    if width % int(vision["head_width"]):
-        raise CheckpointError(f"{where}: vision_cfg.width {width} is not a multiple of "
-                              f"head_width {vision['head_width']}")
+    width = _vision_width(vision, where)
     image_size = _square(vision["image_size"], "image_size", f"{where}: vision_cfg")
     pre = {**(preprocess_cfg or {})}
     resize_mode = pre.get("resize_mode", "shortest")

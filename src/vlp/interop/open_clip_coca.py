@@ -53,7 +53,9 @@ from vlp.interop.open_clip import (
     _locate,
     _norm_eps,
     _open_clip_tokenizer,
+    _special_ids,
     _square,
+    _vision_width,
 )
 from vlp.models.coca import CoCa, build_coca
 from vlp.tokenizers import Tokenizer
@@ -233,16 +235,10 @@ def coca_config_from_open_clip(model_cfg: dict[str, Any], where: str = CONFIG_FI
     if float(multimodal["mlp_ratio"]) != float(text["mlp_ratio"]):
         raise CheckpointError(f"{where}: multimodal_cfg.mlp_ratio differs from text_cfg's; vlp "
                               "builds both decoder halves with one ratio")
-    width = int(vision["width"])
-    if width % int(vision["head_width"]):
-        raise CheckpointError(f"{where}: vision_cfg.width {width} is not a multiple of "
-                              f"head_width {vision['head_width']}")
+    width = _vision_width(vision, where)
     act = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
     vocab_size = int(text["vocab_size"])
-    if tokenizer is not None:
-        bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
-    else:
-        bos_id, eos_id = vocab_size - 2, vocab_size - 1
+    bos_id, eos_id = _special_ids(tokenizer, vocab_size)
     pre = {**(preprocess_cfg or {})}
     if pre.get("resize_mode", "shortest") not in RESIZE_MODES:
         raise ConfigError(f"{where}: preprocess_cfg.resize_mode {pre['resize_mode']!r} not "

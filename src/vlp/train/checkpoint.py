@@ -30,6 +30,7 @@ from torch import nn
 
 from vlp.config import load_config, save_config
 from vlp.errors import CheckpointError, ConfigError
+from vlp.fileio import fsync_path
 from vlp.models import build_model
 
 CONFIG_FILE = "config.json"
@@ -62,19 +63,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 # atomic directories
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(directory: Path) -> None:
     for root, _, files in os.walk(directory):
         for name in files:
-            _fsync_path(Path(root) / name)
-        _fsync_path(Path(root))
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
 
 
 def _hidden_sibling(path: Path, kind: str) -> Path:
@@ -123,7 +116,7 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
         else:
             _remove_dir(final)
             os.rename(staging, final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -389,7 +382,7 @@ def _update_latest_link(run_dir: Path, target: Path) -> None:
     temp_link = _hidden_sibling(link, "tmp")
     os.symlink(target.name, temp_link)  # relative, so the run directory can be moved
     os.replace(temp_link, link)
-    _fsync_path(run_dir)
+    fsync_path(run_dir)
 
 
 def _prune(run_dir: Path, keep_last: int, protected: Path) -> None:

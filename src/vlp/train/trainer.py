@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from vlp.config import config_from_dict, config_to_dict, get_preset, load_config
 from vlp.data import build_source, image_transform, make_loader
 from vlp.errors import ConfigError, DataError, VlpError
+from vlp.fileio import atomic_write_text
 from vlp.models import build_model
 from vlp.tokenizers import load_tokenizer, train_tokenizer
 from vlp.train.checkpoint import (
@@ -229,12 +229,6 @@ def _total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     return min(candidates)
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # logging
 
@@ -265,9 +259,7 @@ class RunLog:
                             kept.append(line + "\n")
                             if "loss" in record:
                                 self.last = record
-            temp = path.with_name(f".{path.name}.tmp")
-            temp.write_text("".join(kept))
-            os.replace(temp, path)
+            atomic_write_text(path, "".join(kept))
         self._file = path.open("a")
         self._pending: list[tuple[dict[str, Any], list[str], Tensor]] = []
 
@@ -439,7 +431,7 @@ def train(cfg: TrainConfig, eval_fn: EvalFn | None = None) -> dict[str, Any]:
     run = _set_up(cfg, output_dir, device)
     model, optimizer, scheduler, loader = run.model, run.optimizer, run.scheduler, run.loader
     step, total_steps = run.step, run.total_steps
-    _write_json_atomic(output_dir / CONFIG_SNAPSHOT, cfg.to_dict())
+    atomic_write_text(output_dir / CONFIG_SNAPSHOT, json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     log = RunLog(output_dir / LOG_FILE, resume_step=step if run.resumed_from else None)
     forward = torch.compile(model) if cfg.compile else model
