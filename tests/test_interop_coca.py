@@ -50,21 +50,22 @@ def reference_model(seed: int = 0) -> RefCoCa:
     return model.eval()
 
 
-def save_local_dir(model, directory) -> None:
+def save_local_dir(model, directory, model_cfg=None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": MODEL_CFG}))
+    (directory / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg or MODEL_CFG}))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               directory / "open_clip_model.safetensors")
 
 
-def padded_text(lengths, seed=1) -> torch.Tensor:
+def padded_text(lengths, seed=1, context=CONTEXT, vocab=VOCAB) -> torch.Tensor:
     """Rows ``sot, words, eot, 0...`` like open_clip's tokenizer makes them; word ids avoid 0
     (open_clip's pad id) so that real words are never masked."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), CONTEXT, dtype=torch.long)
+    ids = torch.zeros(len(lengths), context, dtype=torch.long)
     for row, length in enumerate(lengths):
-        ids[row, :length] = torch.randint(1, VOCAB - 2, (length,), generator=generator)
-        ids[row, 0], ids[row, length - 1] = SOT, EOT
+        ids[row, :length] = torch.randint(1, vocab - 2, (length,), generator=generator)
+        ids[row, 0], ids[row, length - 1] = vocab - 2, vocab - 1
     return ids
 
 
@@ -170,3 +171,40 @@ def test_strict_errors(pair, tmp_path):
                                            "attentional_pool": "cascade"}}
     with pytest.raises(CheckpointError, match="attentional_pool"):
         coca_config_from_open_clip(cascade)
+
+
+@pytest.mark.slow
+def test_full_coca_vit_b_32_shape_imports_and_exports(tmp_path):
+    # open_clip's own coca_ViT-B-32 config (224 px, /32 patches, 12+12+12 layers, 49408 vocab,
+    # context 76), random weights: the tiny model above cannot catch a shape-dependent slip
+    model_cfg = open_clip.get_model_config("coca_ViT-B-32")
+    torch.manual_seed(0)
+    reference = open_clip.create_model("coca_ViT-B-32", pretrained=None)
+    assert isinstance(reference, RefCoCa)
+    width, context = model_cfg["text_cfg"]["width"], model_cfg["text_cfg"]["context_length"]
+    vocab, size = model_cfg["text_cfg"]["vocab_size"], model_cfg["vision_cfg"]["image_size"]
+    with torch.no_grad():
+        torch.nn.init.normal_(reference.text_decoder.text_projection, std=width**-0.5)
+        for param in reference.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    reference.eval()
+    save_local_dir(reference, tmp_path / "ref", model_cfg)
+    model, _ = load_open_clip_coca(tmp_path / "ref")
+    assert model.config.text.context_length == context and model.config.decoder_layers == 12
+    pixels = torch.randn(2, 3, size, size)
+    text = padded_text([9, context], seed=5, context=context, vocab=vocab)  # row 0 padded
+    with torch.no_grad():
+        out = reference(pixels, text)
+        ours = {"image_features": model.encode_image(pixels),
+                "text_features": model.encode_text(text),
+                "logits": model.caption_logits(pixels, text)[:, :-1]}
+    diffs = {key: (ours[key] - out[key]).abs().max().item() for key in ours}
+    assert all(d <= ATOL for d in diffs.values()), diffs
+
+    directory = save_open_clip_coca(model, tmp_path / "export")
+    again = open_clip.create_model(f"local-dir:{directory}").eval()  # strict=True inside
+    assert isinstance(again, RefCoCa)
+    with torch.no_grad():
+        back = again(pixels, text)
+    for key in ("image_features", "text_features", "logits"):
+        torch.testing.assert_close(back[key], out[key], atol=0, rtol=0)
