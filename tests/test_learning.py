@@ -17,3 +17,40 @@ def test_clip_tiny_learns_the_synthetic_world(tmp_path):
     assert result["t2i_r1"] >= 10 * chance_retrieval, result
     assert result["zeroshot_top1"] >= 3 * chance_classes, result
     assert (tmp_path / "demo" / "checkpoint-latest" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_coca_tiny_learns_to_caption_the_synthetic_world(tmp_path):
+    import copy
+
+    import torch
+
+    import vlp
+    from vlp.demo import evaluate_demo_model
+    from vlp.models import build_model
+
+    result = demo(DemoConfig(out=str(tmp_path / "demo"), family="coca", n_train=1000, n_test=200,
+                             steps=220, batch_size=64, num_workers=0, progress=False))
+    # an untrained coca-tiny with the same tokenizer ids, scored on the same held-out data
+    trained = vlp.load(result["checkpoint"])
+    tokenizer = vlp.load_tokenizer(result["checkpoint"])
+    torch.manual_seed(0)
+    untrained = build_model(copy.deepcopy(trained.config))
+    baseline = evaluate_demo_model(untrained, tokenizer, tmp_path / "demo" / "data",
+                                   captioning=True, progress=False)
+    chance_classes = 1 / result["num_classes"]
+    assert result["family"] == "coca" and result["num_caption_images"] == 200, result
+    assert result["cider"] >= 3 * baseline["cider"] + 0.2, (result, baseline)
+    assert result["bleu_4"] > baseline["bleu_4"] + 0.1, (result, baseline)
+    assert result["zeroshot_top1"] >= 3 * chance_classes, result
+    assert result["zeroshot_top1"] >= 2 * baseline["zeroshot_top1"], (result, baseline)
+    print("coca demo", result, "untrained", {k: baseline[k] for k in
+                                              ("cider", "bleu_4", "zeroshot_top1", "i2t_r1")})
+
+
+def test_demo_rejects_an_unknown_family(tmp_path):
+    from vlp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'clip', 'coca'"):
+        demo(DemoConfig(out=str(tmp_path / "demo"), family="blip"))
+    assert not (tmp_path / "demo").exists()

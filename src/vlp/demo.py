@@ -1,5 +1,6 @@
-"""The end-to-end demo: synthetic data on disk -> clip-tiny through the real loaders and
-trainer -> held-out zero-shot classification and retrieval, on CPU in minutes."""
+"""The end-to-end demo: synthetic data on disk -> clip-tiny (or coca-tiny) through the real
+loaders and trainer -> held-out zero-shot classification and retrieval (and, for coca-tiny,
+captioning), on CPU in minutes."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 import vlp
+from vlp.data import build_source
 from vlp.data.synthetic import CLASS_NAMES, write_dataset
+from vlp.errors import ConfigError
+from vlp.eval.captioning import caption_eval
 from vlp.eval.suite import EvalSpec, evaluate
 from vlp.train import TrainConfig, train
 
@@ -26,28 +32,39 @@ class DemoConfig:
     seed: int = 0
     num_workers: int = 2
     progress: bool = True
+    family: str = "clip"  # "clip": clip-tiny; "coca": coca-tiny, also scored on captioning
 
 
+FAMILIES = ("clip", "coca")
+MODELS = {"clip": "clip-tiny", "coca": "coca-tiny"}
 DEFAULTS = {"n_train": 5000, "n_test": 1000, "steps": 1800, "batch_size": 128}
+COCA_DEFAULTS = {"n_train": 5000, "n_test": 1000, "steps": 800, "batch_size": 128}
+N_VAL = 200  # images of the val split (5 captions each): the captioning references
+CAPTION_MAX_NEW_TOKENS = 24
+CAPTION_NUM_BEAMS = 1  # greedy
 
 
 def demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo and return its metrics (fractions) and the checkpoint it wrote."""
     start = time.time()
+    if cfg.family not in FAMILIES:
+        raise ConfigError(f"family: unknown {cfg.family!r}; expected one of {FAMILIES}")
+    defaults = COCA_DEFAULTS if cfg.family == "coca" else DEFAULTS
     settings = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v
-                for k, v in DEFAULTS.items()}
+                for k, v in defaults.items()}
     out = Path(cfg.out)
     data_dir = out / "data"
     _clear_previous_run(out)
     print(f"[1/3] writing the synthetic dataset to {data_dir}", flush=True)
     meta = write_dataset(data_dir, formats=("csv", "imagefolder"), n_train=settings["n_train"],
-                         n_val=200, n_test=settings["n_test"], seed=cfg.seed,
+                         n_val=N_VAL, n_test=settings["n_test"], seed=cfg.seed,
                          progress=cfg.progress)
 
-    print(f"[2/3] training clip-tiny for {settings['steps']} steps", flush=True)
+    model_name = MODELS[cfg.family]
+    print(f"[2/3] training {model_name} for {settings['steps']} steps", flush=True)
     steps = settings["steps"]
     train_cfg = TrainConfig(
-        model="clip-tiny",
+        model=model_name,
         train_data=str(data_dir / "train.csv"),
         output_dir=str(out),
         batch_size=settings["batch_size"],
@@ -68,11 +85,8 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
     print(f"[3/3] evaluating {checkpoint} on the held-out split", flush=True)
     model = vlp.load(checkpoint)
     tokenizer = vlp.load_tokenizer(checkpoint)
-    spec = EvalSpec(zeroshot_data=str(data_dir / "imagefolder" / "test"),
-                    classnames=list(CLASS_NAMES),
-                    retrieval_data=str(data_dir / "test.csv"), num_workers=cfg.num_workers,
-                    progress=cfg.progress)
-    metrics = evaluate(model, tokenizer, spec)
+    metrics = evaluate_demo_model(model, tokenizer, data_dir, captioning=cfg.family == "coca",
+                                  num_workers=cfg.num_workers, progress=cfg.progress)
     summary = {
         "zeroshot_top1": round(metrics["zeroshot_top1"], 4),
         "zeroshot_top5": round(metrics["zeroshot_top5"], 4),
@@ -88,10 +102,47 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
         "wall_s": round(time.time() - start, 1),
         "checkpoint": str(checkpoint),
     }
+    if cfg.family == "coca":
+        summary = {"family": "coca", **summary}
+        summary.update({
+            "cider": round(metrics["cider"], 4),
+            "bleu_4": round(metrics["bleu_4"], 4),
+            "rouge_l": round(metrics["rouge_l"], 4),
+            "caption_split": "val",
+            "num_caption_images": int(metrics["num_caption_images"]),
+        })
     print(f"zero-shot top-1 {summary['zeroshot_top1']:.1%} (chance {1 / len(CLASS_NAMES):.1%}), "
           f"image->text R@1 {summary['i2t_r1']:.1%}, text->image R@1 {summary['t2i_r1']:.1%} "
           f"(chance {1 / max(1, summary['num_test_pairs']):.1%})", flush=True)
+    if cfg.family == "coca":
+        print(f"captioning on the held-out val split ({summary['num_caption_images']} images, "
+              f"5 references each): CIDEr {summary['cider']:.3f}, "
+              f"BLEU-4 {summary['bleu_4']:.3f}", flush=True)
     return summary
+
+
+def evaluate_demo_model(model: nn.Module, tokenizer: Any, data_dir: str | Path, *,
+                        captioning: bool = False, num_workers: int = 0,
+                        progress: bool = True) -> dict[str, float]:
+    """The demo's held-out metrics of ``model`` on the dataset under ``data_dir``: zero-shot
+    on the test split's image folder and retrieval on test.csv; with ``captioning``, also
+    greedy captions of the val split's images scored against their 5 references each (its
+    keys ``cider``, ``bleu_4``, ``rouge_l``, ... and ``num_images``)."""
+    data_dir = Path(data_dir)
+    spec = EvalSpec(zeroshot_data=str(data_dir / "imagefolder" / "test"),
+                    classnames=list(CLASS_NAMES),
+                    retrieval_data=str(data_dir / "test.csv"), num_workers=num_workers,
+                    progress=progress)
+    metrics = evaluate(model, tokenizer, spec)
+    if captioning:
+        source = build_source("csv", str(data_dir / "val.csv"))
+        captions = caption_eval(model, tokenizer, source, batch_size=64,
+                                max_new_tokens=CAPTION_MAX_NEW_TOKENS,
+                                num_beams=CAPTION_NUM_BEAMS, num_workers=num_workers,
+                                progress=progress, backend="vlp")
+        metrics.update({k: v for k, v in captions.items() if k not in metrics})
+        metrics["num_caption_images"] = captions["num_images"]  # zero-shot has its own count
+    return metrics
 
 
 def _clear_previous_run(out: Path) -> None:
