@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -61,12 +62,18 @@ def write_csv(root: Path, n: int, extra_rows: tuple[str, ...] = ()) -> CsvSource
     return CsvSource(root / "data.csv")
 
 
-def write_shards(root: Path, sizes: list[int]) -> WebDatasetSource:
+CORRUPT_JPEG = b"\xff\xd8 definitely not a jpeg"
+
+
+def write_shards(root: Path, sizes: list[int], corrupt: tuple[int, ...] = ()
+                 ) -> WebDatasetSource:
+    """Shards of samples keyed 0, 1, ...; the keys in `corrupt` get an undecodable .jpg."""
     key = 0
     for shard, size in enumerate(sizes):
         with tarfile.open(root / f"shard-{shard:06d}.tar", "w") as tar:
             for _ in range(size):
-                members = {"png": image_bytes(key), "txt": caption(key).encode(),
+                image = {"jpg": CORRUPT_JPEG} if key in corrupt else {"png": image_bytes(key)}
+                members = {**image, "txt": caption(key).encode(),
                            "json": json.dumps({"key": f"{key:09d}"}).encode()}
                 for ext, data in members.items():
                     info = tarfile.TarInfo(f"{key:09d}.{ext}")
@@ -136,9 +143,13 @@ def test_bad_samples_are_skipped_and_counted(tmp_path: Path, num_workers: int) -
     assert [b["num_skipped"] for b in batches] == [0, 4]
     assert loader.skipped_report() == {"corrupt_image": 1, "missing_caption": 2,
                                        "missing_image": 1}
+    image = lambda name: tmp_path / "img" / name
+    listed = [f"{image('corrupt.jpg')}: corrupt_image", f"{image('missing.jpg')}: missing_image",
+              f"{image('0.png')}: missing_caption", f"{image('1.png')}: missing_caption"]
+    assert loader.skipped_items() == listed
     assert all(b["input_ids"].shape[0] == b["pixels"].shape[0] for b in batches)
     list(loader)  # a new epoch starts its own count
-    assert sum(loader.skipped_report().values()) == 4
+    assert sum(loader.skipped_report().values()) == 4 and loader.skipped_items() == listed
 
 
 def test_a_batch_of_only_bad_samples_does_not_crash(tmp_path: Path) -> None:
@@ -277,6 +288,7 @@ def test_resume_state_records_skips_and_rejects_other_settings(tmp_path: Path) -
     state = loader.state_dict()
     assert state["epoch"] == 0 and state["batches_done"] == 3
     assert state["skipped"] == {"missing_image": 1}
+    assert state["skipped_items"] == [f"{tmp_path / 'img' / 'gone.png'}: missing_image"]
     with pytest.raises(DataError, match="batch_size"):
         loader_for(source, train=False, transform=EVAL, batch_size=2).load_state_dict(state)
 
@@ -325,6 +337,108 @@ def test_webdataset_batches_hold_the_right_captions(wds_source: WebDatasetSource
     for batch in loader_for(wds_source, num_workers=0):
         keys = [offsets[i >> 32] + (i & 0xFFFFFFFF) for i in batch["index"].tolist()]
         assert torch.equal(batch["input_ids"], CharTokenizer()([caption(k) for k in keys]))
+
+
+# -- damaged WebDataset shards --------------------------------------------------------------
+
+
+def write_damaged_shards(root: Path, sizes: list[int], corrupt: tuple[int, ...],
+                         cut_shard: int, cut_position: int) -> tuple[WebDatasetSource, str]:
+    """Shards with img2dataset stats, one cut inside the image of sample `cut_position`.
+
+    Returns the source and the listing entry the cut should get.
+    """
+    source = write_shards(root, sizes, corrupt)
+    for shard, size in enumerate(sizes):
+        (root / f"shard-{shard:06d}_stats.json").write_text(json.dumps({"successes": size}))
+    path = Path(source.shards[cut_shard])
+    with tarfile.open(path) as tar:
+        image = tar.getmembers()[3 * cut_position]
+    path.write_bytes(path.read_bytes()[:image.offset_data + image.size // 2])
+    lost = sizes[cut_shard] - cut_position
+    return source, f"{path}: truncated_shard ({lost} samples after byte {image.offset})"
+
+
+def shard_of(sizes: list[int], key: int) -> tuple[int, int]:
+    """(shard, position) of a sample key of `write_shards`."""
+    for shard, size in enumerate(sizes):
+        if key < size:
+            return shard, key
+        key -= size
+    raise ValueError(key)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_epoch_over_damaged_shards_skips_counts_and_lists_the_damage(
+        tmp_path: Path, num_workers: int) -> None:
+    sizes, corrupt = [6, 5, 6], (2, 7, 13)
+    source, cut_entry = write_damaged_shards(tmp_path, sizes, corrupt, cut_shard=1,
+                                             cut_position=3)
+    loader = loader_for(source, train=False, transform=EVAL, num_workers=num_workers)
+    assert source.num_samples == 17  # lost samples stay in the count: the epoch size is fixed
+    batches = list(loader)
+    seen = [(i >> 32, i & 0xFFFFFFFF) for b in batches for i in b["index"].tolist()]
+    lost = [(1, 3), (1, 4)]
+    bad = [shard_of(sizes, key) for key in corrupt]
+    good = [(s, p) for s, size in enumerate(sizes) for p in range(size)
+            if (s, p) not in lost + bad]
+    assert sorted(seen) == good  # every good sample exactly once
+    assert loader.skipped_report() == {"corrupt_image": 3, "truncated_shard": 2}
+    corrupt_entries = [f"{source.shards[s]}#{key:09d}: corrupt_image"
+                       for key, (s, _) in zip(corrupt, bad)]
+    assert sorted(loader.skipped_items()) == sorted([*corrupt_entries, cut_entry])
+    list(loader)  # the next epoch lists its own skips
+    assert sorted(loader.skipped_items()) == sorted([*corrupt_entries, cut_entry])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_over_damaged_shards_keeps_batches_counts_and_items(
+        tmp_path: Path, num_workers: int) -> None:
+    source, cut_entry = write_damaged_shards(tmp_path, [6, 5, 5], (1, 12), cut_shard=1,
+                                             cut_position=2)
+    make = lambda: loader_for(source, num_workers=num_workers, shuffle_buffer=5)
+    full = make()
+    whole = list(full)
+    report, items = full.skipped_report(), full.skipped_items()
+    assert len(full) == 4 and cut_entry in items
+    if num_workers == 0:  # one stream reads every sample once: the skips are the damage
+        assert report == {"corrupt_image": 2, "truncated_shard": 3} and len(items) == 3
+    for stop in (1, 3):
+        head_loader = make()
+        head = list(itertools.islice(head_loader, stop))
+        state = json.loads(json.dumps(head_loader.state_dict()))
+        resumed = make()
+        resumed.load_state_dict(state)
+        assert_same_batches(head + list(resumed), whole)
+        assert resumed.skipped_report() == report and resumed.skipped_items() == items
+
+
+@pytest.mark.timeout(60)
+def test_a_non_tar_shard_fails_at_counting_and_is_skipped_when_met_mid_run(
+        tmp_path: Path) -> None:
+    source = write_shards(tmp_path, [4, 4])
+    junk = Path(source.shards[1])
+    junk.write_bytes(b"<html>404 not found</html>" * 40)
+    with pytest.raises(DataError, match=f"{junk}: not a readable uncompressed tar"):
+        loader_for(source, train=False, transform=EVAL)
+    for shard in range(2):  # counts from img2dataset stats: the shards are not scanned up front
+        (tmp_path / f"shard-{shard:06d}_stats.json").write_text(json.dumps({"successes": 4}))
+    source = WebDatasetSource(source.shards)
+    loader = loader_for(source, train=False, transform=EVAL)
+    assert torch.cat([b["index"] for b in loader]).tolist() == [0, 1, 2, 3]
+    assert loader.skipped_report() == {"truncated_shard": 4}
+    assert loader.skipped_items() == [f"{junk}: truncated_shard (4 samples after byte 0)"]
+
+
+def test_skipped_items_are_bounded_per_epoch(tmp_path: Path) -> None:
+    source = write_csv(tmp_path, 4, extra_rows=tuple(f"img/gone{i}.png,x" for i in range(120)))
+    loader = loader_for(source, train=False, transform=EVAL, batch_size=64)
+    assert torch.cat([b["index"] for b in loader]).tolist() == [0, 1, 2, 3]
+    assert loader.skipped_report() == {"missing_image": 120}
+    items = loader.skipped_items()
+    assert len(items) == 100 and items[0] == f"{tmp_path / 'img' / 'gone0.png'}: missing_image"
 
 
 def test_too_few_samples_for_a_batch_is_an_error(csv_source: CsvSource) -> None:

@@ -22,6 +22,7 @@ from vlp.data import (
     expand_urls,
     infer_source_kind,
 )
+from vlp.data.sources import scan_shard
 from vlp.errors import ConfigError, DataError
 
 
@@ -249,8 +250,107 @@ def test_webdataset_uses_img2dataset_stats_for_counts(tmp_path: Path) -> None:
 
 def test_webdataset_rejects_a_non_tar_shard(tmp_path: Path) -> None:
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar file" * 50)
-    with pytest.raises(DataError, match="junk.tar"):
+    with pytest.raises(DataError, match="junk.tar.*not a readable uncompressed tar"):
         _ = WebDatasetSource(tmp_path / "junk.tar").num_samples
+    # the loader's workers read it as a shard damaged from its first byte instead
+    lost = list(scan_shard(str(tmp_path / "junk.tar"), strict=False))
+    assert [(s.lost, s.note) for s in lost] == [
+        (True, f"{tmp_path / 'junk.tar'}: truncated_shard (unknown number of samples after "
+               f"byte 0, counted as 1)")]
+
+
+# -- truncated WebDataset shards ------------------------------------------------------------
+
+
+def three_sample_shard(path: Path) -> list[tarfile.TarInfo]:
+    """Samples a, b, c of png + txt members; returns the member headers in file order."""
+    write_shard(path, [{"key": key, "image": png_bytes((i, 0, 0), size=24), "txt": f"{key}!"}
+                       for i, key in enumerate("abc")])
+    with tarfile.open(path) as tar:
+        return tar.getmembers()
+
+
+def complete_before(members: list[tarfile.TarInfo], cut: int) -> list[tuple[str, list[str]]]:
+    """(key, extensions) a scan of the file cut at `cut` should yield as whole samples."""
+    samples: dict[str, list[str]] = {}
+    for member in members:
+        key, ext = member.name.split(".")
+        if cut < member.offset_data:  # cut inside this header: earlier members stand
+            break
+        if cut < member.offset_data + member.size:  # cut inside its data: its sample is lost
+            samples.pop(key, None)
+            break
+        samples.setdefault(key, []).append(ext)
+    return list(samples.items())
+
+
+def cut_points(members: list[tarfile.TarInfo]) -> dict[str, int]:
+    a_png, a_txt, b_png, b_txt, c_png, c_txt = members
+    return {
+        "empty file": 0,
+        "inside the first header": 100,
+        "inside the first image": a_png.offset_data + 10,
+        "inside a header between samples": b_png.offset + 200,
+        "inside a caption header": b_txt.offset + 1,
+        "inside an image after two samples": c_png.offset_data + c_png.size - 1,
+        "inside padding after the last member": c_txt.offset_data + c_txt.size,
+        "before the end blocks": c_txt.offset_data + 512,
+        "inside the first end block": c_txt.offset_data + 512 + 300,
+    }
+
+
+@pytest.mark.timeout(30)
+def test_scan_shard_yields_the_whole_samples_before_any_cut(tmp_path: Path) -> None:
+    full = tmp_path / "full.tar"
+    members = three_sample_shard(full)
+    data = full.read_bytes()
+    assert [s.key for s in scan_shard(str(full))] == ["a", "b", "c"]  # whole: no placeholder
+    cut_file = tmp_path / "cut.tar"
+    for where, cut in cut_points(members).items():
+        cut_file.write_bytes(data[:cut])
+        samples = list(scan_shard(str(cut_file)))
+        whole = [(s.key, sorted(s.members)) for s in samples if not s.lost]
+        assert whole == [(k, sorted(exts)) for k, exts in complete_before(members, cut)], where
+        lost = [s for s in samples if s.lost]
+        assert len(lost) == 1 and lost[0].members == {}, where  # the lost rest, counted once
+        assert lost[0].note.startswith(f"{cut_file}: truncated_shard ("), where
+    # any cut before the end blocks: never an error, whole samples then one placeholder
+    end_blocks = members[-1].offset_data + 512
+    assert end_blocks < len(data)
+    for cut in range(0, end_blocks, 97):
+        cut_file.write_bytes(data[:cut])
+        samples = list(scan_shard(str(cut_file)))
+        assert [s.key for s in samples if not s.lost] == \
+            [k for k, _ in complete_before(members, cut)], cut
+        assert [s.lost for s in samples][-1] and sum(s.lost for s in samples) == 1, cut
+
+
+def test_truncated_shard_placeholders_match_img2dataset_stats(tmp_path: Path) -> None:
+    shard = tmp_path / "00000.tar"
+    members = three_sample_shard(shard)
+    b_png = members[2]
+    shard.write_bytes(shard.read_bytes()[:b_png.offset_data + 5])  # cut inside b's image
+    (tmp_path / "00000_stats.json").write_text(json.dumps({"successes": 3}))
+    samples = list(scan_shard(str(shard)))
+    assert [(s.key, s.lost) for s in samples] == [("a", False), ("b", True), ("", True)]
+    assert samples[1].note == f"{shard}: truncated_shard (2 samples after byte {b_png.offset})"
+    assert samples[2].note == ""  # the damage is listed once
+    source = WebDatasetSource(shard)
+    assert source.shard_sizes == [3] and [r.key for r in source] == ["a"]
+
+
+def test_truncated_shard_counts_its_placeholder_without_stats(tmp_path: Path) -> None:
+    members = three_sample_shard(tmp_path / "0.tar")
+    write_shard(tmp_path / "1.tar", [{"key": "d", "image": png_bytes((0, 0, 9)), "txt": "d"}])
+    data = (tmp_path / "0.tar").read_bytes()
+    (tmp_path / "0.tar").write_bytes(data[:members[4].offset_data + 3])  # inside c's image
+    source = WebDatasetSource(tmp_path)
+    assert source.shard_sizes == [3, 1] and source.num_samples == 4  # a, b, lost c; d
+    assert [r.key for r in source] == ["a", "b", "d"]
+    lost = [s for s in scan_shard(str(tmp_path / "0.tar")) if s.lost]
+    assert [(s.key, s.note) for s in lost] == [
+        ("c", f"{tmp_path / '0.tar'}: truncated_shard (unknown number of samples after byte "
+              f"{members[4].offset}, counted as 1)")]
 
 
 # -- build_source -------------------------------------------------------------------------

@@ -105,17 +105,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         image_key=args.image_key, caption_key=args.caption_key, separator=args.separator,
         image_root=args.image_root,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, betas=(args.beta1, args.beta2), eps=args.eps,
+        warmup_steps=args.warmup_steps,
         max_steps=args.max_steps, epochs=args.epochs, grad_clip=args.grad_clip,
         output_dir=args.output_dir, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, seed=args.seed,
         num_workers=args.num_workers, precision=args.precision, compile=args.compile,
         grad_checkpointing=args.grad_checkpointing, resume=args.resume,
-        progress=not args.no_progress,
+        progress=not args.no_progress, accum_features=args.accum_features,
+        max_nonfinite=args.max_nonfinite, strategy=args.strategy, local_loss=args.local_loss,
+        gather_with_grad=args.gather_with_grad, device=args.device,
     )
+    from vlp.train.distributed import shutdown
+
     spec = _eval_spec(args)
-    result = train(cfg, eval_fn=None if spec.is_empty() else _eval_fn(spec))
-    _print_json(result)
+    try:
+        result = train(cfg, eval_fn=None if spec.is_empty() else _eval_fn(spec))
+    finally:
+        shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one answer
+        _print_json(result)
     return 0
 
 
@@ -266,16 +275,33 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update")
     tr.add_argument("--lr", type=float, default=5e-4)
     tr.add_argument("--weight-decay", type=float, default=0.2)
+    tr.add_argument("--beta1", type=float, default=0.9)
+    tr.add_argument("--beta2", type=float, default=0.98)
+    tr.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
     tr.add_argument("--warmup-steps", type=int, default=0)
     tr.add_argument("--max-steps", type=int, help="optimizer steps")
     tr.add_argument("--epochs", type=int, help="epochs (with --max-steps: whichever ends first)")
     tr.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm; 0 disables")
     tr.add_argument("--eval-every", type=int, default=0, help="steps between evaluations")
     tr.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
-    tr.add_argument("--keep-last", type=int, default=3, help="checkpoints kept (0: all)")
+    tr.add_argument("--keep-last", "--keep", dest="keep_last", type=int, default=3,
+                    help="checkpoints kept (0: all)")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    tr.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 adds loss scaling")
+    tr.add_argument("--no-accum-features", dest="accum_features", action="store_false",
+                    help="with --grad-accum: independent micro-batch losses instead of one "
+                         "contrastive loss over the accumulated batch (one forward per sample)")
+    tr.add_argument("--max-nonfinite", type=int, default=10,
+                    help="consecutive non-finite steps (each skipped) before the run stops")
+    tr.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"],
+                    help="under torchrun: DDP or FSDP2 (parameters sharded per block)")
+    tr.add_argument("--no-local-loss", dest="local_loss", action="store_false",
+                    help="under torchrun: every rank computes the whole-batch contrastive loss")
+    tr.add_argument("--no-gather-with-grad", dest="gather_with_grad", action="store_false",
+                    help="under torchrun: gather features without gradients (each rank's rows "
+                         "get only its own loss terms)")
+    tr.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: cuda:LOCAL_RANK)")
     tr.add_argument("--compile", action="store_true", help="torch.compile the model")
     tr.add_argument("--grad-checkpointing", action="store_true")
     tr.add_argument("--resume", help="'latest' (in --output-dir) or a checkpoint directory")

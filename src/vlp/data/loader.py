@@ -12,7 +12,9 @@ batch an uninterrupted run would have produced next:
   headers, so resuming skips consumed samples without reading their data. Every rank yields
   the same number of batches, derived from the sample count.
 
-Unreadable images and missing captions are skipped and counted; a batch may come out short.
+Unreadable images, missing captions and samples lost to truncated tar shards are skipped,
+counted and listed (see `Loader.skipped_report`, `Loader.skipped_items`); a batch may come out
+short.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,8 +38,12 @@ from vlp.errors import ConfigError, DataError
 
 Batch = dict[str, Any]
 Tokenizer = Callable[[list[str]], torch.Tensor]
-SKIP_REASONS = ("missing_image", "corrupt_image", "missing_caption", "missing_label")
-_SKIPPED_KEY = "_skipped_by_reason"  # carried from workers inside each batch, popped by Loader
+SKIP_REASONS = ("missing_image", "corrupt_image", "missing_caption", "missing_label",
+                "truncated_shard")
+MAX_SKIPPED_ITEMS = 100  # skipped samples listed per epoch (all are counted)
+# carried from workers inside each batch, popped by Loader
+_SKIPPED_KEY = "_skipped_by_reason"
+_SKIPPED_ITEMS_KEY = "_skipped_items"
 DEFAULT_SHUFFLE_BUFFER = 2000  # WebDataset: tar headers held per stream (no image data)
 
 
@@ -62,6 +69,23 @@ def open_image(image: str | bytes) -> Image.Image | str:
         return "corrupt_image"
 
 
+@dataclass(frozen=True, slots=True)
+class _Lost:
+    """A sample known to be lost before reading it, e.g. cut off with its tar shard."""
+
+    reason: str
+    note: str  # the listing entry; empty for all but one sample of the same damage
+
+
+# (sample index, record or a thunk reading it or _Lost, augmentation seed, name to list it by)
+Item = tuple[int, Record | Callable[[], Record] | _Lost, int, str | None]
+
+
+def _record_name(record: Record) -> str:
+    """An image path, else the record's key: how a skipped map-style sample is listed."""
+    return record.image if isinstance(record.image, str) and record.image else record.key
+
+
 class _SamplePipeline:
     """Decode, augment and collate records into one batch; runs inside DataLoader workers."""
 
@@ -82,19 +106,31 @@ class _SamplePipeline:
             return image
         return self.transform(image, torch.Generator().manual_seed(augment_seed))
 
-    def batch(self, items: Iterable[tuple[int, Record | Callable[[], Record], int]]) -> Batch:
-        """Batch of (sample index, record or a thunk reading it, augmentation seed) items."""
+    def batch(self, items: Iterable[Item]) -> Batch:
+        """Batch of items; a skipped one is listed by its name (default: `_record_name`)."""
         pixels: list[torch.Tensor] = []
         texts: list[str] = []
         labels: list[int] = []
         indices: list[int] = []
         skipped: Counter[str] = Counter()
-        for index, record, augment_seed in items:
-            if callable(record):
-                record = record()
-            loaded = self._load(record, augment_seed)
+        listed: list[str] = []
+        for index, record, augment_seed, name in items:
+            if isinstance(record, _Lost):
+                skipped[record.reason] += 1
+                if record.note and len(listed) < MAX_SKIPPED_ITEMS:
+                    listed.append(record.note)
+                continue
+            try:
+                if callable(record):
+                    record = record()
+                loaded = self._load(record, augment_seed)
+            except OSError:  # a shard that went unreadable after it was scanned
+                loaded = "corrupt_image"
             if isinstance(loaded, str):
                 skipped[loaded] += 1
+                if len(listed) < MAX_SKIPPED_ITEMS:
+                    where = name if name is not None else _record_name(record)
+                    listed.append(f"{where}: {loaded}")
                 continue
             pixels.append(loaded)
             indices.append(index)
@@ -102,10 +138,10 @@ class _SamplePipeline:
                 texts.append(record.text)
             if self.has_labels:
                 labels.append(record.label)
-        return self._collate(pixels, texts, labels, indices, skipped)
+        return self._collate(pixels, texts, labels, indices, skipped, listed)
 
     def _collate(self, pixels: list[torch.Tensor], texts: list[str], labels: list[int],
-                 indices: list[int], skipped: Counter[str]) -> Batch:
+                 indices: list[int], skipped: Counter[str], listed: list[str]) -> Batch:
         if pixels:
             pixel_batch = torch.stack(pixels)
         else:
@@ -124,6 +160,7 @@ class _SamplePipeline:
             batch["labels"] = torch.tensor(labels, dtype=torch.long)
         batch["num_skipped"] = sum(skipped.values())
         batch[_SKIPPED_KEY] = dict(skipped)
+        batch[_SKIPPED_ITEMS_KEY] = listed
         return batch
 
 
@@ -145,7 +182,7 @@ class _MapBatches(Dataset):
     def __getitem__(self, task: tuple[int, list[int]]) -> Batch:
         epoch, indices = task
         return self.pipeline.batch(
-            (index, self.source[index], derive_seed(self.seed, epoch, index))
+            (index, self.source[index], derive_seed(self.seed, epoch, index), None)
             for index in indices
         )
 
@@ -196,9 +233,12 @@ def _unit_count(size: int, part: int, parts: int) -> int:
 
 def _pass_samples(shards: list[str], units: list[Unit], pass_number: int
                   ) -> Iterator[tuple[int, int, int, TarSample]]:
-    """(shard index, position in shard, pass, sample) of one pass over the units."""
+    """(shard index, position in shard, pass, sample) of one pass over the units.
+
+    A shard found not to be a tar mid-run is read as damaged from its start, not an error.
+    """
     for shard_index, part, parts in units:
-        for position, sample in enumerate(scan_shard(shards[shard_index])):
+        for position, sample in enumerate(scan_shard(shards[shard_index], strict=False)):
             if position % parts == part:
                 yield shard_index, position, pass_number, sample
 
@@ -326,14 +366,18 @@ class _StreamBatches(IterableDataset):
                 yield size_of(j) if self.train else self.batch_size
 
     def _items(self, chunk: list[tuple[int, int, int, TarSample]], reader: _ShardReader
-               ) -> Iterator[tuple[int, Callable[[], Record], int]]:
+               ) -> Iterator[Item]:
         label_key = self.source.label_key
+        shards = self.source.shards
         for shard_index, position, pass_number, sample in chunk:
+            index = (shard_index << 32) | position
+            seed = derive_seed(self.seed, self.epoch, shard_index, position, pass_number)
+            if sample.lost:
+                yield index, _Lost("truncated_shard", sample.note), seed, None
+                continue
             read = lambda offset, size, shard=shard_index: reader.read(shard, offset, size)
             thunk = lambda sample=sample, read=read: decode_tar_sample(sample, read, label_key)
-            index = (shard_index << 32) | position
-            yield index, thunk, derive_seed(self.seed, self.epoch, shard_index, position,
-                                            pass_number)
+            yield index, thunk, seed, f"{shards[shard_index]}#{sample.key}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -384,6 +428,7 @@ class Loader:
         self.epoch = 0
         self.batches_done = 0
         self._skipped: Counter[str] = Counter()
+        self._skipped_items: list[str] = []
         self._fresh = True  # nothing of the current epoch has been iterated yet
         self._resume_pending = False
 
@@ -429,6 +474,7 @@ class Loader:
         self.epoch = epoch
         self.batches_done = 0
         self._skipped = Counter()
+        self._skipped_items = []
         self._fresh = True
         self._resume_pending = False
 
@@ -443,31 +489,75 @@ class Loader:
             "seed": self.seed,
             "num_streams": self.num_streams if self.streaming else None,
             "skipped": dict(self._skipped),
+            "skipped_items": list(self._skipped_items),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next iteration continues with the batch after `batches_done`."""
+        """Resume: the next iteration continues with the batch after `batches_done`.
+
+        Map-style sources may resume on another world size or batch size: batch ``b`` of every
+        rank covers positions ``[b * B * W, (b + 1) * B * W)`` of the epoch's permutation, so
+        the samples consumed so far are a prefix of it, and any layout whose global batch
+        divides that prefix continues with exactly the next samples.
+        """
         missing = [key for key in ("epoch", "batches_done") if key not in state]
         if missing:
             raise DataError(f"loader state lacks {missing}; expected Loader.state_dict() output")
-        expected = {key: value for key, value in self.state_dict().items()
-                    if key in ("num_batches", "batch_size", "world_size", "seed", "num_streams")}
+        batches_done = int(state["batches_done"])
+        checked = ["num_batches", "batch_size", "world_size", "seed", "num_streams"]
+        relayout = (not self.streaming and "batch_size" in state and "world_size" in state
+                    and (state["batch_size"], state["world_size"])
+                    != (self.batch_size, self.world_size))
+        if relayout:
+            consumed = batches_done * int(state["batch_size"]) * int(state["world_size"])
+            global_batch = self.batch_size * self.world_size
+            if consumed % global_batch:
+                raise DataError(
+                    f"cannot resume the data loader exactly: {consumed} samples of epoch "
+                    f"{state['epoch']} were consumed (batch_size {state['batch_size']} x "
+                    f"{state['world_size']} rank(s)), not a multiple of batch_size "
+                    f"{self.batch_size} x {self.world_size} rank(s); keep the global batch "
+                    "or choose one that divides it")
+            batches_done = consumed // global_batch
+            checked = ["seed"]
+        expected = {key: value for key, value in self.state_dict().items() if key in checked}
         differ = {key: (state[key], value) for key, value in expected.items()
                   if key in state and state[key] != value}
         if differ:
             detail = ", ".join(f"{key}: saved {old}, now {new}" for key, (old, new)
                                in differ.items())
             hint = " (WebDataset streams follow num_workers)" if "num_streams" in differ else ""
+            if self.streaming and {"world_size", "batch_size"} & set(differ):
+                hint += (" (a WebDataset position is per rank and stream; resume it on the "
+                         "same world size, batch size and workers)")
             raise DataError(f"cannot resume the data loader exactly: {detail}{hint}")
         self.epoch = int(state["epoch"])
-        self.batches_done = int(state["batches_done"])
+        self.batches_done = batches_done
         self._skipped = Counter({str(k): int(v) for k, v in state.get("skipped", {}).items()})
+        self._skipped_items = [str(item) for item in state.get("skipped_items", [])]
         self._fresh = False
         self._resume_pending = True
 
     def skipped_report(self) -> dict[str, int]:
         """Samples skipped so far in the current epoch on this rank, by reason."""
         return dict(sorted(self._skipped.items()))
+
+    def skipped_items(self) -> list[str]:
+        """What was skipped so far in the current epoch on this rank, first seen first.
+
+        Entries read ``"<image path or key>: <reason>"`` (map-style sources),
+        ``"<shard>#<sample key>: <reason>"``, or ``"<shard>: truncated_shard (N samples after
+        byte X)"`` (one per damaged shard); each appears once, and at most `MAX_SKIPPED_ITEMS`
+        are kept (`skipped_report` counts them all).
+        """
+        return list(self._skipped_items)
+
+    def _note_skipped(self, items: list[str]) -> None:
+        for item in items:
+            if len(self._skipped_items) >= MAX_SKIPPED_ITEMS:
+                return
+            if item not in self._skipped_items:
+                self._skipped_items.append(item)
 
     def __iter__(self) -> Iterator[Batch]:
         if self._resume_pending:
@@ -477,11 +567,13 @@ class Loader:
                 self.epoch += 1
             self.batches_done = 0
             self._skipped = Counter()
+            self._skipped_items = []
         self._fresh = False
         if self.batches_done >= self._num_batches:
             return
         for batch in self._dataloader(self.epoch, self.batches_done):
             self._skipped.update(batch.pop(_SKIPPED_KEY))
+            self._note_skipped(batch.pop(_SKIPPED_ITEMS_KEY))
             self.batches_done += 1
             if batch["pixels"].shape[0] == 0 and not self.keep_empty_batches:
                 continue

@@ -484,10 +484,16 @@ def expand_urls(urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
 
 @dataclass(slots=True)
 class TarSample:
-    """One sample's members in a shard: extension -> (data offset, size), read lazily."""
+    """One sample's members in a shard: extension -> (data offset, size), read lazily.
+
+    A placeholder with `lost` set stands for a sample lost to damage (a truncated shard): it
+    has no members; its `note` (on the first placeholder of a shard only) says what was lost.
+    """
 
     key: str
     members: dict[str, tuple[int, int]] = field(default_factory=dict)
+    lost: bool = False
+    note: str = ""
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
@@ -497,35 +503,104 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
-def scan_shard(path: str) -> Iterator[TarSample]:
+def _is_tar_header(block: bytes) -> bool:
+    try:
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
+def _ends_cleanly(f: Any, offset: int) -> bool:
+    """True when an end-of-archive (zero) block follows the last member at `offset`."""
+    f.seek(offset)
+    return f.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
+
+
+def scan_shard(path: str, *, strict: bool = True) -> Iterator[TarSample]:
     """Samples of one uncompressed tar in file order, from headers only (no data is read).
 
     Consecutive members with the same key (path up to the first dot of the file name) form
     one sample, as webdataset does.
+
+    A damaged shard (cut inside a header or a member's data, no end-of-archive block, a
+    garbled header) yields the samples before the damage, then `lost` placeholders: as many
+    as img2dataset's ``*_stats.json`` says are missing, else one (the sample whose data was
+    cut, or the unknown rest of the shard, counted once). A sample with a member's data cut is
+    lost whole; one whose next member's header was cut keeps the members before it, as the
+    cut may as well fall between two samples. A file that does not start with a tar header
+    raises DataError when `strict`, else reads as a shard damaged from byte 0.
     """
-    try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            current: TarSample | None = None
+    with open(path, "rb") as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.ReadError as e:
+            f.seek(0)
+            first = f.read(tarfile.BLOCKSIZE)
+            if strict and len(first) == tarfile.BLOCKSIZE and not _is_tar_header(first):
+                raise DataError(f"{path}: not a readable uncompressed tar shard ({e})") from e
+            yield from _lost_samples(path, 0, 0, None)  # cut inside its first header
+            return
+        size = os.fstat(f.fileno()).st_size
+        complete = 0
+        current: TarSample | None = None
+        current_start = 0  # header offset of the current sample's first member
+        damage_at: int | None = None
+        cut_key: str | None = None  # key of a sample whose member data runs past the end
+        with tar:
             while True:
-                info = tar.next()
+                try:
+                    info = tar.next()
+                except tarfile.ReadError:  # padding or an extended header cut off
+                    damage_at = tar.offset
+                    break
                 if info is None:
+                    if not _ends_cleanly(f, tar.offset):
+                        damage_at = tar.offset
                     break
                 tar.members.clear()  # headers are not needed again; keep memory flat
                 if not info.isfile():
                     continue
                 key, ext = _split_member_name(info.name)
                 base = key.rpartition("/")[2]
-                if not ext or base.startswith((".", "__")):
+                wanted = bool(ext) and not base.startswith((".", "__"))
+                if info.offset_data + info.size > size:
+                    if wanted and current is not None and key == current.key:
+                        damage_at, cut_key, current = current_start, key, None
+                    else:
+                        damage_at, cut_key = info.offset, key if wanted else None
+                    break
+                if not wanted:
                     continue
                 if current is None or key != current.key:
                     if current is not None:
+                        complete += 1
                         yield current
                     current = TarSample(key)
+                    current_start = info.offset
                 current.members[ext] = (info.offset_data, info.size)
-            if current is not None:
-                yield current
-    except tarfile.ReadError as e:
-        raise DataError(f"{path}: not a readable uncompressed tar shard ({e})") from e
+        if current is not None:
+            complete += 1
+            yield current
+        if damage_at is not None:
+            yield from _lost_samples(path, min(damage_at, size), complete, cut_key)
+
+
+def _lost_samples(path: str, offset: int, complete: int, cut_key: str | None
+                  ) -> Iterator[TarSample]:
+    """Placeholders for the samples of a shard lost from byte `offset` on."""
+    expected = _stats_count(path)
+    if expected is not None:
+        count = max(expected - complete, 1 if cut_key is not None else 0)
+        what = f"{count} sample{'s' if count != 1 else ''}"
+    else:
+        count = 1
+        what = "unknown number of samples"
+    note = f"{path}: truncated_shard ({what} after byte {offset}"
+    note += ")" if expected is not None else ", counted as 1)"
+    for i in range(count):
+        yield TarSample((cut_key or "") if i == 0 else "", lost=True,
+                        note=note if i == 0 else "")
 
 
 def _stats_count(shard: str) -> int | None:
@@ -560,7 +635,8 @@ def decode_tar_sample(sample: TarSample, read: Callable[[int, int], bytes],
         text = meta["caption"]
     label: int | None = None
     if label_key is not None:
-        raw = read(*members["cls"]).decode().strip() if "cls" in members else meta.get(label_key)
+        raw = (read(*members["cls"]).decode(errors="replace").strip() if "cls" in members
+               else meta.get(label_key))
         try:
             label = int(raw) if raw is not None else None
         except (TypeError, ValueError):
@@ -574,6 +650,10 @@ class WebDatasetSource:
     `num_samples` sets the epoch size; without it, shards are counted once from their tar
     headers (or img2dataset ``*_stats.json`` files). With `label_key`, labels come from a
     ``.cls`` member or that field of the ``.json`` member.
+
+    Samples lost to a truncated shard stay in the counts (see `scan_shard`), so the epoch size
+    does not depend on which shards are damaged; the loader skips them as "truncated_shard".
+    Counting raises DataError for a file that is not a tar shard at all.
     """
 
     has_labels: bool
@@ -592,7 +672,7 @@ class WebDatasetSource:
 
     @property
     def shard_sizes(self) -> list[int]:
-        """Samples per shard, counted once from the tar headers and cached."""
+        """Samples per shard (lost ones included), counted once from the headers and cached."""
         if self._shard_sizes is None:
             sizes = []
             shards = tqdm(self.shards, desc="counting WebDataset samples", unit="shard",
@@ -619,7 +699,8 @@ class WebDatasetSource:
             with open(shard, "rb") as f:
                 read = _file_reader(f)
                 for sample in scan_shard(shard):
-                    yield decode_tar_sample(sample, read, self.label_key)
+                    if not sample.lost:
+                        yield decode_tar_sample(sample, read, self.label_key)
 
     def __repr__(self) -> str:
         return f"WebDatasetSource({len(self.shards)} shards, first {self.shards[0]!r})"

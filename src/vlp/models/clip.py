@@ -12,10 +12,11 @@ from torch import Tensor, nn
 from vlp.config import ClipConfig
 from vlp.errors import ConfigError
 from vlp.losses import clip_loss, siglip_loss
+from vlp.models.base import PretrainModel
 from vlp.nn import TextTransformer, VisionTransformer
 
 
-class CLIP(nn.Module):
+class CLIP(PretrainModel):
     def __init__(self, config: ClipConfig, visual: VisionTransformer, text: TextTransformer):
         super().__init__()
         if config.loss not in ("clip", "siglip"):
@@ -64,13 +65,16 @@ class CLIP(nn.Module):
             logits_per_image = logits_per_image + self.logit_bias
         return logits_per_image, logits_per_image.T
 
-    def forward(self, batch: dict[str, Tensor]) -> dict:
-        image = self.encode_image(batch["pixels"])
-        text = self.encode_text(batch["input_ids"])
+    def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"image": self.encode_image(batch["pixels"]),
+                "text": self.encode_text(batch["input_ids"])}
+
+    def loss(self, features: dict[str, Tensor]) -> dict:
+        image, text = features["image"], features["text"]
         if self.config.loss == "siglip":
-            out = siglip_loss(image, text, self.scale(), self.logit_bias)
+            out = siglip_loss(image, text, self.scale(), self.logit_bias, exchange=self.exchange)
         else:
-            out = clip_loss(image, text, self.scale())
+            out = clip_loss(image, text, self.scale(), exchange=self.exchange)
         return {"loss": out.loss, "losses": {"contrastive": out.loss.detach()},
                 "logit_scale": self.scale().detach()}
 

@@ -19,14 +19,14 @@ from torch import Tensor, nn
 from vlp.config import CocaConfig
 from vlp.errors import ConfigError
 from vlp.generate import generate as generate_tokens
-from vlp.losses import clip_loss
+from vlp.losses import IGNORE_INDEX, caption_nll, clip_loss
+from vlp.models.base import PretrainModel
 from vlp.nn import AttentionalPooler, BlockCache, VisionTransformer, causal_mask
 from vlp.nn.decoder import CrossDecoder
 from vlp.nn.text import ClsTextTransformer, appended_cls_mask
 
 POOLERS = ("separate", "shared")
 TEXT_MASKS = ("cls", "pad_id", "pad_id_legacy")
-IGNORE_INDEX = -100
 
 
 class CocaImageOutput(NamedTuple):
@@ -53,7 +53,7 @@ def pad_id_keys(input_ids: Tensor, pad_id: int, legacy: bool, with_cls: bool) ->
     return keys if with_cls else keys[:, : input_ids.shape[1]]
 
 
-class CoCa(nn.Module):
+class CoCa(PretrainModel):
     def __init__(self, config: CocaConfig, visual: VisionTransformer, pooler: AttentionalPooler,
                  contrastive_pooler: AttentionalPooler | None, text: ClsTextTransformer,
                  decoder: CrossDecoder) -> None:
@@ -145,19 +145,24 @@ class CoCa(nn.Module):
         text_states, _ = self.text.forward_features(input_ids, self.text_mask(input_ids))
         return self.lm_head(self.decoder(text_states, image.tokens))
 
-    def forward(self, batch: dict[str, Tensor]) -> dict:
-        """Training step: ``contrastive_weight * clip_loss + caption_weight * caption CE``."""
+    def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Contrastive embeddings and, per caption, the summed token NLL and the token count,
+        so the caption CE of an accumulated batch is still the mean over all its tokens."""
         input_ids = batch["input_ids"]
         image = self.forward_image(batch["pixels"])
         text_states, cls_state = self.text.forward_features(input_ids, self.text_mask(input_ids))
-        image_features = F.normalize(image.embedding, dim=-1)
-        text_features = F.normalize(self.text.forward_head(cls_state), dim=-1)
-        contrastive = clip_loss(image_features, text_features, self.scale()).loss
         logits = self.lm_head(self.decoder(text_states[:, :-1], image.tokens))  # (B, L-1, V)
         labels = input_ids[:, 1:].masked_fill(~self.real_tokens(input_ids)[:, 1:], IGNORE_INDEX)
-        caption = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                  ignore_index=IGNORE_INDEX,
-                                  label_smoothing=self.config.label_smoothing)
+        nll, tokens = caption_nll(logits, labels, self.config.label_smoothing)
+        return {"image": F.normalize(image.embedding, dim=-1),
+                "text": F.normalize(self.text.forward_head(cls_state), dim=-1),
+                "caption_nll": nll, "caption_tokens": tokens}
+
+    def loss(self, features: dict[str, Tensor]) -> dict:
+        """``contrastive_weight * clip_loss + caption_weight * caption CE``."""
+        contrastive = clip_loss(features["image"], features["text"], self.scale(),
+                                exchange=self.exchange).loss
+        caption = features["caption_nll"].sum() / features["caption_tokens"].sum().clamp(min=1)
         loss = (self.config.contrastive_weight * contrastive
                 + self.config.caption_weight * caption)
         return {"loss": loss,

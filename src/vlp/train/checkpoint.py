@@ -43,7 +43,7 @@ LATEST_LINK = "checkpoint-latest"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{7,})$")
 # hidden siblings left by an interrupted write or delete; never mistaken for a checkpoint
 STALE_PATTERN = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{32}$")
-TRAIN_STATE_VERSION = 1
+TRAIN_STATE_VERSION = 2
 # optimizer options that pick an implementation, not a hyperparameter: never restored
 IMPLEMENTATION_OPTIONS = ("fused", "foreach", "capturable", "differentiable")
 
@@ -148,14 +148,15 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 # model directories
 
 
-def _write_model_files(model: nn.Module, directory: Path, tokenizer: Any | None) -> None:
+def _write_model_files(model: nn.Module, directory: Path, tokenizer: Any | None,
+                       state: dict[str, torch.Tensor] | None = None) -> None:
     model = unwrap_model(model)
     if not hasattr(model, "config"):
         raise CheckpointError(f"{type(model).__name__} has no .config; cannot save it")
     save_config(model.config, directory / CONFIG_FILE)
     # clones: safetensors refuses shared storage (tied weights) and non-contiguous views
     tensors = {name: tensor.detach().to("cpu", copy=True).contiguous()
-               for name, tensor in model.state_dict().items()}
+               for name, tensor in (state if state is not None else model.state_dict()).items()}
     save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(directory)
@@ -250,27 +251,57 @@ def _optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -
 def _json_value(value: Any, where: str) -> Any:
     if isinstance(value, tuple):
         return list(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:  # e.g. a tensor lr
+        return value.item()
     if value is None or isinstance(value, bool | int | float | str | list | dict):
         return value
     raise CheckpointError(f"{where}: {type(value).__name__} cannot be stored as JSON")
 
 
-def _write_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state dict keyed by parameter name instead of index:
+    ``{"state": {name: {...}}, "param_groups": [{options..., "params": [names]}]}`` (the layout
+    of ``torch.distributed.checkpoint.state_dict``, so FSDP's full state dicts fit it too)."""
+    state_dict = optimizer.state_dict()
+    name_of_index: dict[int, str] = {}
+    groups = []
+    for group, names in zip(state_dict["param_groups"], _optimizer_param_names(model, optimizer),
+                            strict=True):
+        name_of_index.update(zip(group["params"], names, strict=True))
+        groups.append({**{k: v for k, v in group.items() if k != "param_names"},
+                       "params": names})
+    return {"state": {name_of_index[index]: value for index, value in state_dict["state"].items()},
+            "param_groups": groups}
+
+
+def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                               named: dict[str, Any]) -> None:
+    """Load a `named_optimizer_state` (names already checked against the optimizer)."""
+    current = optimizer.state_dict()
+    index_of_name: dict[str, int] = {}
+    groups = []
+    for saved, names, group in zip(named["param_groups"], _optimizer_param_names(model, optimizer),
+                                   current["param_groups"], strict=True):
+        index_of_name.update(zip(names, group["params"], strict=True))
+        restored = {**{k: v for k, v in saved.items() if k != "params"}, "params": group["params"]}
+        if "param_names" in group:
+            restored["param_names"] = names
+        groups.append(restored)
+    state = {index_of_name[name]: value for name, value in named["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _write_optimizer(named: dict[str, Any], optimizer_type: str, directory: Path) -> None:
     """Per-parameter state tensors keyed ``{param_name}::{state_key}`` in safetensors; group
     hyperparameters and non-tensor state in JSON."""
-    state_dict = optimizer.state_dict()
-    group_names = _optimizer_param_names(model, optimizer)
-    name_of_index = {}
     groups_json = []
-    for group, names in zip(state_dict["param_groups"], group_names, strict=True):
-        name_of_index.update(zip(group["params"], names, strict=True))
+    for group in named["param_groups"]:
         options = {key: _json_value(value, f"optimizer param group {key!r}")
                    for key, value in group.items() if key not in ("params", "param_names")}
-        groups_json.append({"options": options, "param_names": names})
+        groups_json.append({"options": options, "param_names": list(group["params"])})
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for index, param_state in state_dict["state"].items():
-        name = name_of_index[index]
+    for name, param_state in named["state"].items():
         for key, value in param_state.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"{name}::{key}"] = value.detach().to("cpu", copy=True).contiguous()
@@ -278,14 +309,13 @@ def _write_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, directo
                 scalars.setdefault(name, {})[key] = _json_value(value, f"optimizer {name}.{key}")
     save_file(tensors, directory / OPTIMIZER_TENSORS_FILE, metadata={"format": "pt"})
     _write_json(directory / OPTIMIZER_STATE_FILE,
-                {"type": type(optimizer).__name__, "param_groups": groups_json,
-                 "scalar_state": scalars})
+                {"type": optimizer_type, "param_groups": groups_json, "scalar_state": scalars})
 
 
 def _read_optimizer(
     model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path
 ) -> dict[str, Any]:
-    """The saved optimizer state as a ``state_dict`` for `optimizer`, checked against its
+    """The saved optimizer state as a `named_optimizer_state`, checked against `optimizer`'s
     parameter groups by name."""
     meta = _read_json(directory / OPTIMIZER_STATE_FILE)
     tensors = _read_safetensors(directory / OPTIMIZER_TENSORS_FILE)
@@ -293,44 +323,101 @@ def _read_optimizer(
     if meta.get("type") != type(optimizer).__name__:
         raise CheckpointError(f"{where}: optimizer type {meta.get('type')!r}, expected "
                               f"{type(optimizer).__name__!r}")
-    current = optimizer.state_dict()
     current_names = _optimizer_param_names(model, optimizer)
     saved_groups = meta["param_groups"]
     if len(saved_groups) != len(current_names):
         raise CheckpointError(f"{where}: {len(saved_groups)} param groups, the optimizer has "
                               f"{len(current_names)}")
-    index_of_name: dict[str, int] = {}
+    known: set[str] = set()
     param_groups = []
     for number, (saved, names, group) in enumerate(
-            zip(saved_groups, current_names, current["param_groups"], strict=True)):
+            zip(saved_groups, current_names, optimizer.param_groups, strict=True)):
         if saved["param_names"] != names:
             differ = sorted(set(saved["param_names"]) ^ set(names)) or ["(order)"]
             raise CheckpointError(f"{where}: param group {number} does not hold the model's "
                                   f"parameters; first difference {differ[0]!r}")
-        index_of_name.update(zip(names, group["params"], strict=True))
+        known.update(names)
         options = {key: tuple(value) if isinstance(value, list) else value
                    for key, value in saved["options"].items()}
         # how the update runs is this machine's choice (fused on GPU, not on CPU, ...)
         options.update({key: group[key] for key in IMPLEMENTATION_OPTIONS if key in group})
-        restored = {**options, "params": group["params"]}
-        if "param_names" in group:
-            restored["param_names"] = names
-        param_groups.append(restored)
-    state: dict[int, dict[str, Any]] = {}
+        param_groups.append({**options, "params": names})
+    state: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         name, _, state_key = key.rpartition("::")
-        if name not in index_of_name:
+        if name not in known:
             raise CheckpointError(f"{directory / OPTIMIZER_TENSORS_FILE}: state for unknown "
                                   f"parameter {name!r}")
-        state.setdefault(index_of_name[name], {})[state_key] = tensor
+        state.setdefault(name, {})[state_key] = tensor
     for name, values in meta.get("scalar_state", {}).items():
-        if name not in index_of_name:
+        if name not in known:
             raise CheckpointError(f"{where}: state for unknown parameter {name!r}")
-        state.setdefault(index_of_name[name], {}).update(values)
+        state.setdefault(name, {}).update(values)
     return {"state": state, "param_groups": param_groups}
 
 
-def _rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+# ---------------------------------------------------------------------------------------------
+# sharded (FSDP) models: full state dicts in and out
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on CPU; under FSDP a collective every rank must call."""
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                    cpu_offload=True))
+    return unwrap_model(model).state_dict()
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`named_optimizer_state`, unsharded on CPU; under FSDP a collective."""
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+    return named_optimizer_state(model, optimizer)
+
+
+def _load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        unwrap_model(model).load_state_dict(state, strict=True)
+
+
+def _load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                          named: dict[str, Any]) -> None:
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(model, optimizer, named,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        load_named_optimizer_state(model, optimizer, named)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state (one entry per rank)
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """This process's python, numpy and torch (CPU, CUDA) generator states as JSON + tensors."""
     version, internal, gauss = random.getstate()
     numpy_state = np.random.get_state()
     json_state = {
@@ -412,28 +499,37 @@ def save_checkpoint(
     epoch: int = 0,
     extra: dict[str, Any] | None = None,
     keep_last: int = 0,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    rng_states: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoint-{step:07d}`` atomically, then point ``checkpoint-latest`` at
     it and delete all but the newest `keep_last` checkpoints (0 keeps every one).
 
-    RNG states (python, numpy, torch CPU and CUDA) are captured here, at call time.
+    Distributed runs gather first (`full_model_state`, `full_optimizer_state`, every rank's
+    `rng_state`) and pass them in from rank 0; by default they are taken from `model`,
+    `optimizer` and this process at call time.
     """
     run_dir = Path(run_dir)
     target = checkpoint_dir(run_dir, step)
-    rng_json, rng_tensors = _rng_state()
+    rng_states = rng_states if rng_states is not None else [rng_state()]
+    if optimizer is not None and optimizer_state is None:
+        optimizer_state = named_optimizer_state(model, optimizer)
     train_state = {
         "version": TRAIN_STATE_VERSION,
         "step": step,
         "epoch": epoch,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "data": data_state,
-        "rng": rng_json,
+        "rng": [json_state for json_state, _ in rng_states],  # one per rank
         "extra": extra or {},
     }
+    rng_tensors = {f"rank{rank}.{key}": tensor for rank, (_, tensors) in enumerate(rng_states)
+                   for key, tensor in tensors.items()}
     with atomic_directory(target) as staging:
-        _write_model_files(model, staging, tokenizer)
-        if optimizer is not None:
-            _write_optimizer(model, optimizer, staging)
+        _write_model_files(model, staging, tokenizer, model_state)
+        if optimizer_state is not None:
+            _write_optimizer(optimizer_state, type(optimizer).__name__, staging)
         save_file(rng_tensors, staging / RNG_FILE)
         # written last: its presence marks a complete checkpoint (see list_checkpoints)
         _write_json(staging / TRAIN_STATE_FILE, train_state)
@@ -480,11 +576,15 @@ def load_checkpoint(
     scheduler: Any | None = None,
     *,
     restore_rng: bool = True,
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore model weights (strictly), optimizer, scheduler and global RNG states from a
+    """Restore model weights (strictly), optimizer, scheduler and this rank's RNG states from a
     checkpoint (or a run directory's latest); returns train_state.json with ``path`` added.
 
-    The loader position is in ``train_state["data"]``, for the caller's ``load_state_dict``.
+    Weights and optimizer state are full (unsharded), so `model` may be plain, DDP or FSDP
+    and the world size may differ from the saving run's; a rank the saving run did not have
+    takes rank 0's RNG state. The loader position is in ``train_state["data"]``, for the
+    caller's ``load_state_dict``.
     """
     directory = find_checkpoint(path)
     train_state = _read_json(directory / TRAIN_STATE_FILE)
@@ -492,17 +592,24 @@ def load_checkpoint(
         raise CheckpointError(f"{directory / TRAIN_STATE_FILE}: version "
                               f"{train_state.get('version')!r}, expected {TRAIN_STATE_VERSION}")
     # read and check everything before changing anything: a bad file leaves all untouched
-    model = unwrap_model(model)
-    weights = _checked_weights(model, directory / WEIGHTS_FILE)
+    weights = _checked_weights(unwrap_model(model), directory / WEIGHTS_FILE)
     optimizer_state = (_read_optimizer(model, optimizer, directory) if optimizer is not None
                        else None)
-    rng_tensors = _read_safetensors(directory / RNG_FILE) if restore_rng else None
-    model.load_state_dict(weights, strict=True)
+    if restore_rng:
+        saved = train_state["rng"]
+        source_rank = rank if rank < len(saved) else 0
+        prefix = f"rank{source_rank}."
+        rng_tensors = {key[len(prefix):]: tensor for key, tensor
+                       in _read_safetensors(directory / RNG_FILE).items()
+                       if key.startswith(prefix)}
+        if "torch_cpu" not in rng_tensors:
+            raise CheckpointError(f"{directory / RNG_FILE}: no RNG state for rank {source_rank}")
+    _load_model_state(model, weights)
     if optimizer is not None:
-        optimizer.load_state_dict(optimizer_state)
+        _load_optimizer_state(model, optimizer, optimizer_state)
     if scheduler is not None and train_state.get("scheduler") is not None:
         scheduler.load_state_dict(train_state["scheduler"])
     if restore_rng:
-        _restore_rng(train_state["rng"], rng_tensors)
+        _restore_rng(saved[source_rank], rng_tensors)
     train_state["path"] = str(directory)
     return train_state

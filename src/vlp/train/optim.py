@@ -23,6 +23,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
     Each group carries ``param_names`` so checkpoints can store optimizer state by name.
     """
+    from vlp.train.checkpoint import unwrap_model
+
+    model = unwrap_model(model)  # names as the model gives them, not DDP's "module." ones
     no_decay_names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay: list[tuple[str, nn.Parameter]] = []
     no_decay: list[tuple[str, nn.Parameter]] = []

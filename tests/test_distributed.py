@@ -1,0 +1,183 @@
+"""Data-parallel training on real process groups (gloo, CPU): the feature gather, and whole
+``torchrun`` runs of `vlp train` compared with one process on the concatenated batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from vlp.data.synthetic import write_dataset
+from vlp.losses import clip_loss, siglip_loss
+from vlp.train.distributed import GatherExchange
+
+MODES = ("local", "global", "siglip")
+LAYOUTS = {"even": (4, 4), "uneven": (3, 5)}  # rows per rank; uneven as after skipped samples
+
+
+def _features(rows: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(sum(rows), 16, generator=generator), dim=-1)
+    text = F.normalize(torch.randn(sum(rows), 16, generator=generator), dim=-1)
+    return image, text
+
+
+def _loss(mode: str, image: torch.Tensor, text: torch.Tensor, exchange=None) -> torch.Tensor:
+    if mode == "siglip":
+        return siglip_loss(image, text, torch.tensor(10.0), torch.tensor(-5.0),
+                           exchange=exchange).loss
+    return clip_loss(image, text, torch.tensor(10.0), exchange=exchange).loss
+
+
+def _gather_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        results = {}
+        for layout, rows in LAYOUTS.items():
+            image, text = _features(rows)
+            mine = slice(sum(rows[:rank]), sum(rows[:rank + 1]))
+            for mode in MODES:
+                img = image[mine].clone().requires_grad_(True)
+                txt = text[mine].clone().requires_grad_(True)
+                exchange = GatherExchange(local_loss=mode != "global")
+                loss = _loss(mode, img, txt, exchange)
+                loss.backward()
+                results[layout, mode] = (loss.detach(), img.grad, txt.grad)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_with_grad_matches_one_process(tmp_path: Path) -> None:
+    """Averaged over ranks (as DDP averages gradients), each rank's loss and feature gradients
+    equal one process's on the concatenated batch; offsets stay right with uneven ranks."""
+    mp.spawn(_gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for layout, rows in LAYOUTS.items():
+        for mode in MODES:
+            image, text = _features(rows)
+            image.requires_grad_(True)
+            text.requires_grad_(True)
+            full = _loss(mode, image, text)
+            full.backward()
+            losses = [ranks[r][layout, mode][0] for r in range(2)]
+            if mode == "global":
+                for loss in losses:
+                    torch.testing.assert_close(loss, full.detach(), atol=1e-6, rtol=1e-6)
+            else:  # per-rank means: weighted by rows they make the batch mean
+                combined = sum(loss * n / sum(rows) for loss, n in zip(losses, rows))
+                torch.testing.assert_close(combined, full.detach(), atol=1e-6, rtol=1e-6)
+            if layout == "uneven" and mode != "global":
+                continue  # DDP's mean of per-rank means weights uneven ranks differently
+            for r in range(2):
+                mine = slice(sum(rows[:r]), sum(rows[:r + 1]))
+                torch.testing.assert_close(ranks[r][layout, mode][1] / 2, image.grad[mine],
+                                           atol=1e-6, rtol=1e-5)
+                torch.testing.assert_close(ranks[r][layout, mode][2] / 2, text.grad[mine],
+                                           atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole runs under torchrun
+
+VLP = [sys.executable, "-m", "vlp"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            "2", "-m", "vlp"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# AdamW's first step is lr * g / (|g| + eps): with the default eps (1e-6) it divides gradients
+# near zero by their own size, so fp32 summation-order noise (1e-9) would become 1e-6 in the
+# weights. A large eps makes the step proportional to the gradient, which is what we compare.
+ONE_STEP = ["--max-steps", "1", "--lr", "1e-3", "--eps", "1e-3", "--num-workers", "0",
+            "--no-progress", "--seed", "3"]
+
+
+def _run(command: list[str], timeout: float = 300) -> dict:
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synthetic")
+    write_dataset(out, formats=["csv"], n_train=96, n_val=8, n_test=8, image_size=64,
+                  captions_per_image=1, progress=False)
+    return out / "train.csv"
+
+
+@pytest.fixture(scope="module")
+def single_step(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    _run([*VLP, "train", "--train-data", str(data), "--output-dir", str(out),
+          "--batch-size", "16", *ONE_STEP])
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_step_equals_one_process_on_the_concatenated_batch(
+        strategy: str, data: Path, single_step: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _run([*TORCHRUN, "train", "--train-data", str(data), "--output-dir", str(out),
+          "--batch-size", "8", "--strategy", strategy, *ONE_STEP])
+    # same samples (8 per rank = the single run's 16), same loss, same weights after the step
+    two, one = _log(out)[0], _log(single_step)[0]
+    assert (two["samples"], two["index_sum"]) == (one["samples"], one["index_sum"])
+    assert abs(two["loss"] - one["loss"]) < 1e-6
+    assert abs(two["grad_norm"] - one["grad_norm"]) < 1e-5
+    weights_one = load_file(single_step / "checkpoint-0000001" / "model.safetensors")
+    weights_two = load_file(out / "checkpoint-0000001" / "model.safetensors")
+    assert weights_one.keys() == weights_two.keys()
+    worst = max((weights_one[k] - weights_two[k]).abs().max().item() for k in weights_one)
+    assert worst <= 1e-6, worst
+
+
+def test_torchrun_without_gradient_gather_differs(data: Path, single_step: Path,
+                                                  tmp_path: Path) -> None:
+    """The comparison above can fail: features gathered without gradients lose the other
+    rank's loss terms, and the weights move differently."""
+    out = tmp_path / "run"
+    _run([*TORCHRUN, "train", "--train-data", str(data), "--output-dir", str(out),
+          "--batch-size", "8", "--no-gather-with-grad", *ONE_STEP])
+    assert abs(_log(out)[0]["loss"] - _log(single_step)[0]["loss"]) < 1e-6  # same forward
+    weights_one = load_file(single_step / "checkpoint-0000001" / "model.safetensors")
+    weights_two = load_file(out / "checkpoint-0000001" / "model.safetensors")
+    worst = max((weights_one[k] - weights_two[k]).abs().max().item() for k in weights_one)
+    assert worst > 1e-4
+
+
+def test_two_process_run_resumes_on_one_process_from_the_same_sample(data: Path,
+                                                                      tmp_path: Path) -> None:
+    """A checkpoint of a 2-rank run (8 per rank) resumed by one process (16 per batch): the
+    remaining steps read the same samples and give the same losses as the 2-rank run."""
+    common = ["--train-data", str(data), "--max-steps", "6", "--lr", "1e-3", "--eps", "1e-3",
+              "--num-workers", "0", "--no-progress", "--seed", "5"]
+    two = tmp_path / "two"
+    _run([*TORCHRUN, "train", "--output-dir", str(two), "--batch-size", "8",
+          "--checkpoint-every", "3", "--keep", "0", *common])
+    one = tmp_path / "one"
+    result = _run([*VLP, "train", "--output-dir", str(one), "--batch-size", "16", "--resume",
+                   str(two / "checkpoint-0000003"), *common])
+    assert result["step"] == 6
+    steps_two = {r["step"]: r for r in _log(two) if "loss" in r}
+    steps_one = {r["step"]: r for r in _log(one) if "loss" in r}
+    assert sorted(steps_one) == [4, 5, 6]
+    for step, record in steps_one.items():
+        assert (record["samples"], record["index_sum"]) == (steps_two[step]["samples"],
+                                                            steps_two[step]["index_sum"])
+        assert abs(record["loss"] - steps_two[step]["loss"]) < 1e-5
+        assert record["lr"] == steps_two[step]["lr"]
+    # and the check is sharp: the 2-rank run's earlier steps read other samples
+    assert steps_two[3]["index_sum"] != steps_one[4]["index_sum"]
