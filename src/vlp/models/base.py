@@ -24,12 +24,26 @@ class Accumulated(NamedTuple):
     features: list[dict[str, Tensor]]
     index: int
 
+    @property
+    def share(self) -> float:
+        """This micro-batch's fraction of the accumulated rows."""
+        rows = [next(iter(part.values())).shape[0] for part in self.features]
+        return rows[self.index] / sum(rows)
+
     def merge(self, current: dict[str, Tensor]) -> dict[str, Tensor]:
         """The accumulated batch's features with micro-batch `index`'s rows from `current`."""
         parts = self.features
         return {key: torch.cat([*(p[key] for p in parts[:self.index]), value,
                                 *(p[key] for p in parts[self.index + 1:])])
                 for key, value in current.items()}
+
+
+def partial_grad(value: Tensor, share: float) -> Tensor:
+    """`value` unchanged, with only `share` of its gradient passed back."""
+    if share == 1.0:
+        return value
+    detached = value.detach()
+    return detached + share * (value - detached)
 
 
 class PretrainModel(nn.Module):
@@ -45,13 +59,17 @@ class PretrainModel(nn.Module):
         """Per-sample tensors (batch first) that `loss` needs; concatenable along dim 0."""
         raise NotImplementedError
 
-    def loss(self, features: dict[str, Tensor]) -> dict[str, Any]:
-        """``{"loss": total, "losses": {name: detached term}, ...}`` of a batch's features."""
+    def loss(self, features: dict[str, Tensor], share: float = 1.0) -> dict[str, Any]:
+        """``{"loss": total, "losses": {name: detached term}, ...}`` of a batch's features.
+
+        Parameters the loss uses directly (temperature, bias) pass back only `share` of their
+        gradient (`partial_grad`): each accumulation pass computes the whole batch's loss, and
+        together the passes must count those parameters once."""
         raise NotImplementedError
 
     def forward(self, batch: dict[str, Tensor],
                 accumulated: Accumulated | None = None) -> dict[str, Any]:
         features = self.features(batch)
-        if accumulated is not None:
-            features = accumulated.merge(features)
-        return self.loss(features)
+        if accumulated is None:
+            return self.loss(features)
+        return self.loss(accumulated.merge(features), share=accumulated.share)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from vlp.config import ClipConfig
 from vlp.errors import ConfigError
 from vlp.losses import clip_loss, siglip_loss
-from vlp.models.base import PretrainModel
+from vlp.models.base import PretrainModel, partial_grad
 from vlp.nn import TextTransformer, VisionTransformer
 
 
@@ -69,12 +69,14 @@ class CLIP(PretrainModel):
         return {"image": self.encode_image(batch["pixels"]),
                 "text": self.encode_text(batch["input_ids"])}
 
-    def loss(self, features: dict[str, Tensor]) -> dict:
+    def loss(self, features: dict[str, Tensor], share: float = 1.0) -> dict:
         image, text = features["image"], features["text"]
+        scale = partial_grad(self.scale(), share)
         if self.config.loss == "siglip":
-            out = siglip_loss(image, text, self.scale(), self.logit_bias, exchange=self.exchange)
+            bias = partial_grad(self.logit_bias, share)
+            out = siglip_loss(image, text, scale, bias, exchange=self.exchange)
         else:
-            out = clip_loss(image, text, self.scale(), exchange=self.exchange)
+            out = clip_loss(image, text, scale, exchange=self.exchange)
         return {"loss": out.loss, "losses": {"contrastive": out.loss.detach()},
                 "logit_scale": self.scale().detach()}
 

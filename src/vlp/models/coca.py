@@ -20,7 +20,7 @@ from vlp.config import CocaConfig
 from vlp.errors import ConfigError
 from vlp.generate import generate as generate_tokens
 from vlp.losses import IGNORE_INDEX, caption_nll, clip_loss
-from vlp.models.base import PretrainModel
+from vlp.models.base import PretrainModel, partial_grad
 from vlp.nn import AttentionalPooler, BlockCache, VisionTransformer, causal_mask
 from vlp.nn.decoder import CrossDecoder
 from vlp.nn.text import ClsTextTransformer, appended_cls_mask
@@ -158,10 +158,10 @@ class CoCa(PretrainModel):
                 "text": F.normalize(self.text.forward_head(cls_state), dim=-1),
                 "caption_nll": nll, "caption_tokens": tokens}
 
-    def loss(self, features: dict[str, Tensor]) -> dict:
+    def loss(self, features: dict[str, Tensor], share: float = 1.0) -> dict:
         """``contrastive_weight * clip_loss + caption_weight * caption CE``."""
-        contrastive = clip_loss(features["image"], features["text"], self.scale(),
-                                exchange=self.exchange).loss
+        contrastive = clip_loss(features["image"], features["text"],
+                                partial_grad(self.scale(), share), exchange=self.exchange).loss
         caption = features["caption_nll"].sum() / features["caption_tokens"].sum().clamp(min=1)
         loss = (self.config.contrastive_weight * contrastive
                 + self.config.caption_weight * caption)

@@ -42,7 +42,7 @@ TRAIN_STATE_FILE = "train_state.json"
 LATEST_LINK = "checkpoint-latest"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{7,})$")
 # hidden siblings left by an interrupted write or delete; never mistaken for a checkpoint
-STALE_PATTERN = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{32}$")
+STALE_PATTERN = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{32}(\.\w+)?$")  # + atomic_write suffix
 TRAIN_STATE_VERSION = 2
 # optimizer options that pick an implementation, not a hyperparameter: never restored
 IMPLEMENTATION_OPTIONS = ("fused", "foreach", "capturable", "differentiable")
