@@ -587,7 +587,7 @@ class _Trainer:
                         and step < self.total_steps):
                     self.save()
             self.log.flush()
-            if self.eval_fn is not None or self.val_loader is not None:
+            if self.eval_fn is not None or self.cfg.val_data is not None:  # every rank
                 self.evaluate()
             if (self.checkpoint_path is None
                     or Path(self.checkpoint_path).name != f"checkpoint-{self.step:07d}"):
