@@ -216,7 +216,7 @@ def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
 
 def clip_model(model: nn.Module) -> CLIP:
     """``model`` unwrapped, checked to be a vlp CLIP (the only family these formats hold)."""
-    from vlp.train.checkpoint import unwrap_model
+    from vlp.train.distributed import unwrap_model
 
     model = unwrap_model(model)
     if not isinstance(model, CLIP):

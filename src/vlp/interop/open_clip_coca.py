@@ -359,7 +359,8 @@ def load_open_clip_coca(
 def save_open_clip_coca(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write an open_clip local-dir (``open_clip_config.json`` + ``open_clip_model.safetensors``)
     that ``open_clip.create_model("local-dir:DIR")`` loads as ``CoCa``. Atomic."""
-    from vlp.train.checkpoint import atomic_directory, unwrap_model
+    from vlp.train.checkpoint import atomic_directory
+    from vlp.train.distributed import unwrap_model
 
     model = unwrap_model(model)
     if not isinstance(model, CoCa):

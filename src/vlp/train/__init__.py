@@ -8,8 +8,8 @@ from vlp.train.checkpoint import (
     load_weights,
     save_checkpoint,
     save_pretrained,
-    unwrap_model,
 )
+from vlp.train.distributed import unwrap_model
 from vlp.train.optim import WarmupCosine, build_optimizer, param_groups
 from vlp.train.trainer import TrainConfig, train
 

@@ -199,6 +199,17 @@ def _shardable_blocks(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if isinstance(module, Block | CrossBlock)]
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP/FSDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def wrap_model(model: nn.Module, strategy: str, env: DistEnv, device: torch.device
                ) -> nn.Module:
     """DDP, or FSDP2 ``fully_shard`` per transformer block and at the root; unchanged in one

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vlp.errors import ConfigError
+from vlp.train.distributed import unwrap_model
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -23,8 +24,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
     Each group carries ``param_names`` so checkpoints can store optimizer state by name.
     """
-    from vlp.train.checkpoint import unwrap_model
-
     model = unwrap_model(model)  # names as the model gives them, not DDP's "module." ones
     no_decay_names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay: list[tuple[str, nn.Parameter]] = []

@@ -1,0 +1,279 @@
+"""What a run needs before its first step: the training config and its checks, the model and
+tokenizer (fresh or from a directory), precision, and where a resumed run picks up."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vlp.config import config_from_dict, config_to_dict, get_preset, load_config
+from vlp.data import build_source
+from vlp.errors import ConfigError
+from vlp.models import build_model
+from vlp.tokenizers import load_tokenizer, train_tokenizer
+from vlp.train.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    find_checkpoint,
+    list_checkpoints,
+    load_weights,
+)
+from vlp.train.distributed import STRATEGIES, DistEnv, barrier
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    # model: a preset name, or a model / checkpoint directory whose weights start the run
+    model: str = "clip-tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # nested config fields
+    tokenizer: str | None = None  # tokenizer dir; None: the init dir's, else a BPE on captions
+    # data (kinds: csv, tsv, jsonl, coco, imagefolder, wds, auto)
+    train_data: str = ""
+    train_kind: str = "auto"
+    val_data: str | None = None  # val loss is computed at each evaluation when given
+    val_kind: str = "auto"
+    image_key: str | None = None  # source options; None keeps each source's default
+    caption_key: str | None = None
+    separator: str | None = None
+    image_root: str | None = None  # COCO image dir, or the root of relative CSV/JSONL paths
+    # optimisation
+    batch_size: int = 64  # per optimizer micro-step; an update sees batch_size * grad_accum
+    grad_accum: int = 1
+    # with grad_accum > 1: contrastive losses over the whole accumulated batch, from features
+    # cached without grad (two forwards per sample); False: independent micro-batch losses
+    accum_features: bool = True
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_steps: int | None = None  # with epochs too, whichever ends first
+    epochs: int | None = None
+    grad_clip: float | None = 1.0  # None or 0: no clipping (the norm is still logged)
+    max_nonfinite: int = 10  # consecutive non-finite steps (skipped) before the run stops
+    # run
+    output_dir: str = "runs/train"
+    eval_every: int = 0  # optimizer steps; evaluation also runs at the end
+    checkpoint_every: int = 0  # optimizer steps; a checkpoint is also written at the end
+    keep_last: int = 3  # checkpoints kept; 0 keeps all
+    log_every: int = 10  # steps between progress updates (every step is still logged)
+    seed: int = 0
+    num_workers: int = 2
+    device: str = "auto"  # "auto": CUDA when available
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; fp16 scales loss
+    # torchrun (distributed) runs: "ddp" or "fsdp" (FSDP2, parameters sharded per block);
+    # contrastive features are gathered with gradients, each rank scoring its own rows
+    strategy: str = "ddp"
+    local_loss: bool = True
+    gather_with_grad: bool = True
+    compile: bool = False
+    grad_checkpointing: bool = False
+    resume: str | None = None  # "latest" (of output_dir; fresh start when none) or a path
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"train config: unknown field(s) {unknown}; expected some of "
+                              f"{sorted(names)}")
+        values = dict(data)
+        if isinstance(values.get("betas"), list):
+            values["betas"] = tuple(values["betas"])
+        return cls(**values)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    positive = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                "log_every": cfg.log_every}
+    for name, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"train config {name}={value!r}: expected an int >= 1")
+    for name in ("eval_every", "checkpoint_every", "keep_last", "warmup_steps", "num_workers",
+                 "max_nonfinite"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"train config {name}={value!r}: expected an int >= 0")
+    if cfg.max_steps is None and cfg.epochs is None:
+        raise ConfigError("train config: set max_steps or epochs (or both)")
+    for name in ("max_steps", "epochs"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"train config {name}={value!r}: expected an int >= 1 or None")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"train config precision={cfg.precision!r}; expected one of "
+                          f"{list(PRECISIONS)}")
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(f"train config strategy={cfg.strategy!r}; expected one of "
+                          f"{list(STRATEGIES)}")
+    if not cfg.train_data:
+        raise ConfigError("train config train_data is empty; expected a data file or directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# setup
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device
+              ) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def rng_snapshot(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def rng_restore(snapshot: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(snapshot[0])
+    if snapshot[1] is not None:
+        torch.cuda.set_rng_state(snapshot[1], device)
+
+
+def oom_message(cfg: TrainConfig, error: BaseException) -> str:
+    levers = []
+    if not cfg.grad_checkpointing:
+        levers.append("--grad-checkpointing (recompute activations in backward)")
+    levers.append(f"a smaller micro-batch with accumulation (e.g. --batch-size "
+                  f"{max(1, cfg.batch_size // 2)} --grad-accum {cfg.grad_accum * 2}; the "
+                  "contrastive loss still covers the whole accumulated batch)")
+    if cfg.precision in ("auto", "fp32"):
+        levers.append("--precision bf16")
+    levers.append("--strategy fsdp under torchrun (shards parameters and optimizer state)")
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+    return ("out of memory at batch_size " + str(cfg.batch_size) + f" ({first_line}). Try "
+            + "; ".join(levers))
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_run_source(kind: str, path: str, cfg: TrainConfig) -> Any:
+    options = {name: getattr(cfg, name) for name in ("image_key", "caption_key", "separator",
+                                                     "image_root")}
+    return build_source(kind, path, **{k: v for k, v in options.items() if v is not None})
+
+
+def _captions(source: Any, where: str) -> Iterator[str]:
+    if not getattr(source, "has_text", True):
+        raise ConfigError(f"{where}: has no captions to train a tokenizer on; pass "
+                          "tokenizer=<a tokenizer directory>")
+    for record in source:
+        if record.text:
+            yield record.text
+
+
+def model_and_tokenizer(cfg: TrainConfig, source: Any, output_dir: Path, env: DistEnv
+                         ) -> tuple[nn.Module, Any]:
+    """A fresh model (preset or init directory) and the tokenizer its text tower reads."""
+    init_dir = Path(cfg.model) if Path(cfg.model).is_dir() else None
+    if init_dir is not None:
+        config = load_config(init_dir / CONFIG_FILE)
+    else:
+        config = get_preset(cfg.model)
+    if cfg.model_overrides:
+        config = config_from_dict(_merge(config_to_dict(config), cfg.model_overrides),
+                                  where="train config model_overrides")
+    text = config.text
+    if cfg.tokenizer is not None:
+        tokenizer = load_tokenizer(cfg.tokenizer, context_length=text.context_length)
+    elif init_dir is not None and (init_dir / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(init_dir, context_length=text.context_length)
+    else:  # a BPE on the captions; distributed, rank 0 trains it and every rank loads it
+        shared = output_dir / "tokenizer"
+        if env.is_main:
+            tokenizer = train_tokenizer(_captions(source, cfg.train_data),
+                                        vocab_size=text.vocab_size,
+                                        context_length=text.context_length)
+            if env.distributed:
+                tokenizer.save(shared)
+        barrier(env)
+        if not env.is_main:
+            tokenizer = load_tokenizer(shared, context_length=text.context_length)
+    if tokenizer.vocab_size > text.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                          f"text.vocab_size is {text.vocab_size}")
+    text.pad_id, text.bos_id, text.eos_id = tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id
+    model = build_model(config)
+    if init_dir is not None:  # strict: overrides may change options, not shapes
+        load_weights(model, init_dir / WEIGHTS_FILE)
+    return model, tokenizer
+
+
+def find_resume_dir(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    if cfg.resume is None:
+        if list_checkpoints(output_dir):
+            raise ConfigError(f"{output_dir}: already holds checkpoints; pass resume='latest' "
+                              "to continue that run or choose a new output_dir")
+        return None
+    if cfg.resume == "latest":
+        return find_checkpoint(output_dir) if list_checkpoints(output_dir) else None
+    return find_checkpoint(cfg.resume)
+
+
+def count_total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    steps_per_epoch = batches_per_epoch // cfg.grad_accum
+    if steps_per_epoch < 1:
+        raise ConfigError(f"train data gives {batches_per_epoch} batch(es) per epoch, fewer than "
+                          f"grad_accum={cfg.grad_accum}; lower batch_size or grad_accum")
+    candidates = [cfg.max_steps] if cfg.max_steps is not None else []
+    if cfg.epochs is not None:
+        candidates.append(cfg.epochs * batches_per_epoch // cfg.grad_accum)
+    return min(candidates)
+
+
+def rank_data_state(saved: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's loader state from a checkpoint's per-rank states. On another world size,
+    every rank takes rank 0's position and rank 0 carries the epoch's skip counts."""
+    ranks = saved["ranks"]
+    if len(ranks) == world_size:
+        return ranks[rank]
+    state = dict(ranks[0])
+    skipped: dict[str, int] = {}
+    for other in ranks:
+        for reason, count in other.get("skipped", {}).items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    state["skipped"] = skipped if rank == 0 else {}
+    if "skipped_items" in state:
+        state["skipped_items"] = ([item for other in ranks for item in other["skipped_items"]]
+                                  if rank == 0 else [])
+    return state
