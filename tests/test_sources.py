@@ -22,7 +22,7 @@ from vlp.data import (
     expand_urls,
     infer_source_kind,
 )
-from vlp.data.sources import scan_shard
+from vlp.data.webdataset import scan_shard
 from vlp.errors import ConfigError, DataError
 
 

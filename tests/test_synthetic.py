@@ -12,18 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlp.data.synthetic import (
+from vlp.data.synthetic import generate, write_dataset
+from vlp.data.synthetic_render import GRADIENT_MAX_SHIFT, OBJECT_COLOUR_JITTER
+from vlp.data.synthetic_world import (
     BACKGROUNDS,
     CLASS_NAMES,
     COLOURS,
-    GRADIENT_MAX_SHIFT,
     NOISE_KINDS,
-    OBJECT_COLOUR_JITTER,
     SHAPES,
     ZEROSHOT_TEMPLATES,
     duplicate_caption_share,
-    generate,
-    write_dataset,
 )
 from vlp.errors import ConfigError, DataError
 

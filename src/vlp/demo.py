@@ -14,7 +14,8 @@ from torch import nn
 
 import vlp
 from vlp.data import build_source
-from vlp.data.synthetic import CLASS_NAMES, write_dataset
+from vlp.data.synthetic import write_dataset
+from vlp.data.synthetic_world import CLASS_NAMES
 from vlp.errors import ConfigError
 from vlp.eval.captioning import caption_eval
 from vlp.eval.suite import EvalSpec, evaluate

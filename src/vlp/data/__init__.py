@@ -3,7 +3,9 @@
 `vlp.data.synthetic` (the built-in dataset) is imported on its own, to keep this import light.
 """
 
-from vlp.data.loader import SKIP_REASONS, Loader, derive_seed, make_loader, open_image
+from vlp.data.loader import Loader, make_loader
+from vlp.data.pipeline import SKIP_REASONS, derive_seed, open_image
+from vlp.data.records import Record
 from vlp.data.sources import (
     SOURCE_KINDS,
     CocoSource,
@@ -12,15 +14,12 @@ from vlp.data.sources import (
     JsonlSource,
     ListSource,
     MapSource,
-    Record,
     RetrievalGroups,
-    WebDatasetSource,
     build_source,
-    expand_braces,
-    expand_urls,
     infer_source_kind,
 )
 from vlp.data.transforms import ImageTransform, image_transform, random_resized_crop_box
+from vlp.data.webdataset import WebDatasetSource, expand_braces, expand_urls
 
 __all__ = [
     "SKIP_REASONS",

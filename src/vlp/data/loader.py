@@ -4,165 +4,41 @@ Every random choice is a pure function of (seed, epoch, position), never of the 
 happens to run it, so an epoch is reproducible and a run can resume mid-epoch with exactly the
 batch an uninterrupted run would have produced next:
 
-- map-style sources: the batches of an epoch are index lists fixed up front (a seeded
+- map-style sources (here): the batches of an epoch are index lists fixed up front (a seeded
   permutation, split across ranks); a sample's augmentation generator is seeded by
   (seed, epoch, sample index), so it does not depend on which worker loads it.
-- WebDataset: each epoch, shards are shuffled and dealt to rank x stream slots (one stream per
-  DataLoader worker); a stream reads its shards in a loop through a seeded shuffle buffer of tar
-  headers, so resuming skips consumed samples without reading their data. Every rank yields
-  the same number of batches, derived from the sample count.
+- WebDataset (`vlp.data.stream`): each epoch, shards are shuffled and dealt to rank x stream
+  slots (one stream per DataLoader worker); a stream reads its shards in a loop through a
+  seeded shuffle buffer of tar headers, so resuming skips consumed samples without reading
+  their data. Every rank yields the same number of batches, derived from the sample count.
 
-Unreadable images, missing captions and samples lost to truncated tar shards are skipped,
-counted and listed (see `Loader.skipped_report`, `Loader.skipped_items`); a batch may come out
-short.
+Both decode and collate through `vlp.data.pipeline`. Unreadable images, missing captions and
+samples lost to truncated tar shards are skipped, counted and listed (see
+`Loader.skipped_report`, `Loader.skipped_items`); a batch may come out short.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import itertools
 import math
-import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
-from vlp.data.sources import Record, TarSample, WebDatasetSource, decode_tar_sample, scan_shard
+from vlp.data.pipeline import (
+    _SKIPPED_ITEMS_KEY,
+    _SKIPPED_KEY,
+    MAX_SKIPPED_ITEMS,
+    Batch,
+    Tokenizer,
+    _SamplePipeline,
+    derive_seed,
+)
+from vlp.data.stream import DEFAULT_SHUFFLE_BUFFER, _StreamBatches, _unit_count, stream_units
+from vlp.data.webdataset import WebDatasetSource
 from vlp.errors import ConfigError, DataError
-
-Batch = dict[str, Any]
-Tokenizer = Callable[[list[str]], torch.Tensor]
-SKIP_REASONS = ("missing_image", "corrupt_image", "missing_caption", "missing_label",
-                "truncated_shard")
-MAX_SKIPPED_ITEMS = 100  # skipped samples listed per epoch (all are counted)
-# carried from workers inside each batch, popped by Loader
-_SKIPPED_KEY = "_skipped_by_reason"
-_SKIPPED_ITEMS_KEY = "_skipped_items"
-DEFAULT_SHUFFLE_BUFFER = 2000  # WebDataset: tar headers held per stream (no image data)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers; equal parts give equal seeds on every platform."""
-    data = b"".join(int(part).to_bytes(8, "little", signed=True) for part in parts)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
-
-
-def open_image(image: str | bytes) -> Image.Image | str:
-    """The decoded RGB image, or the skip reason ("missing_image" / "corrupt_image")."""
-    if not image:
-        return "missing_image"
-    stream = io.BytesIO(image) if isinstance(image, bytes) else image
-    try:
-        with Image.open(stream) as opened:
-            if opened.mode == "P" and "transparency" in opened.info:
-                return opened.convert("RGBA").convert("RGB")
-            return opened.convert("RGB")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return "missing_image"
-    except Exception:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
-        return "corrupt_image"
-
-
-@dataclass(frozen=True, slots=True)
-class _Lost:
-    """A sample known to be lost before reading it, e.g. cut off with its tar shard."""
-
-    reason: str
-    note: str  # the listing entry; empty for all but one sample of the same damage
-
-
-# (sample index, record or a thunk reading it or _Lost, augmentation seed, name to list it by)
-Item = tuple[int, Record | Callable[[], Record] | _Lost, int, str | None]
-
-
-def _record_name(record: Record) -> str:
-    """An image path, else the record's key: how a skipped map-style sample is listed."""
-    return record.image if isinstance(record.image, str) and record.image else record.key
-
-
-class _SamplePipeline:
-    """Decode, augment and collate records into one batch; runs inside DataLoader workers."""
-
-    def __init__(self, transform: Callable[..., torch.Tensor], tokenizer: Tokenizer | None,
-                 has_text: bool, has_labels: bool) -> None:
-        self.transform = transform
-        self.tokenizer = tokenizer
-        self.has_text = has_text
-        self.has_labels = has_labels
-
-    def _load(self, record: Record, augment_seed: int) -> torch.Tensor | str:
-        if self.has_text and (record.text is None or not record.text.strip()):
-            return "missing_caption"
-        if self.has_labels and record.label is None:
-            return "missing_label"
-        image = open_image(record.image)
-        if isinstance(image, str):
-            return image
-        return self.transform(image, torch.Generator().manual_seed(augment_seed))
-
-    def batch(self, items: Iterable[Item]) -> Batch:
-        """Batch of items; a skipped one is listed by its name (default: `_record_name`)."""
-        pixels: list[torch.Tensor] = []
-        texts: list[str] = []
-        labels: list[int] = []
-        indices: list[int] = []
-        skipped: Counter[str] = Counter()
-        listed: list[str] = []
-        for index, record, augment_seed, name in items:
-            if isinstance(record, _Lost):
-                skipped[record.reason] += 1
-                if record.note and len(listed) < MAX_SKIPPED_ITEMS:
-                    listed.append(record.note)
-                continue
-            try:
-                if callable(record):
-                    record = record()
-                loaded = self._load(record, augment_seed)
-            except OSError:  # a shard that went unreadable after it was scanned
-                loaded = "corrupt_image"
-            if isinstance(loaded, str):
-                skipped[loaded] += 1
-                if len(listed) < MAX_SKIPPED_ITEMS:
-                    where = name if name is not None else _record_name(record)
-                    listed.append(f"{where}: {loaded}")
-                continue
-            pixels.append(loaded)
-            indices.append(index)
-            if self.has_text:
-                texts.append(record.text)
-            if self.has_labels:
-                labels.append(record.label)
-        return self._collate(pixels, texts, labels, indices, skipped, listed)
-
-    def _collate(self, pixels: list[torch.Tensor], texts: list[str], labels: list[int],
-                 indices: list[int], skipped: Counter[str], listed: list[str]) -> Batch:
-        if pixels:
-            pixel_batch = torch.stack(pixels)
-        else:
-            size = getattr(self.transform, "image_size", 0)
-            pixel_batch = torch.empty(0, 3, size, size)
-        batch: Batch = {"pixels": pixel_batch, "index": torch.tensor(indices, dtype=torch.long)}
-        if self.has_text:
-            if self.tokenizer is None:
-                batch["texts"] = texts
-            elif texts:
-                batch["input_ids"] = self.tokenizer(texts)
-            else:
-                length = getattr(self.tokenizer, "context_length", 0)
-                batch["input_ids"] = torch.empty(0, length, dtype=torch.long)
-        if self.has_labels:
-            batch["labels"] = torch.tensor(labels, dtype=torch.long)
-        batch["num_skipped"] = sum(skipped.values())
-        batch[_SKIPPED_KEY] = dict(skipped)
-        batch[_SKIPPED_ITEMS_KEY] = listed
-        return batch
-
 
 # ---------------------------------------------------------------------------------------
 # map-style sources
@@ -207,180 +83,7 @@ def rank_indices(num_samples: int, *, epoch: int, seed: int, shuffle: bool, rank
 
 
 # ---------------------------------------------------------------------------------------
-# WebDataset streams
-
-Unit = tuple[int, int, int]  # (shard index, part, parts): samples with position % parts == part
-
-
-def stream_units(num_shards: int, *, epoch: int, seed: int, shuffle: bool, slot: int,
-                 num_slots: int) -> list[Unit]:
-    """The shard parts read by one (rank, stream) slot in an epoch.
-
-    With fewer shards than slots, each shard is split into interleaved parts so every slot
-    gets some data.
-    """
-    order = list(range(num_shards))
-    if shuffle:
-        random.Random(derive_seed(seed, epoch, -1)).shuffle(order)
-    parts = max(1, math.ceil(num_slots / num_shards))
-    units = [(shard, part, parts) for shard in order for part in range(parts)]
-    return units[slot::num_slots]
-
-
-def _unit_count(size: int, part: int, parts: int) -> int:
-    return max(0, math.ceil((size - part) / parts))
-
-
-def _pass_samples(shards: list[str], units: list[Unit], pass_number: int
-                  ) -> Iterator[tuple[int, int, int, TarSample]]:
-    """(shard index, position in shard, pass, sample) of one pass over the units.
-
-    A shard found not to be a tar mid-run is read as damaged from its start, not an error.
-    """
-    for shard_index, part, parts in units:
-        for position, sample in enumerate(scan_shard(shards[shard_index], strict=False)):
-            if position % parts == part:
-                yield shard_index, position, pass_number, sample
-
-
-def _unit_samples(shards: list[str], units: list[Unit], repeat: bool,
-                  shuffle: random.Random | None, buffer_size: int
-                  ) -> Iterator[tuple[int, int, int, TarSample]]:
-    """Samples of the units, pass after pass if `repeat`.
-
-    With `shuffle`, each pass goes through its own shuffle buffer, drained at the end of the
-    pass, so a pass holds each sample once.
-    """
-    for pass_number in itertools.count():
-        samples = _pass_samples(shards, units, pass_number)
-        if shuffle is not None:
-            samples = _shuffle_buffer(samples, buffer_size, shuffle)
-        produced = 0
-        for item in samples:
-            produced += 1
-            yield item
-        if not repeat:
-            return
-        if produced == 0:
-            names = [shards[shard] for shard, _, _ in units]
-            raise DataError(f"WebDataset shards {names} (one loader stream's share) hold no "
-                            f"samples; use fewer workers/ranks or more shards")
-
-
-def _shuffle_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Approximate shuffle of a stream: emit a random element of a `size`-item buffer."""
-    buffer: list[Any] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        pick = rng.randrange(size)
-        yield buffer[pick]
-        buffer[pick] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-class _ShardReader:
-    """Reads member bytes by offset, keeping a few shard files open."""
-
-    def __init__(self, shards: list[str], max_open: int = 4) -> None:
-        self.shards = shards
-        self.max_open = max_open
-        self._files: dict[int, Any] = {}
-
-    def read(self, shard_index: int, offset: int, size: int) -> bytes:
-        f = self._files.pop(shard_index, None)
-        if f is None:
-            if len(self._files) >= self.max_open:
-                oldest = next(iter(self._files))
-                self._files.pop(oldest).close()
-            f = open(self.shards[shard_index], "rb", buffering=0)
-        self._files[shard_index] = f  # most recently used last
-        f.seek(offset)
-        return f.read(size)
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-
-class _StreamBatches(IterableDataset):
-    """One epoch of a WebDataset for one rank; each DataLoader worker plays one stream.
-
-    Batch ``j`` of the epoch belongs to stream ``j % num_streams``. DataLoader hands batches
-    out round-robin starting at worker 0, so when an epoch resumes at batch ``start``, worker
-    ``w`` plays stream ``(w + start) % num_streams``, keeping the order exact.
-    """
-
-    def __init__(self, source: WebDatasetSource, pipeline: _SamplePipeline, *, seed: int,
-                 epoch: int, start_batch: int, rank: int, world_size: int, num_streams: int,
-                 batch_size: int, train: bool, drop_last: bool, num_batches: int,
-                 rank_samples: int, shuffle_buffer: int) -> None:
-        self.source = source
-        self.pipeline = pipeline
-        self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
-        self.rank, self.world_size, self.num_streams = rank, world_size, num_streams
-        self.batch_size, self.train, self.drop_last = batch_size, train, drop_last
-        self.num_batches, self.rank_samples = num_batches, rank_samples
-        self.shuffle_buffer = shuffle_buffer
-
-    def __iter__(self) -> Iterator[Batch]:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        stream = (worker + self.start_batch) % self.num_streams
-        units = stream_units(
-            len(self.source.shards), epoch=self.epoch, seed=self.seed, shuffle=self.train,
-            slot=self.rank * self.num_streams + stream,
-            num_slots=self.world_size * self.num_streams,
-        )
-        rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, stream,
-                                        self.num_streams))
-        samples = _unit_samples(self.source.shards, units, repeat=self.train,
-                                shuffle=rng if self.train else None,
-                                buffer_size=self.shuffle_buffer)
-        reader = _ShardReader(self.source.shards)
-        try:
-            for size in self._batch_sizes(stream, samples):
-                chunk = list(itertools.islice(samples, size))
-                if not chunk or (self.drop_last and len(chunk) < size):
-                    return
-                yield self.pipeline.batch(self._items(chunk, reader))
-        finally:
-            reader.close()
-
-    def _batch_sizes(self, stream: int, samples: Iterator[Any]) -> Iterator[int]:
-        """Sizes of this stream's batches from `start_batch` on, after skipping earlier ones."""
-        mine = range(stream, self.num_batches if self.train else 2**62, self.num_streams)
-        size_of = lambda j: min(self.batch_size, self.rank_samples - j * self.batch_size)
-        if self.train:
-            consumed = sum(size_of(j) for j in mine if j < self.start_batch)
-        else:  # eval streams end with the data; every earlier batch of theirs was full
-            consumed = sum(self.batch_size for _ in range(stream, self.start_batch,
-                                                           self.num_streams))
-        for _ in itertools.islice(samples, consumed):  # headers only: no image is read
-            pass
-        for j in mine:
-            if j >= self.start_batch:
-                yield size_of(j) if self.train else self.batch_size
-
-    def _items(self, chunk: list[tuple[int, int, int, TarSample]], reader: _ShardReader
-               ) -> Iterator[Item]:
-        label_key = self.source.label_key
-        shards = self.source.shards
-        for shard_index, position, pass_number, sample in chunk:
-            index = (shard_index << 32) | position
-            seed = derive_seed(self.seed, self.epoch, shard_index, position, pass_number)
-            if sample.lost:
-                yield index, _Lost("truncated_shard", sample.note), seed, None
-                continue
-            read = lambda offset, size, shard=shard_index: reader.read(shard, offset, size)
-            thunk = lambda sample=sample, read=read: decode_tar_sample(sample, read, label_key)
-            yield index, thunk, seed, f"{shards[shard_index]}#{sample.key}"
-
-
-# ---------------------------------------------------------------------------------------
+# the loader
 
 
 def _keep(batch: Batch) -> Batch:

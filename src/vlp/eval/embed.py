@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from vlp.data.loader import open_image
+from vlp.data.pipeline import open_image
 from vlp.data.sources import IMAGE_EXTENSIONS
 from vlp.data.transforms import image_transform
 from vlp.errors import ConfigError, DataError

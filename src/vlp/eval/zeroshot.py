@@ -29,7 +29,7 @@ GENERIC_TEMPLATES = (
 def default_templates() -> list[str]:
     """The synthetic dataset's templates when that module is present, else a generic set."""
     try:
-        from vlp.data.synthetic import ZEROSHOT_TEMPLATES
+        from vlp.data.synthetic_world import ZEROSHOT_TEMPLATES
     except ImportError:
         return list(GENERIC_TEMPLATES)
     return list(ZEROSHOT_TEMPLATES)

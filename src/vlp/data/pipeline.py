@@ -1,0 +1,147 @@
+"""The per-sample work of both loader paths: decode, check, augment and collate into a batch.
+
+It runs inside DataLoader workers. A sample's augmentation generator is seeded by `derive_seed`
+from (seed, epoch, position), never from the worker that runs it. Unreadable images, missing
+captions or labels and samples lost to damaged shards are skipped; their counts and listing
+entries ride inside each batch for the `Loader` to pop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from vlp.data.records import Record
+
+Batch = dict[str, Any]
+Tokenizer = Callable[[list[str]], torch.Tensor]
+SKIP_REASONS = ("missing_image", "corrupt_image", "missing_caption", "missing_label",
+                "truncated_shard")
+MAX_SKIPPED_ITEMS = 100  # skipped samples listed per epoch (all are counted)
+# carried from workers inside each batch, popped by Loader
+_SKIPPED_KEY = "_skipped_by_reason"
+_SKIPPED_ITEMS_KEY = "_skipped_items"
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers; equal parts give equal seeds on every platform."""
+    data = b"".join(int(part).to_bytes(8, "little", signed=True) for part in parts)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+def open_image(image: str | bytes) -> Image.Image | str:
+    """The decoded RGB image, or the skip reason ("missing_image" / "corrupt_image")."""
+    if not image:
+        return "missing_image"
+    stream = io.BytesIO(image) if isinstance(image, bytes) else image
+    try:
+        with Image.open(stream) as opened:
+            if opened.mode == "P" and "transparency" in opened.info:
+                return opened.convert("RGBA").convert("RGB")
+            return opened.convert("RGB")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return "missing_image"
+    except Exception:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
+        return "corrupt_image"
+
+
+@dataclass(frozen=True, slots=True)
+class _Lost:
+    """A sample known to be lost before reading it, e.g. cut off with its tar shard."""
+
+    reason: str
+    note: str  # the listing entry; empty for all but one sample of the same damage
+
+
+# (sample index, record or a thunk reading it or _Lost, augmentation seed, name to list it by)
+Item = tuple[int, Record | Callable[[], Record] | _Lost, int, str | None]
+
+
+def _record_name(record: Record) -> str:
+    """An image path, else the record's key: how a skipped map-style sample is listed."""
+    return record.image if isinstance(record.image, str) and record.image else record.key
+
+
+class _SamplePipeline:
+    """Decode, augment and collate records into one batch; runs inside DataLoader workers."""
+
+    def __init__(self, transform: Callable[..., torch.Tensor], tokenizer: Tokenizer | None,
+                 has_text: bool, has_labels: bool) -> None:
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.has_text = has_text
+        self.has_labels = has_labels
+
+    def _load(self, record: Record, augment_seed: int) -> torch.Tensor | str:
+        if self.has_text and (record.text is None or not record.text.strip()):
+            return "missing_caption"
+        if self.has_labels and record.label is None:
+            return "missing_label"
+        image = open_image(record.image)
+        if isinstance(image, str):
+            return image
+        return self.transform(image, torch.Generator().manual_seed(augment_seed))
+
+    def batch(self, items: Iterable[Item]) -> Batch:
+        """Batch of items; a skipped one is listed by its name (default: `_record_name`)."""
+        pixels: list[torch.Tensor] = []
+        texts: list[str] = []
+        labels: list[int] = []
+        indices: list[int] = []
+        skipped: Counter[str] = Counter()
+        listed: list[str] = []
+        for index, record, augment_seed, name in items:
+            if isinstance(record, _Lost):
+                skipped[record.reason] += 1
+                if record.note and len(listed) < MAX_SKIPPED_ITEMS:
+                    listed.append(record.note)
+                continue
+            try:
+                if callable(record):
+                    record = record()
+                loaded = self._load(record, augment_seed)
+            except OSError:  # a shard that went unreadable after it was scanned
+                loaded = "corrupt_image"
+            if isinstance(loaded, str):
+                skipped[loaded] += 1
+                if len(listed) < MAX_SKIPPED_ITEMS:
+                    where = name if name is not None else _record_name(record)
+                    listed.append(f"{where}: {loaded}")
+                continue
+            pixels.append(loaded)
+            indices.append(index)
+            if self.has_text:
+                texts.append(record.text)
+            if self.has_labels:
+                labels.append(record.label)
+        return self._collate(pixels, texts, labels, indices, skipped, listed)
+
+    def _collate(self, pixels: list[torch.Tensor], texts: list[str], labels: list[int],
+                 indices: list[int], skipped: Counter[str], listed: list[str]) -> Batch:
+        if pixels:
+            pixel_batch = torch.stack(pixels)
+        else:
+            size = getattr(self.transform, "image_size", 0)
+            pixel_batch = torch.empty(0, 3, size, size)
+        batch: Batch = {"pixels": pixel_batch, "index": torch.tensor(indices, dtype=torch.long)}
+        if self.has_text:
+            if self.tokenizer is None:
+                batch["texts"] = texts
+            elif texts:
+                batch["input_ids"] = self.tokenizer(texts)
+            else:
+                length = getattr(self.tokenizer, "context_length", 0)
+                batch["input_ids"] = torch.empty(0, length, dtype=torch.long)
+        if self.has_labels:
+            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        batch["num_skipped"] = sum(skipped.values())
+        batch[_SKIPPED_KEY] = dict(skipped)
+        batch[_SKIPPED_ITEMS_KEY] = listed
+        return batch

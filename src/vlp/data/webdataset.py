@@ -1,0 +1,302 @@
+"""WebDataset tar shards (img2dataset layout: ``{key}.jpg`` + ``{key}.txt`` and/or ``{key}.json``).
+
+Shard lists come from brace patterns, directories or lists (`expand_urls`). `scan_shard` reads a
+shard's tar headers only, so counting and shuffling never touch image data, and it turns damage
+(a truncated or garbled shard) into `lost` placeholders rather than errors. `WebDatasetSource` is
+the stream the loader splits across ranks and workers (see `vlp.data.stream`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from vlp.data.records import Record
+from vlp.errors import ConfigError, DataError
+
+# WebDataset member extensions that hold the image, in order of preference.
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a-{000..002}.tar`` -> three names (zero padded as written); ``{x,y}`` -> alternatives."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end():]
+    numeric = _RANGE.match(body)
+    if numeric:
+        first, last = numeric.group(1), numeric.group(2)
+        padded = any(len(s.lstrip("-")) > 1 and s.lstrip("-")[0] == "0" for s in (first, last))
+        width = max(len(first), len(last)) if padded else 0
+        step = 1 if int(last) >= int(first) else -1
+        choices = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
+    else:
+        choices = body.split(",")
+    return [name for choice in choices for name in expand_braces(head + choice + tail)]
+
+
+def expand_urls(urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Shard paths from a brace pattern (``::`` joins several), a directory, or a list."""
+    if isinstance(urls, str | os.PathLike):
+        patterns = str(urls).split("::")
+    else:
+        patterns = [str(u) for u in urls]
+    shards: list[str] = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = sorted(str(p) for p in Path(pattern).iterdir() if p.suffix == ".tar")
+            if not found:
+                raise DataError(f"{pattern}: directory has no .tar shards")
+            shards.extend(found)
+        else:
+            shards.extend(expand_braces(pattern))
+    if not shards:
+        raise DataError(f"{urls!r}: no WebDataset shards given")
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise DataError(f"{missing[0]}: shard not found ({len(missing)} of {len(shards)} "
+                        f"shards missing)")
+    return shards
+
+
+@dataclass(slots=True)
+class TarSample:
+    """One sample's members in a shard: extension -> (data offset, size), read lazily.
+
+    A placeholder with `lost` set stands for a sample lost to damage (a truncated shard): it
+    has no members; its `note` (on the first placeholder of a shard only) says what was lost.
+    """
+
+    key: str
+    members: dict[str, tuple[int, int]] = field(default_factory=dict)
+    lost: bool = False
+    note: str = ""
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, ext.lower() if dot else ""
+
+
+def _is_tar_header(block: bytes) -> bool:
+    try:
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
+def _ends_cleanly(f: Any, offset: int) -> bool:
+    """True when an end-of-archive (zero) block follows the last member at `offset`."""
+    f.seek(offset)
+    return f.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
+
+
+def scan_shard(path: str, *, strict: bool = True) -> Iterator[TarSample]:
+    """Samples of one uncompressed tar in file order, from headers only (no data is read).
+
+    Consecutive members with the same key (path up to the first dot of the file name) form
+    one sample, as webdataset does.
+
+    A damaged shard (cut inside a header or a member's data, no end-of-archive block, a
+    garbled header) yields the samples before the damage, then `lost` placeholders: as many
+    as img2dataset's ``*_stats.json`` says are missing, else one (the sample whose data was
+    cut, or the unknown rest of the shard, counted once). A sample with a member's data cut is
+    lost whole; one whose next member's header was cut keeps the members before it, as the
+    cut may as well fall between two samples. A file that does not start with a tar header
+    raises DataError when `strict`, else reads as a shard damaged from byte 0.
+    """
+    with open(path, "rb") as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.ReadError as e:
+            f.seek(0)
+            first = f.read(tarfile.BLOCKSIZE)
+            if strict and len(first) == tarfile.BLOCKSIZE and not _is_tar_header(first):
+                raise DataError(f"{path}: not a readable uncompressed tar shard ({e})") from e
+            yield from _lost_samples(path, 0, 0, None)  # cut inside its first header
+            return
+        size = os.fstat(f.fileno()).st_size
+        complete = 0
+        current: TarSample | None = None
+        current_start = 0  # header offset of the current sample's first member
+        damage_at: int | None = None
+        cut_key: str | None = None  # key of a sample whose member data runs past the end
+        with tar:
+            while True:
+                try:
+                    info = tar.next()
+                except tarfile.ReadError:  # padding or an extended header cut off
+                    damage_at = tar.offset
+                    break
+                if info is None:
+                    if not _ends_cleanly(f, tar.offset):
+                        damage_at = tar.offset
+                    break
+                tar.members.clear()  # headers are not needed again; keep memory flat
+                if not info.isfile():
+                    continue
+                key, ext = _split_member_name(info.name)
+                base = key.rpartition("/")[2]
+                wanted = bool(ext) and not base.startswith((".", "__"))
+                if info.offset_data + info.size > size:
+                    if wanted and current is not None and key == current.key:
+                        damage_at, cut_key, current = current_start, key, None
+                    else:
+                        damage_at, cut_key = info.offset, key if wanted else None
+                    break
+                if not wanted:
+                    continue
+                if current is None or key != current.key:
+                    if current is not None:
+                        complete += 1
+                        yield current
+                    current = TarSample(key)
+                    current_start = info.offset
+                current.members[ext] = (info.offset_data, info.size)
+        if current is not None:
+            complete += 1
+            yield current
+        if damage_at is not None:
+            yield from _lost_samples(path, min(damage_at, size), complete, cut_key)
+
+
+def _lost_samples(path: str, offset: int, complete: int, cut_key: str | None
+                  ) -> Iterator[TarSample]:
+    """Placeholders for the samples of a shard lost from byte `offset` on."""
+    expected = _stats_count(path)
+    if expected is not None:
+        count = max(expected - complete, 1 if cut_key is not None else 0)
+        what = f"{count} sample{'s' if count != 1 else ''}"
+    else:
+        count = 1
+        what = "unknown number of samples"
+    note = f"{path}: truncated_shard ({what} after byte {offset}"
+    note += ")" if expected is not None else ", counted as 1)"
+    for i in range(count):
+        yield TarSample((cut_key or "") if i == 0 else "", lost=True,
+                        note=note if i == 0 else "")
+
+
+def _stats_count(shard: str) -> int | None:
+    """img2dataset's ``<shard>_stats.json`` sample count, when present."""
+    stats = Path(shard).with_name(Path(shard).stem + "_stats.json")
+    if not stats.is_file():
+        return None
+    try:
+        count = json.loads(stats.read_text()).get("successes")
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return None
+    return count if isinstance(count, int) and count >= 0 else None
+
+
+def decode_tar_sample(sample: TarSample, read: Callable[[int, int], bytes],
+                      label_key: str | None) -> Record:
+    """Record of a scanned sample; `read(offset, size)` reads bytes from its shard."""
+    members = sample.members
+    image_ext = next((ext for ext in WDS_IMAGE_EXTS if ext in members), None)
+    image = read(*members[image_ext]) if image_ext is not None else b""
+    meta: dict[str, Any] = {}
+    if "json" in members:
+        try:
+            loaded = json.loads(read(*members["json"]))
+            meta = loaded if isinstance(loaded, dict) else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+    text: str | None = None
+    if "txt" in members:
+        text = read(*members["txt"]).decode("utf-8", errors="replace")
+    elif isinstance(meta.get("caption"), str):
+        text = meta["caption"]
+    label: int | None = None
+    if label_key is not None:
+        raw = (read(*members["cls"]).decode(errors="replace").strip() if "cls" in members
+               else meta.get(label_key))
+        try:
+            label = int(raw) if raw is not None else None
+        except (TypeError, ValueError):
+            label = None
+    return Record(image=image, text=text, label=label, key=sample.key)
+
+
+class WebDatasetSource:
+    """A stream of tar shards (img2dataset layout); the loader splits shards across workers.
+
+    `num_samples` sets the epoch size; without it, shards are counted once from their tar
+    headers (or img2dataset ``*_stats.json`` files). With `label_key`, labels come from a
+    ``.cls`` member or that field of the ``.json`` member.
+
+    Samples lost to a truncated shard stay in the counts (see `scan_shard`), so the epoch size
+    does not depend on which shards are damaged; the loader skips them as "truncated_shard".
+    Counting raises DataError for a file that is not a tar shard at all.
+    """
+
+    has_labels: bool
+
+    def __init__(self, urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+                 num_samples: int | None = None, label_key: str | None = None,
+                 has_text: bool = True) -> None:
+        self.shards = expand_urls(urls)
+        if num_samples is not None and num_samples <= 0:
+            raise ConfigError(f"num_samples must be positive, got {num_samples}")
+        self._num_samples = num_samples
+        self._shard_sizes: list[int] | None = None
+        self.label_key = label_key
+        self.has_labels = label_key is not None
+        self.has_text = has_text
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        """Samples per shard (lost ones included), counted once from the headers and cached."""
+        if self._shard_sizes is None:
+            sizes = []
+            shards = tqdm(self.shards, desc="counting WebDataset samples", unit="shard",
+                          disable=len(self.shards) < 16, leave=False)
+            for shard in shards:
+                count = _stats_count(shard)
+                sizes.append(count if count is not None else sum(1 for _ in scan_shard(shard)))
+            self._shard_sizes = sizes
+        return self._shard_sizes
+
+    @property
+    def num_samples_given(self) -> bool:
+        """True when the epoch size was given rather than counted from the shards."""
+        return self._num_samples is not None
+
+    @property
+    def num_samples(self) -> int:
+        if self._num_samples is not None:
+            return self._num_samples
+        return sum(self.shard_sizes)
+
+    def __iter__(self) -> Iterator[Record]:
+        for shard in self.shards:
+            with open(shard, "rb") as f:
+                read = _file_reader(f)
+                for sample in scan_shard(shard):
+                    if not sample.lost:
+                        yield decode_tar_sample(sample, read, self.label_key)
+
+    def __repr__(self) -> str:
+        return f"WebDatasetSource({len(self.shards)} shards, first {self.shards[0]!r})"
+
+
+def _file_reader(f: Any) -> Callable[[int, int], bytes]:
+    def read(offset: int, size: int) -> bytes:
+        f.seek(offset)
+        return f.read(size)
+
+    return read
