@@ -11,3 +11,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def synthetic_train_csv(tmp_path_factory):
+    """``make(n_train)``: the train.csv of a small synthetic world (64 px images, one caption
+    each, 8 val and 8 test images), written once per size for the whole session."""
+    from vlp.data.synthetic import write_dataset
+
+    made = {}
+
+    def make(n_train: int):
+        if n_train not in made:
+            out = tmp_path_factory.mktemp(f"synthetic{n_train}")
+            write_dataset(out, formats=["csv"], n_train=n_train, n_val=8, n_test=8,
+                          image_size=64, captions_per_image=1, progress=False)
+            made[n_train] = out / "train.csv"
+        return made[n_train]
+
+    return make

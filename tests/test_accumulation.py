@@ -11,16 +11,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from vlp.data.synthetic import write_dataset
 from vlp.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    write_dataset(out, formats=["csv"], n_train=64, n_val=8, n_test=8, image_size=64,
-                  captions_per_image=1, progress=False)
-    return out / "train.csv"
+def data(synthetic_train_csv) -> Path:
+    return synthetic_train_csv(64)
 
 
 def _one_step(data: Path, out: Path, model: str, **options) -> dict:

@@ -16,7 +16,6 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from vlp.data.synthetic import write_dataset
 from vlp.losses import clip_loss, siglip_loss
 from vlp.train.distributed import GatherExchange
 
@@ -111,11 +110,8 @@ def _log(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    write_dataset(out, formats=["csv"], n_train=96, n_val=8, n_test=8, image_size=64,
-                  captions_per_image=1, progress=False)
-    return out / "train.csv"
+def data(synthetic_train_csv) -> Path:
+    return synthetic_train_csv(96)
 
 
 @pytest.fixture(scope="module")

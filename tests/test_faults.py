@@ -27,11 +27,8 @@ STEPS = 14
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic")
-    write_dataset(out, formats=["csv"], n_train=160, n_val=8, n_test=8, image_size=64,
-                  captions_per_image=1, progress=False)
-    return out / "train.csv"
+def data(synthetic_train_csv) -> Path:
+    return synthetic_train_csv(160)
 
 
 def _command(data: Path, out: Path, resume: bool) -> list[str]:
