@@ -38,6 +38,7 @@ class VisionConfig:
     resize_mode: str = "shortest"  # eval resize: "shortest" side then center crop, or "squash"
     interpolation: str = "bicubic"
     pos_embed_antialias: bool = False  # antialiased bicubic when resizing positions (open_clip)
+    patch_bias: bool = False  # the patch-embedding conv has a bias (BLIP / timm ViTs)
 
 
 @dataclass
@@ -102,7 +103,47 @@ class CocaConfig:
     text_mask: str = "cls"
 
 
-CONFIG_CLASSES: dict[str, type] = {"clip": ClipConfig, "coca": CocaConfig}
+@dataclass
+class BlipConfig:
+    """BLIP (arXiv 2201.12086): a ViT and one BERT-style text transformer run in three modes,
+    unimodal encoder (ITC), image-grounded encoder (ITM) and image-grounded decoder (LM)."""
+
+    family: str = "blip"
+    embed_dim: int = 256  # ITC projection size
+    # BLIP's ViT: no pre-norm, final LN, patch conv with bias; eps 1e-6 (HF BLIP: 1e-5)
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(
+        image_size=224, patch_size=16, norm_eps=1e-6, pre_norm=False, patch_bias=True))
+    # bert-base-uncased + [DEC] + [ENC]; post-LN; context_length = max positions; bos = [CLS]
+    text: TextConfig = field(default_factory=lambda: TextConfig(
+        vocab_size=30524, context_length=512, width=768, layers=12, heads=12, act="gelu",
+        norm_eps=1e-12, causal=False, pool="first", pad_id=0, bos_id=101, eos_id=102))
+    dec_id: int = 30522  # [DEC]: first token of the image-grounded decoder (LM)
+    enc_id: int = 30523  # [ENC]: first token of the image-grounded encoder (ITM)
+    # encoder/decoder parameter sharing: "all_but_sa" (paper: separate self-attention only),
+    # "all" or "none"
+    share: str = "all_but_sa"
+    text_encoder: bool = True  # bidirectional text transformer (ITC, ITM, VQA question)
+    text_decoder: bool = True  # causal text transformer + LM head (captions, VQA answers)
+    retrieval_heads: bool = True  # vision_proj, text_proj, itm_head and the ITC temperature
+    # ITC feature queue; 0: no momentum encoders or queue (plain in-batch ITC, as imported)
+    queue_size: int = 57600
+    momentum: float = 0.995  # EMA of the momentum encoders
+    alpha: float = 0.4  # weight of the momentum soft targets in ITC
+    alpha_warmup_steps: int = 0  # alpha ramps linearly from 0 over these steps (BLIP: 2 epochs)
+    lm_prompt_tokens: int = 0  # caption tokens after [DEC] left out of the LM loss (a prompt)
+    init_temp: float = 0.07
+    min_temp: float = 0.001
+    max_temp: float = 0.5
+    label_smoothing: float = 0.1  # LM cross-entropy
+    # reference quirks (set by vlp.interop.hf_blip): replace the first text token with
+    # [ENC]/[DEC] for ITM / LM / VQA (paper); HF's forwards take the ids as given
+    replace_first_token: bool = True
+    # where the answer decoder's cross-attention hides question padding: "always" (vlp),
+    # "teacher_forcing" (BLIP: not in answer generation), "never" (HF ignores the mask)
+    mask_question_padding: str = "always"
+
+
+CONFIG_CLASSES: dict[str, type] = {"clip": ClipConfig, "coca": CocaConfig, "blip": BlipConfig}
 _NESTED: dict[str, type] = {"vision": VisionConfig, "text": TextConfig}
 
 
@@ -247,3 +288,32 @@ def _coca_vit_b_32() -> CocaConfig:  # 253.56M params, open_clip coca_ViT-B-32
         decoder_layers=12, decoder_heads=8, pooler="shared", caption_queries=256,
         pooler_heads=8,
     )
+
+
+@register_preset("blip-tiny")
+def _blip_tiny() -> BlipConfig:
+    # CPU-sized BLIP beside clip-tiny: 64 px in 16 px patches, width 128, 4+4 layers; the text
+    # vocab is train_tokenizer's 1024 ids plus [DEC] 1024 and [ENC] 1025
+    tiny = _clip_tiny()
+    tiny.vision.pre_norm, tiny.vision.patch_bias, tiny.vision.norm_eps = False, True, 1e-6
+    text = TextConfig(vocab_size=1026, context_length=32, width=128, layers=4, heads=4,
+                      act="gelu", norm_eps=1e-12, causal=False, pool="first",
+                      pad_id=0, bos_id=2, eos_id=1)
+    return BlipConfig(embed_dim=128, vision=tiny.vision, text=text, dec_id=1024, enc_id=1025,
+                      queue_size=1024)
+
+
+def _blip_shape(width: int, layers: int, heads: int) -> BlipConfig:
+    return BlipConfig(vision=VisionConfig(image_size=224, patch_size=16, width=width,
+                                          layers=layers, heads=heads, norm_eps=1e-6,
+                                          pre_norm=False, patch_bias=True))
+
+
+@register_preset("blip-vit-b-16")
+def _blip_vit_b_16() -> BlipConfig:  # 252.4M params ("all": 224.1M, "none": 361.3M; Table 3)
+    return _blip_shape(768, 12, 12)
+
+
+@register_preset("blip-vit-l-16")
+def _blip_vit_l_16() -> BlipConfig:  # 474.7M params: ViT-L/16 image encoder, BERT-base text
+    return _blip_shape(1024, 24, 16)

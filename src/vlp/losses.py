@@ -119,3 +119,58 @@ def caption_nll(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0
     nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX,
                           label_smoothing=label_smoothing, reduction="none")
     return nll.sum(1), (labels != IGNORE_INDEX).sum(1)
+
+
+def distilled_contrastive_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    image_bank: Tensor,
+    text_bank: Tensor,
+    logit_scale: Tensor,
+    alpha: float,
+) -> ContrastiveOutput:
+    """ITC with momentum distillation (ALBEF arXiv 2107.07651 §3.3, BLIP §3.2). The banks'
+    first B rows are the momentum encoders' features of this batch (the positives, on the
+    diagonal), the rest a queue. Targets are ``alpha * softmax(momentum similarities) +
+    (1 - alpha) * one-hot``; the loss is their soft cross-entropy, averaged over both
+    directions. Logits are ``(B, B + queue)``."""
+    batch = image_features.shape[0]
+    logits_per_image = logit_scale * image_features @ text_bank.T
+    logits_per_text = logit_scale * text_features @ image_bank.T
+    with torch.no_grad():
+        one_hot = torch.zeros_like(logits_per_image)
+        one_hot[:, :batch] = torch.eye(batch, device=one_hot.device, dtype=one_hot.dtype)
+        scale = logit_scale.detach()
+        targets_i2t = (alpha * (scale * image_bank[:batch] @ text_bank.T).softmax(dim=1)
+                       + (1 - alpha) * one_hot)
+        targets_t2i = (alpha * (scale * text_bank[:batch] @ image_bank.T).softmax(dim=1)
+                       + (1 - alpha) * one_hot)
+    loss_i2t = -(logits_per_image.log_softmax(dim=1) * targets_i2t).sum(dim=1).mean()
+    loss_t2i = -(logits_per_text.log_softmax(dim=1) * targets_t2i).sum(dim=1).mean()
+    return ContrastiveOutput(0.5 * (loss_i2t + loss_t2i), logits_per_image, logits_per_text)
+
+
+@torch.no_grad()
+def sample_hard_negatives(similarity: Tensor, generator: torch.Generator | None = None
+                          ) -> tuple[Tensor, Tensor]:
+    """BLIP's ITM hard negatives (§3.2) from a square image x text similarity ``(B, B)``: for
+    each text an image and for each image a text, drawn in proportion to softmax(similarity)
+    + 1e-4 with the positive excluded. Returns (image index per text, text index per image)."""
+    batch = similarity.shape[0]
+    if batch < 2:
+        raise ValueError("hard negatives need a batch of at least 2 pairs")
+    diagonal = torch.eye(batch, dtype=torch.bool, device=similarity.device)
+    weights_t2i = (similarity.T.float().softmax(dim=1) + 1e-4).masked_fill(diagonal, 0)
+    weights_i2t = (similarity.float().softmax(dim=1) + 1e-4).masked_fill(diagonal, 0)
+    image_per_text = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+    text_per_image = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
+    return image_per_text, text_per_image
+
+
+def itm_nll(positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
+    """Per-row ITM cross-entropy: ``(B, 2)`` logits of matching pairs (label 1) and ``(N, 2)``
+    of mismatched ones (label 0) -> ``(B + N,)``."""
+    logits = torch.cat([positive_logits, negative_logits])
+    labels = torch.cat([positive_logits.new_ones(positive_logits.shape[0], dtype=torch.long),
+                        negative_logits.new_zeros(negative_logits.shape[0], dtype=torch.long)])
+    return F.cross_entropy(logits.float(), labels, reduction="none")

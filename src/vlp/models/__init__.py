@@ -8,12 +8,14 @@ from typing import Any
 from torch import nn
 
 from vlp.errors import ConfigError
+from vlp.models.blip import BLIP, build_blip
 from vlp.models.clip import CLIP, build_clip
 from vlp.models.coca import CoCa, build_coca
 
 MODEL_BUILDERS: dict[str, Callable[[Any], nn.Module]] = {
     "clip": build_clip,
     "coca": build_coca,
+    "blip": build_blip,
 }
 
 
@@ -27,4 +29,5 @@ def build_model(config: Any) -> nn.Module:
     return MODEL_BUILDERS[family](config)
 
 
-__all__ = ["CLIP", "MODEL_BUILDERS", "CoCa", "build_clip", "build_coca", "build_model"]
+__all__ = ["BLIP", "CLIP", "MODEL_BUILDERS", "CoCa", "build_blip", "build_clip", "build_coca",
+           "build_model"]

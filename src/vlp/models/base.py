@@ -54,6 +54,9 @@ class PretrainModel(nn.Module):
     """
 
     exchange: FeatureExchange | None = None
+    # False where features() has side effects (momentum encoders, queues): the trainer then
+    # runs accumulated micro-batches independently instead of recomputing cached features
+    accumulates_features: bool = True
 
     def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per-sample tensors (batch first) that `loss` needs; concatenable along dim 0."""

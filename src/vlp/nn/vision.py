@@ -67,7 +67,7 @@ class VisionTransformer(nn.Module):
         width = config.width
         self.grid = config.image_size // config.patch_size
         self.patch_embed = nn.Conv2d(3, width, config.patch_size, stride=config.patch_size,
-                                     bias=False)
+                                     bias=config.patch_bias)
         self.class_token = nn.Parameter(torch.empty(width))
         self.pos_embed = nn.Parameter(torch.empty(1 + self.grid * self.grid, width))
         self.patch_dropout = PatchDropout(config.patch_dropout)
@@ -85,6 +85,8 @@ class VisionTransformer(nn.Module):
         width = self.config.width
         nn.init.normal_(self.class_token, std=width**-0.5)
         nn.init.normal_(self.pos_embed, std=width**-0.5)
+        if self.patch_embed.bias is not None:
+            nn.init.zeros_(self.patch_embed.bias)
         init_transformer_(self.transformer)
         if isinstance(self.head, nn.Linear):
             nn.init.normal_(self.head.weight, std=width**-0.5)

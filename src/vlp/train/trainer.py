@@ -172,7 +172,7 @@ class _Trainer:
     def _accumulate(self, micro: list[dict[str, Any]]) -> dict[str, Tensor]:
         """Forward and backward over the micro-batches; returns the step's loss terms."""
         last = len(micro) - 1
-        if self.cfg.accum_features and last > 0:
+        if self.cfg.accum_features and last > 0 and self.raw_model.accumulates_features:
             # features of every micro-batch without grad, then each recomputed with grad
             # under the RNG state it first saw, so dropout masks match the cached features
             snapshots, cached = [], []

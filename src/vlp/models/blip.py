@@ -1,0 +1,421 @@
+"""BLIP (Li et al. 2022, arXiv 2201.12086): a multimodal mixture of encoder-decoder.
+
+The paper's idea, in this file: one ViT and one BERT-style text transformer that runs in three
+modes (§3.1) — a unimodal encoder whose ``[CLS]`` state gives the ITC embedding, an
+image-grounded encoder (cross-attention to the image, ``[ENC]`` first) whose first state feeds
+the ITM head, and an image-grounded decoder (causal, ``[DEC]`` first) with an LM head. Encoder
+and decoder share every parameter except self-attention (Table 3, "all_but_sa"); "all" and
+"none" are the paper's ablations. VQA (§5.3) encodes the question with the image-grounded
+encoder and decodes the answer cross-attending to the question states.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlp.config import BlipConfig
+from vlp.errors import ConfigError
+from vlp.generate import generate as generate_tokens
+from vlp.losses import (
+    IGNORE_INDEX,
+    caption_nll,
+    clip_loss,
+    distilled_contrastive_loss,
+    itm_nll,
+    sample_hard_negatives,
+)
+from vlp.models.base import PretrainModel, partial_grad
+from vlp.nn import BlockCache, VisionTransformer
+from vlp.nn.bert import BertTextTransformer, LMPredictionHead
+from vlp.nn.momentum import FeatureQueue, ema_update_, momentum_copy
+
+SHARES = ("all_but_sa", "all", "none")
+QUESTION_MASKS = ("always", "teacher_forcing", "never")
+# per decoder block: the encoder modules it reuses under each sharing mode; BLIP ties every
+# weight whose path lacks "/attention", so self-attention and its post-LN stay separate
+SHARED_BLOCK_MODULES = {
+    "all_but_sa": ("cross_attn", "norm_cross", "mlp", "norm2"),
+    "all": ("attn", "norm1", "cross_attn", "norm_cross", "mlp", "norm2"),
+    "none": (),
+}
+
+
+def share_text_towers_(decoder: BertTextTransformer, encoder: BertTextTransformer,
+                       share: str) -> None:
+    """Make ``decoder`` reuse ``encoder``'s modules as ``share`` says (embeddings too unless
+    "none"); shared parameters are one tensor, so they train as one."""
+    if share not in SHARES:
+        raise ConfigError(f"blip.share {share!r}; expected one of {list(SHARES)}")
+    if share == "none":
+        return
+    decoder.token_embed = encoder.token_embed
+    decoder.pos_embed = encoder.pos_embed
+    decoder.embed_norm = encoder.embed_norm
+    for decoder_block, encoder_block in zip(decoder.blocks, encoder.blocks, strict=True):
+        for name in SHARED_BLOCK_MODULES[share]:
+            setattr(decoder_block, name, getattr(encoder_block, name))
+
+
+class DecodeState(NamedTuple):
+    caches: list[BlockCache]  # decoder self- and cross-attention caches, batch-first
+    context_mask: Tensor | None  # (B, S) keys of the cross-attended context each row may see
+
+
+class GroundedDecoder:
+    """`vlp.generate.StepDecoder` over BLIP's decoder: sequences cross-attend to row ``rows``
+    of ``context`` (image tokens for captions, question states for VQA answers)."""
+
+    def __init__(self, model: BLIP, context: Tensor, context_mask: Tensor | None = None) -> None:
+        self.model = model
+        self.context = context  # (B_context, S, D)
+        self.context_mask = context_mask  # (B_context, S) or None: every key visible
+
+    def _logits(self, input_ids: Tensor, state: DecodeState | None, rows: Tensor | None
+                ) -> tuple[Tensor, DecodeState]:
+        if state is None:
+            context = self.context[rows]
+            context_mask = self.context_mask[rows] if self.context_mask is not None else None
+            caches = None
+        else:
+            context, context_mask, caches = None, state.context_mask, state.caches
+        states, caches = self.model.text_decoder.forward_cached(
+            input_ids, caches, context=context, context_mask=context_mask)
+        logits = self.model.lm_logits(states[:, -1:])[:, 0]
+        return logits, DecodeState(caches, context_mask)
+
+    def prefill(self, input_ids: Tensor, rows: Tensor) -> tuple[Tensor, DecodeState]:
+        return self._logits(input_ids, None, rows)
+
+    def step(self, input_ids: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
+        return self._logits(input_ids, state, None)
+
+
+class BLIP(PretrainModel):
+    # each training forward updates the momentum encoders and the queue (as BLIP does)
+    accumulates_features = False
+
+    def __init__(self, config: BlipConfig, visual: VisionTransformer,
+                 text_encoder: BertTextTransformer | None,
+                 text_decoder: BertTextTransformer | None) -> None:
+        super().__init__()
+        self.config = config
+        text_width, vision_width = config.text.width, config.vision.width
+        self.visual = visual
+        self.text_encoder = text_encoder
+        self.text_decoder = text_decoder
+        self.lm_head = (LMPredictionHead(text_width, config.text.vocab_size, config.text.act,
+                                         config.text.norm_eps)
+                        if text_decoder is not None else None)
+        if config.retrieval_heads:
+            self.vision_proj = nn.Linear(vision_width, config.embed_dim)
+            self.text_proj = nn.Linear(text_width, config.embed_dim)
+            self.itm_head = nn.Linear(text_width, 2)
+            self.temp = nn.Parameter(torch.tensor(float(config.init_temp)))
+            for head in (self.vision_proj, self.text_proj, self.itm_head):
+                nn.init.normal_(head.weight, std=0.02)  # BERT's init, as BLIP's heads get
+                nn.init.zeros_(head.bias)
+        else:
+            self.vision_proj = self.text_proj = self.itm_head = None
+            self.temp = None
+        # ITC momentum distillation (§3.2): EMA copies of the unimodal encoders, feature queues
+        self.momentum_encoders = self.queue = None
+        if config.retrieval_heads and config.queue_size > 0:
+            self.momentum_encoders = nn.ModuleDict({
+                name: momentum_copy(getattr(self, name))
+                for name in ("visual", "vision_proj", "text_encoder", "text_proj")})
+            self.queue = FeatureQueue(config.queue_size, config.embed_dim)
+
+    def no_weight_decay(self) -> set[str]:
+        names = {"temp"} | {f"visual.{n}" for n in self.visual.no_weight_decay()}
+        for tower in ("text_encoder", "text_decoder"):
+            if getattr(self, tower) is not None:
+                names |= {f"{tower}.{n}" for n in getattr(self, tower).no_weight_decay()}
+        return names
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.transformer.grad_checkpointing = enable
+        for tower in (self.text_encoder, self.text_decoder):
+            if tower is not None:
+                tower.grad_checkpointing = enable
+
+    # -- parts ----------------------------------------------------------------------------------
+
+    def _require(self, part: str, what: str) -> None:
+        if getattr(self, part) is None:
+            field = "retrieval_heads" if part == "itm_head" else part
+            raise ConfigError(f"{what} needs the {part.replace('_', ' ')}, which this BLIP "
+                              f"lacks (config.{field}=False)")
+
+    def _first_token(self, input_ids: Tensor, token_id: int, always: bool = False) -> Tensor:
+        """``input_ids`` with position 0 set to ``token_id`` ([ENC]/[DEC]) when the config says
+        so (paper) or ``always`` (training); unchanged otherwise (HF's forwards)."""
+        if not (always or self.config.replace_first_token):
+            return input_ids
+        input_ids = input_ids.clone()
+        input_ids[:, 0] = token_id
+        return input_ids
+
+    def scale(self) -> Tensor:
+        """ITC logit multiplier 1 / temp, with temp clamped to [min_temp, max_temp] (§3.2)."""
+        self._require("itm_head", "the ITC temperature")
+        return 1.0 / self.temp.clamp(self.config.min_temp, self.config.max_temp)
+
+    def image_tokens(self, pixels: Tensor) -> Tensor:
+        """``(B, 3, H, W) -> (B, 1 + patches, vision width)`` after the ViT's final norm."""
+        return self.visual.forward_features(pixels)
+
+    def lm_logits(self, decoder_states: Tensor) -> Tensor:
+        """Decoder states ``(B, T, width)`` -> next-token logits ``(B, T, vocab)``."""
+        return self.lm_head(decoder_states, self.text_decoder.token_embed.weight)
+
+    # -- ITC: unimodal encoders -----------------------------------------------------------------
+
+    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
+        """``(B, 3, H, W) -> (B, embed_dim)`` from the class token, L2-normalised unless
+        ``normalize=False``."""
+        self._require("itm_head", "encode_image")
+        embedding = self.vision_proj(self.image_tokens(pixels)[:, 0])
+        return F.normalize(embedding, dim=-1) if normalize else embedding
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    normalize: bool = True) -> Tensor:
+        """``(B, L) -> (B, embed_dim)`` from the ``[CLS]`` state of the unimodal encoder;
+        ``attention_mask`` defaults to ids other than pad_id."""
+        self._require("text_encoder", "encode_text")
+        self._require("itm_head", "encode_text")
+        states = self.text_encoder(input_ids, attention_mask)
+        embedding = self.text_proj(states[:, 0])
+        return F.normalize(embedding, dim=-1) if normalize else embedding
+
+    def itc_similarity(self, pixels: Tensor, input_ids: Tensor,
+                       attention_mask: Tensor | None = None) -> Tensor:
+        """Cosine similarities ``(B_images, B_texts)``, without temperature (the ITC score of
+        BLIP's retrieval, §3.4 of REFERENCE_NOTES)."""
+        return self.encode_image(pixels) @ self.encode_text(input_ids, attention_mask).T
+
+    # -- ITM: image-grounded encoder ------------------------------------------------------------
+
+    def grounded_text_states(self, image_tokens: Tensor, input_ids: Tensor,
+                             attention_mask: Tensor | None = None,
+                             always_enc: bool = False) -> Tensor:
+        """Image-grounded encoder states ``(B, L, width)``; the first token becomes ``[ENC]``."""
+        self._require("text_encoder", "the image-grounded encoder")
+        input_ids = self._first_token(input_ids, self.config.enc_id, always_enc)
+        return self.text_encoder(input_ids, attention_mask, context=image_tokens)
+
+    def itm_logits(self, pixels: Tensor, input_ids: Tensor,
+                   attention_mask: Tensor | None = None) -> Tensor:
+        """``(B, 2)`` match logits of image i with text i (index 1 = match)."""
+        self._require("itm_head", "itm_logits")
+        states = self.grounded_text_states(self.image_tokens(pixels), input_ids, attention_mask)
+        return self.itm_head(states[:, 0])
+
+    # -- LM: image-grounded decoder -------------------------------------------------------------
+
+    def decoder_logits(self, context: Tensor, input_ids: Tensor,
+                       attention_mask: Tensor | None = None,
+                       context_mask: Tensor | None = None) -> Tensor:
+        """``(B, L, vocab)`` next-token logits of the causal decoder over ``input_ids`` (first
+        token -> ``[DEC]``), cross-attending to ``context`` (B, S, D)."""
+        self._require("text_decoder", "the image-grounded decoder")
+        states = self.text_decoder(self._first_token(input_ids, self.config.dec_id),
+                                   attention_mask, context=context, context_mask=context_mask)
+        return self.lm_logits(states)
+
+    def caption_logits(self, pixels: Tensor, input_ids: Tensor,
+                       attention_mask: Tensor | None = None) -> Tensor:
+        """``(B, L, vocab)``: at each position, the logits of the next caption token."""
+        return self.decoder_logits(self.image_tokens(pixels), input_ids, attention_mask)
+
+    def _generate(self, context: Tensor, context_mask: Tensor | None, prompt_ids: Tensor,
+                  max_new_tokens: int | None, kwargs: dict) -> Tensor:
+        text = self.config.text
+        prompt_ids = prompt_ids.clone()
+        prompt_ids[:, 0] = self.config.dec_id  # generation always starts with [DEC]
+        room = text.context_length - prompt_ids.shape[1]
+        if max_new_tokens is None:
+            max_new_tokens = room
+        if not 1 <= max_new_tokens <= room:
+            raise ConfigError(f"max_new_tokens={max_new_tokens}: prompt of "
+                              f"{prompt_ids.shape[1]} tokens leaves room for 1..{room} "
+                              f"(text.context_length {text.context_length})")
+        was_training = self.training
+        self.eval()
+        try:
+            decoder = GroundedDecoder(self, context, context_mask)
+            return generate_tokens(decoder, prompt_ids, eos_id=text.eos_id, pad_id=text.pad_id,
+                                   max_new_tokens=max_new_tokens, **kwargs)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, pixels: Tensor, prompt_ids: Tensor | None = None,
+                 max_new_tokens: int | None = None, **kwargs) -> Tensor:
+        """Captions of ``pixels`` as token ids ``(B, T)``: the tokens after the prompt, each row
+        ending with eos ([SEP]) then pad_id. ``prompt_ids`` (B, L) is a tokenised prompt such as
+        "a picture of " without its trailing eos; its first token is replaced by ``[DEC]``
+        (default: ``[DEC]`` alone). ``kwargs`` go to `vlp.generate.generate`."""
+        self._require("text_decoder", "generate")
+        if prompt_ids is None:
+            prompt_ids = torch.full((pixels.shape[0], 1), self.config.dec_id, dtype=torch.long,
+                                    device=pixels.device)
+        return self._generate(self.image_tokens(pixels), None, prompt_ids, max_new_tokens,
+                              kwargs)
+
+    # -- VQA: question encoder + answer decoder -------------------------------------------------
+
+    def question_states(self, pixels: Tensor, question_ids: Tensor,
+                        question_mask: Tensor | None = None) -> Tensor:
+        """``(B, Lq, width)``: the question through the image-grounded encoder."""
+        if self.config.vision.width != self.config.text.width:
+            raise ConfigError(f"VQA needs vision.width == text.width (the answer decoder's "
+                              f"cross-attention reads question states), got "
+                              f"{self.config.vision.width} and {self.config.text.width}")
+        return self.grounded_text_states(self.image_tokens(pixels), question_ids, question_mask)
+
+    def vqa_answer_logits(self, pixels: Tensor, question_ids: Tensor, answer_ids: Tensor,
+                          question_mask: Tensor | None = None,
+                          answer_mask: Tensor | None = None) -> Tensor:
+        """``(B, La, vocab)`` next-token logits of each answer given its image and question."""
+        if question_mask is None:
+            question_mask = question_ids != self.config.text.pad_id
+        states = self.question_states(pixels, question_ids, question_mask)
+        context_mask = question_mask if self.config.mask_question_padding != "never" else None
+        return self.decoder_logits(states, answer_ids, answer_mask, context_mask=context_mask)
+
+    @torch.no_grad()
+    def answer(self, pixels: Tensor, question_ids: Tensor, question_mask: Tensor | None = None,
+               max_new_tokens: int = 10, **kwargs) -> Tensor:
+        """Open-ended answers ``(B, T)`` generated from ``[DEC]``, each row ending with eos then
+        pad_id; ``kwargs`` go to `vlp.generate.generate` (BLIP: num_beams=3)."""
+        self._require("text_decoder", "answer")
+        if question_mask is None:
+            question_mask = question_ids != self.config.text.pad_id
+        states = self.question_states(pixels, question_ids, question_mask)
+        context_mask = question_mask if self.config.mask_question_padding == "always" else None
+        start = torch.full((pixels.shape[0], 1), self.config.dec_id, dtype=torch.long,
+                           device=pixels.device)
+        return self._generate(states, context_mask, start, max_new_tokens, kwargs)
+
+
+    # -- pretraining: ITC + ITM + LM (§3.2) ---------------------------------------------------
+
+    def alpha(self) -> float:
+        """Distillation weight, ramped linearly over ``alpha_warmup_steps`` training updates
+        (counted by the queue's enqueues)."""
+        warmup = self.config.alpha_warmup_steps
+        steps = int(self.queue.batches) if self.queue is not None else 0
+        ramp = min(1.0, steps / warmup) if warmup > 0 else 1.0
+        return self.config.alpha * ramp
+
+    @torch.no_grad()
+    def _momentum_features(self, pixels: Tensor, input_ids: Tensor,
+                           attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        encoders = self.momentum_encoders
+        if self.training:
+            for name, twin in encoders.items():
+                ema_update_(twin, getattr(self, name), self.config.momentum)
+        image = encoders["vision_proj"](encoders["visual"].forward_features(pixels)[:, 0])
+        text = encoders["text_proj"](encoders["text_encoder"](input_ids, attention_mask)[:, 0])
+        return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+
+    def _itm_features(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                      similarity: Tensor) -> Tensor:
+        """Per pair, the summed ITM CE of the pair (match), its text with a hard-negative image
+        and its image with a hard-negative text (mismatches): ``(B,)``."""
+        batch = input_ids.shape[0]
+        if batch < 2:
+            raise ConfigError("BLIP's ITM objective needs batches of at least 2 pairs")
+        image_per_text, text_per_image = sample_hard_negatives(similarity)
+        tokens = torch.cat([image_tokens, image_tokens[image_per_text], image_tokens])
+        ids = torch.cat([input_ids, input_ids, input_ids[text_per_image]])
+        mask = torch.cat([attention_mask, attention_mask, attention_mask[text_per_image]])
+        states = self.grounded_text_states(tokens, ids, mask, always_enc=True)
+        logits = self.itm_head(states[:, 0])  # (3B, 2): matches, then the two negative sets
+        return itm_nll(logits[:batch], logits[batch:]).view(3, batch).sum(dim=0)
+
+    def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per pair: ITC embeddings (student and momentum), the summed ITM CE of its three
+        rows, and the LM token NLL sum and count (so accumulated batches average exactly)."""
+        for part, what in (("itm_head", "ITC/ITM"), ("text_decoder", "LM")):
+            self._require(part, f"pretraining ({what})")
+        pixels, input_ids = batch["pixels"], batch["input_ids"]
+        attention_mask = batch.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = input_ids != self.config.text.pad_id
+        attention_mask = attention_mask.bool()
+        image_tokens = self.image_tokens(pixels)
+        image = F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)
+        text = F.normalize(self.text_proj(self.text_encoder(input_ids, attention_mask)[:, 0]),
+                           dim=-1)
+        out = {"image": image, "text": text}
+        partner = text
+        if self.momentum_encoders is not None:
+            out["image_m"], out["text_m"] = self._momentum_features(pixels, input_ids,
+                                                                    attention_mask)
+            partner = out["text_m"]  # BLIP samples negatives from student x momentum scores
+        similarity = self.scale().detach() * image.detach() @ partner.T
+        out["itm_nll"] = self._itm_features(image_tokens, input_ids, attention_mask, similarity)
+        decoder_ids = self._first_token(input_ids, self.config.dec_id, always=True)
+        states = self.text_decoder(decoder_ids, attention_mask, context=image_tokens)
+        labels = input_ids[:, 1:].masked_fill(~attention_mask[:, 1:], IGNORE_INDEX)
+        labels[:, : self.config.lm_prompt_tokens] = IGNORE_INDEX
+        out["lm_nll"], out["lm_tokens"] = caption_nll(self.lm_logits(states[:, :-1]), labels,
+                                                      self.config.label_smoothing)
+        return out
+
+    def loss(self, features: dict[str, Tensor], share: float = 1.0) -> dict:
+        """``itc + itm + lm`` (equal weights, paper); in training the momentum features of the
+        batch then join the queue."""
+        scale = partial_grad(self.scale(), share)
+        image, text = features["image"], features["text"]
+        if self.queue is None:
+            itc = clip_loss(image, text, scale, exchange=self.exchange).loss
+        else:
+            image_m, text_m = features["image_m"], features["text_m"]
+            itc = distilled_contrastive_loss(
+                image, text, torch.cat([image_m, self.queue.get("image")]),
+                torch.cat([text_m, self.queue.get("text")]), scale, self.alpha()).loss
+            if self.training:
+                if self.exchange is not None:  # every rank's momentum features join the queue
+                    (image_m, text_m), _ = self.exchange.gather(image_m, text_m)
+                self.queue.enqueue(image=image_m, text=text_m)
+        itm = features["itm_nll"].sum() / (3 * features["itm_nll"].shape[0])
+        lm = features["lm_nll"].sum() / features["lm_tokens"].sum().clamp(min=1)
+        return {"loss": itc + itm + lm,
+                "losses": {"itc": itc.detach(), "itm": itm.detach(), "lm": lm.detach()},
+                "temp": (1.0 / self.scale()).detach()}
+
+
+def build_blip(config: BlipConfig) -> BLIP:
+    """Random-init BLIP from its config: the ViT, the text towers (shared per ``share``)."""
+    text = config.text
+    if config.share not in SHARES:
+        raise ConfigError(f"blip.share {config.share!r}; expected one of {list(SHARES)}")
+    if config.mask_question_padding not in QUESTION_MASKS:
+        raise ConfigError(f"blip.mask_question_padding {config.mask_question_padding!r}; "
+                          f"expected one of {list(QUESTION_MASKS)}")
+    if not (config.text_encoder or config.text_decoder):
+        raise ConfigError("blip: set text_encoder and/or text_decoder; a BLIP needs a text tower")
+    if config.retrieval_heads and not config.text_encoder:
+        raise ConfigError("blip.retrieval_heads needs text_encoder=True")
+    for name in ("dec_id", "enc_id"):
+        if not 0 <= getattr(config, name) < text.vocab_size:
+            raise ConfigError(f"blip.{name} {getattr(config, name)} is outside the text "
+                              f"vocabulary of {text.vocab_size}")
+    if not 0 < config.min_temp <= config.init_temp <= config.max_temp:
+        raise ConfigError(f"blip temperatures need 0 < min_temp <= init_temp <= max_temp, got "
+                          f"{config.min_temp}, {config.init_temp}, {config.max_temp}")
+    visual = VisionTransformer(config.vision, output_dim=None)
+    context_dim = config.vision.width
+    encoder = (BertTextTransformer(text, context_dim, causal=False)
+               if config.text_encoder else None)
+    decoder = (BertTextTransformer(text, context_dim, causal=True)
+               if config.text_decoder else None)
+    if encoder is not None and decoder is not None:
+        share_text_towers_(decoder, encoder, config.share)
+    return BLIP(config, visual, encoder, decoder)
