@@ -84,14 +84,18 @@ def image_transform(model_or_config: Any, train: bool = False):
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_format: str,
             dst_format: str, tokenizer: Any | None = None, image_size: int | None = None,
-            config: str | os.PathLike[str] | None = None) -> Path:
-    """Convert a checkpoint between ``vlp``, ``hf`` (transformers) and ``open_clip`` formats;
-    ``tokenizer`` supplies one where the source has none, ``image_size`` resamples positions,
-    ``config`` is the open_clip model config JSON for a bare weights file."""
+            config: str | os.PathLike[str] | None = None,
+            architecture: str | None = None) -> Path:
+    """Convert a checkpoint between ``vlp``, ``hf`` (transformers), ``open_clip`` (CLIP) and
+    ``lavis`` (original BLIP / LAVIS files) formats; ``tokenizer`` supplies one where the
+    source has none, ``image_size`` resamples positions, ``config`` is the open_clip model
+    config JSON for a bare weights file (or the BLIP preset for a lavis file), and
+    ``architecture`` the HF BLIP class to write."""
     from vlp.interop import convert as _convert
 
     return _convert(src, dst, src_format=src_format, dst_format=dst_format,
-                    tokenizer=tokenizer, image_size=image_size, config=config)
+                    tokenizer=tokenizer, image_size=image_size, config=config,
+                    architecture=architecture)
 
 
 __all__ = [

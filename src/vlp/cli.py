@@ -200,12 +200,16 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+CONVERT_FORMATS = ["vlp", "hf", "open_clip", "lavis"]  # vlp.interop.FORMATS
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import vlp
 
     path = vlp.convert(args.src, args.dst, src_format=args.src_format,
                        dst_format=args.dst_format, tokenizer=args.tokenizer,
-                       image_size=args.image_size, config=args.config)
+                       image_size=args.image_size, config=args.config,
+                       architecture=args.architecture)
     _print_json({"out": str(path), "from": args.src_format, "to": args.dst_format})
     return 0
 
@@ -351,18 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_args(cp)
     cp.set_defaults(func=cmd_caption)
 
-    cv = sub.add_parser("convert", help="convert checkpoints between vlp, HF and open_clip",
-                        description="Convert a CLIP checkpoint between formats.")
-    cv.add_argument("--from", dest="src_format", required=True,
-                    choices=["vlp", "hf", "open_clip"])
-    cv.add_argument("--to", dest="dst_format", required=True, choices=["vlp", "hf", "open_clip"])
+    cv = sub.add_parser("convert", help="convert checkpoints between vlp, HF, open_clip and "
+                                        "original BLIP/LAVIS",
+                        description="Convert a CLIP (vlp, hf, open_clip) or BLIP (vlp, hf, "
+                                    "lavis: an original BLIP / LAVIS .pth) between formats.")
+    cv.add_argument("--from", dest="src_format", required=True, choices=CONVERT_FORMATS)
+    cv.add_argument("--to", dest="dst_format", required=True, choices=CONVERT_FORMATS)
     cv.add_argument("--tokenizer", help="tokenizer directory, tokenizer.json, or a directory "
                                         "with vocab.json + merges.txt (open_clip sources)")
     cv.add_argument("--image-size", type=int,
                     help="interpolate position embeddings for this input size")
-    cv.add_argument("--config", help="open_clip model config JSON (for a bare weights file)")
+    cv.add_argument("--config", help="open_clip: model config JSON (for a bare weights file); "
+                                     "lavis: vlp BLIP preset or config JSON giving the heads "
+                                     "and token ids (default by vision width)")
+    cv.add_argument("--architecture",
+                    help="--to hf, BLIP: the HF class to write (BlipForImageTextRetrieval, "
+                         "BlipForConditionalGeneration, BlipForQuestionAnswering; default: the "
+                         "one holding exactly the model's parts)")
     cv.add_argument("src", help="source checkpoint directory or file")
-    cv.add_argument("dst", help="destination directory")
+    cv.add_argument("dst", help="destination directory (a .pth/.safetensors file for lavis)")
     cv.set_defaults(func=cmd_convert)
 
     dm = sub.add_parser("demo", parents=[common], help="synthetic data -> train clip-tiny -> eval",

@@ -1,4 +1,5 @@
-"""Weights in and out of reference libraries (HF transformers, open_clip), as strict key maps.
+"""Weights in and out of reference libraries (HF transformers, open_clip, original BLIP /
+LAVIS), as strict key maps.
 
 Nothing here imports transformers or open_clip: both formats are plain JSON + safetensors (or a
 weights-only torch file), so the core package works without the ``interop`` extra.
@@ -6,10 +7,13 @@ weights-only torch file), so the core package works without the ``interop`` extr
 
 from vlp.interop.convert import FORMATS, convert, load_any, load_vlp
 from vlp.interop.hf import load_hf, save_hf
+from vlp.interop.hf_blip import load_hf_blip, save_hf_blip
 from vlp.interop.keymap import ImportedModel, KeyMap
+from vlp.interop.lavis_blip import load_lavis_blip, save_lavis_blip
 from vlp.interop.open_clip import load_open_clip, save_open_clip
 
 __all__ = [
-    "FORMATS", "ImportedModel", "KeyMap", "convert", "load_any", "load_hf", "load_open_clip",
-    "load_vlp", "save_hf", "save_open_clip",
+    "FORMATS", "ImportedModel", "KeyMap", "convert", "load_any", "load_hf", "load_hf_blip",
+    "load_lavis_blip", "load_open_clip", "load_vlp", "save_hf", "save_hf_blip", "save_lavis_blip",
+    "save_open_clip",
 ]

@@ -1,7 +1,10 @@
-"""`convert`: move a CLIP between vlp, HF transformers and open_clip directory formats.
+"""`convert`: move a model between vlp, HF transformers, open_clip and original BLIP/LAVIS.
 
-The source format is always given, never guessed from the files. The model is read and checked
-completely before anything is written, and the target directory appears atomically.
+CLIP: vlp <-> hf <-> open_clip. BLIP: vlp <-> hf (one HF task class per directory) and the
+original BLIP / LAVIS checkpoint file ("lavis") -> vlp / hf, vlp -> lavis. The source format is
+always given, never guessed from the files; an HF directory's declared ``model_type`` picks the
+family. The model is read and checked completely before anything is written, and the target
+appears atomically.
 """
 
 from __future__ import annotations
@@ -10,12 +13,22 @@ import os
 from pathlib import Path
 
 from vlp.errors import ConfigError
-from vlp.interop.hf import load_hf, save_hf
-from vlp.interop.keymap import ImportedModel, TokenizerSource, attach_tokenizer, fit_tokenizer
+from vlp.interop.hf import CONFIG_FILE, load_hf, save_hf
+from vlp.interop.hf_blip import load_hf_blip, save_hf_blip
+from vlp.interop.keymap import (
+    ImportedModel,
+    TokenizerSource,
+    attach_tokenizer,
+    fit_tokenizer,
+    read_json,
+)
+from vlp.interop.lavis_blip import load_lavis_blip, save_lavis_blip
 from vlp.interop.open_clip import load_open_clip, save_open_clip
+from vlp.models.blip import BLIP
 from vlp.tokenizers import Tokenizer, clip_bpe_tokenizer, load_tokenizer
 
-FORMATS = ("hf", "open_clip", "vlp")
+FORMATS = ("hf", "lavis", "open_clip", "vlp")
+CONFIG_FORMATS = ("lavis", "open_clip")  # formats whose weights need a config= beside them
 
 
 def _read_tokenizer(source: TokenizerSource, context_length: int) -> Tokenizer:
@@ -47,22 +60,32 @@ def load_any(
     image_size: int | None = None,
     config: str | os.PathLike[str] | None = None,
 ) -> ImportedModel:
-    """Read ``src`` in ``src_format`` ("hf", "open_clip" or "vlp") as a vlp CLIP + tokenizer."""
+    """Read ``src`` in ``src_format`` (one of FORMATS) as a vlp model + tokenizer."""
     if src_format not in FORMATS:
         raise ConfigError(f"source format {src_format!r}; expected one of {list(FORMATS)}")
-    if config is not None and src_format != "open_clip":
-        raise ConfigError("config= names an open_clip model config; only for src_format "
-                          "'open_clip'")
+    if config is not None and src_format not in CONFIG_FORMATS:
+        raise ConfigError(f"config= is for src_format {list(CONFIG_FORMATS)} (an open_clip "
+                          "model config JSON; a vlp BLIP preset or config JSON for lavis)")
     if src_format == "open_clip":
         return load_open_clip(src, config=config, tokenizer=tokenizer, image_size=image_size)
-    imported = (load_hf(src, image_size=image_size) if src_format == "hf"
-                else load_vlp(src, image_size=image_size))
+    if src_format == "lavis":
+        imported = load_lavis_blip(src, config=config, image_size=image_size)
+    elif src_format == "hf":
+        imported = (load_hf_blip(src, image_size=image_size) if _hf_model_type(src) == "blip"
+                    else load_hf(src, image_size=image_size))
+    else:
+        imported = load_vlp(src, image_size=image_size)
     if tokenizer is None:
         return imported
     text = imported.model.config.text
     chosen = fit_tokenizer(_read_tokenizer(tokenizer, text.context_length),
                            text.context_length, text.vocab_size, str(tokenizer))
     return ImportedModel(imported.model, chosen)
+
+
+def _hf_model_type(src: str | os.PathLike[str]) -> object:
+    path = Path(src) / CONFIG_FILE
+    return read_json(path).get("model_type") if path.is_file() else None
 
 
 def convert(
@@ -74,23 +97,35 @@ def convert(
     tokenizer: TokenizerSource | None = None,
     image_size: int | None = None,
     config: str | os.PathLike[str] | None = None,
+    architecture: str | None = None,
 ) -> Path:
-    """Convert the CLIP at ``src`` (``src_format``) into a ``dst_format`` directory at ``dst``
-    that the target library loads with its own API; returns ``dst``.
+    """Convert the model at ``src`` (``src_format``) into ``dst_format`` at ``dst`` (a directory;
+    a ``.pth``/``.safetensors`` file for "lavis") that the target library loads with its own
+    API; returns ``dst``.
 
     ``tokenizer``: a tokenizer directory/file or a ``(vocab.json, merges.txt)`` pair used instead
     of the files found beside the weights. ``image_size``: serve another input size by
     interpolating the position embeddings. ``config``: the open_clip model config JSON when
-    ``src`` is an open_clip weights file.
+    ``src`` is an open_clip weights file; for "lavis", a vlp BLIP preset name or config JSON
+    giving the attention heads and token ids. ``architecture``: the HF BLIP class to write
+    (e.g. the captioner of a pretrained BLIP); default the one holding exactly the model's parts.
     """
     if dst_format not in FORMATS:
         raise ConfigError(f"target format {dst_format!r}; expected one of {list(FORMATS)}")
+    if architecture is not None and dst_format != "hf":
+        raise ConfigError("architecture= names an HF BLIP class; only for dst_format 'hf'")
     model, loaded_tokenizer = load_any(src, src_format, tokenizer=tokenizer,
                                        image_size=image_size, config=config)
+    if dst_format == "hf" and isinstance(model, BLIP):
+        return save_hf_blip(model, dst, loaded_tokenizer, architecture=architecture)
     if dst_format == "hf":
+        if architecture is not None:
+            raise ConfigError("architecture= is for BLIP models; an HF CLIP is CLIPModel")
         return save_hf(model, dst, loaded_tokenizer)
     if dst_format == "open_clip":
         return save_open_clip(model, dst, loaded_tokenizer)
+    if dst_format == "lavis":
+        return save_lavis_blip(model, dst)
     from vlp.train.checkpoint import save_pretrained
 
     return save_pretrained(model, dst, loaded_tokenizer)

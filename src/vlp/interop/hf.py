@@ -20,7 +20,6 @@ which differs from a vlp model left at ``eos_fallback="last"``.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from vlp.interop.keymap import (
     hf_readable,
     import_into,
     keep_loaded_logit_scale,
+    mlp_ratio,
     read_json,
     read_state_dict,
     refuse_foreign_directory,
@@ -130,18 +130,7 @@ def hf_key_map(config: ClipConfig) -> KeyMap:
 
 # -- configs --------------------------------------------------------------------------------------
 
-def _mlp_ratio(width: int, hidden: int, where: str) -> float:
-    """A ratio with ``int(width * ratio) == hidden`` exactly (vlp sizes the MLP that way)."""
-    ratio = hidden / width
-    if int(width * ratio) != hidden:
-        ratio = math.nextafter(ratio, math.inf)
-    if int(width * ratio) != hidden:
-        raise ConfigError(f"{where}: intermediate_size {hidden} cannot be expressed for width "
-                          f"{width}")
-    return ratio
-
-
-def _activation(name: Any, where: str) -> str:
+def activation_from_hf(name: Any, where: str) -> str:
     if name not in ACT_FROM_HF:
         raise CheckpointError(f"{where}: hidden_act {name!r} not supported; expected one of "
                               f"{sorted(ACT_FROM_HF)}")
@@ -209,9 +198,9 @@ def clip_config_from_hf(hf_config: dict[str, Any], where: str = CONFIG_FILE,
         vision=VisionConfig(
             image_size=image_size, patch_size=patch_size, width=vision["hidden_size"],
             layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
-            mlp_ratio=_mlp_ratio(vision["hidden_size"], vision["intermediate_size"],
+            mlp_ratio=mlp_ratio(vision["hidden_size"], vision["intermediate_size"],
                                  f"{where}: vision_config"),
-            act=_activation(vision["hidden_act"], f"{where}: vision_config"),
+            act=activation_from_hf(vision["hidden_act"], f"{where}: vision_config"),
             norm_eps=float(vision["layer_norm_eps"]), pre_norm=True, pool="cls",
             pos_embed_antialias=False,
             **_preprocessing(preprocessor or {}, f"{where}: {PREPROCESSOR_FILE}"),
@@ -220,9 +209,9 @@ def clip_config_from_hf(hf_config: dict[str, Any], where: str = CONFIG_FILE,
             vocab_size=text["vocab_size"], context_length=text["max_position_embeddings"],
             width=text["hidden_size"], layers=text["num_hidden_layers"],
             heads=text["num_attention_heads"],
-            mlp_ratio=_mlp_ratio(text["hidden_size"], text["intermediate_size"],
+            mlp_ratio=mlp_ratio(text["hidden_size"], text["intermediate_size"],
                                  f"{where}: text_config"),
-            act=_activation(text["hidden_act"], f"{where}: text_config"),
+            act=activation_from_hf(text["hidden_act"], f"{where}: text_config"),
             norm_eps=float(text["layer_norm_eps"]), causal=True,
             pool="argmax" if legacy_argmax else "eos", eos_fallback="first", mask_padding=True,
             pad_id=pad_id, bos_id=bos_id, eos_id=eos_id,

@@ -33,6 +33,7 @@ Reference behaviour and how vlp matches it:
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,14 @@ from torch import Tensor, nn
 
 from vlp.config import OPENAI_MEAN, OPENAI_STD, BlipConfig, TextConfig, VisionConfig
 from vlp.errors import CheckpointError, ConfigError
-from vlp.interop.hf import ACT_TO_HF, _activation, _mlp_ratio, read_hf_weights
+from vlp.interop.hf import ACT_TO_HF, activation_from_hf, read_hf_weights
 from vlp.interop.keymap import (
     ImportedModel,
     KeyMap,
     attach_tokenizer,
     export_from,
     import_into,
+    mlp_ratio,
     read_json,
     refuse_foreign_directory,
     save_tensors,
@@ -90,29 +92,30 @@ HF_VISION_DEFAULTS: dict[str, Any] = {
 
 # -- key map --------------------------------------------------------------------------------------
 
-def _linear(ours: str, theirs: str) -> list[tuple[str, str]]:
+def linear_pairs(ours: str, theirs: str) -> list[tuple[str, str]]:
     return [(f"{ours}.{p}", f"{theirs}.{p}") for p in ("weight", "bias")]
 
 
 def _vision_pairs(layers: int) -> list[tuple[str, str]]:
     pairs = [*RESHAPED.items()]
-    pairs += _linear("visual.patch_embed", "vision_model.embeddings.patch_embedding")
-    pairs += _linear("visual.norm", "vision_model.post_layernorm")
+    pairs += linear_pairs("visual.patch_embed", "vision_model.embeddings.patch_embedding")
+    pairs += linear_pairs("visual.norm", "vision_model.post_layernorm")
     for i in range(layers):
         ours, theirs = f"visual.transformer.blocks.{i}.", f"vision_model.encoder.layers.{i}."
         for a, b in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
                      ("attn.qkv", "self_attn.qkv"), ("attn.proj", "self_attn.projection"),
                      ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-            pairs += _linear(ours + a, theirs + b)
+            pairs += linear_pairs(ours + a, theirs + b)
     return pairs
 
 
-def _text_tower(ours: str, theirs: str, layers: int
-                ) -> tuple[list[tuple[str, str]], list[tuple[str, tuple[str, ...]]]]:
-    """A BERT tower: HF ``{theirs}embeddings/encoder.layer.i`` <-> vlp ``{ours}``."""
+def bert_tower_pairs(ours: str, theirs: str, layers: int
+                     ) -> tuple[list[tuple[str, str]], list[tuple[str, tuple[str, ...]]]]:
+    """A BERT tower (BLIP's ``med.py`` layout, which HF keeps): ``{theirs}embeddings`` /
+    ``{theirs}encoder.layer.i`` <-> vlp ``{ours}``; separate q/k/v fused into vlp's qkv/kv."""
     pairs = [(f"{ours}token_embed.weight", f"{theirs}embeddings.word_embeddings.weight"),
              (f"{ours}pos_embed", f"{theirs}embeddings.position_embeddings.weight")]
-    pairs += _linear(f"{ours}embed_norm", f"{theirs}embeddings.LayerNorm")
+    pairs += linear_pairs(f"{ours}embed_norm", f"{theirs}embeddings.LayerNorm")
     fused = []
     for i in range(layers):
         o, t = f"{ours}blocks.{i}.", f"{theirs}encoder.layer.{i}."
@@ -123,7 +126,7 @@ def _text_tower(ours: str, theirs: str, layers: int
                      ("norm_cross", "crossattention.output.LayerNorm"),
                      ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"),
                      ("norm2", "output.LayerNorm")):
-            pairs += _linear(o + a, t + b)
+            pairs += linear_pairs(o + a, t + b)
         for p in ("weight", "bias"):
             fused.append((f"{o}attn.qkv.{p}",
                           tuple(f"{t}attention.self.{x}.{p}" for x in ("query", "key", "value"))))
@@ -138,21 +141,21 @@ def hf_blip_key_map(config: BlipConfig) -> KeyMap:
     ignored = {"vision_model.embeddings.position_ids"}
     layers = config.text.layers
     if config.text_encoder:
-        tower_pairs, tower_fused = _text_tower("text_encoder.", "text_encoder.", layers)
+        tower_pairs, tower_fused = bert_tower_pairs("text_encoder.", "text_encoder.", layers)
         pairs, fused = pairs + tower_pairs, fused + tower_fused
         ignored.add("text_encoder.embeddings.position_ids")
     if config.text_decoder:
-        tower_pairs, tower_fused = _text_tower("text_decoder.", "text_decoder.bert.", layers)
+        tower_pairs, tower_fused = bert_tower_pairs("text_decoder.", "text_decoder.bert.", layers)
         pairs, fused = pairs + tower_pairs, fused + tower_fused
-        pairs += _linear("lm_head.dense", LM_PREFIX + "transform.dense")
-        pairs += _linear("lm_head.norm", LM_PREFIX + "transform.LayerNorm")
+        pairs += linear_pairs("lm_head.dense", LM_PREFIX + "transform.dense")
+        pairs += linear_pairs("lm_head.norm", LM_PREFIX + "transform.LayerNorm")
         pairs.append(("lm_head.bias", LM_PREFIX + "bias"))
         ignored.add("text_decoder.bert.embeddings.position_ids")
     if config.retrieval_heads:
         for name in ("vision_proj", "text_proj", "itm_head"):
-            pairs += _linear(name, name)
-    pairs += [(name, name) for name in VLP_ONLY if config.retrieval_heads]
-    return KeyMap(pairs=tuple(pairs), fused=tuple(fused), ignored=frozenset(ignored))
+            pairs += linear_pairs(name, name)
+    return KeyMap(pairs=tuple(pairs), fused=tuple(fused), ignored=frozenset(ignored),
+                  vlp_only=frozenset(VLP_ONLY if config.retrieval_heads else ()))
 
 
 # -- configs --------------------------------------------------------------------------------------
@@ -192,9 +195,9 @@ def blip_config_from_hf(hf_config: dict[str, Any], where: str = CONFIG_FILE,
         vision=VisionConfig(
             image_size=image_size, patch_size=patch_size, width=vision["hidden_size"],
             layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
-            mlp_ratio=_mlp_ratio(vision["hidden_size"], vision["intermediate_size"],
+            mlp_ratio=mlp_ratio(vision["hidden_size"], vision["intermediate_size"],
                                  f"{where}: vision_config"),
-            act=_activation(vision["hidden_act"], f"{where}: vision_config"),
+            act=activation_from_hf(vision["hidden_act"], f"{where}: vision_config"),
             norm_eps=float(vision["layer_norm_eps"]), pre_norm=False, patch_bias=True,
             pool="cls",
             mean=tuple(float(x) for x in preprocessor.get("image_mean", OPENAI_MEAN)),
@@ -205,9 +208,9 @@ def blip_config_from_hf(hf_config: dict[str, Any], where: str = CONFIG_FILE,
             vocab_size=vocab, context_length=int(text["max_position_embeddings"]),
             width=text["hidden_size"], layers=text["num_hidden_layers"],
             heads=text["num_attention_heads"],
-            mlp_ratio=_mlp_ratio(text["hidden_size"], text["intermediate_size"],
+            mlp_ratio=mlp_ratio(text["hidden_size"], text["intermediate_size"],
                                  f"{where}: text_config"),
-            act=_activation(text["hidden_act"], f"{where}: text_config"),
+            act=activation_from_hf(text["hidden_act"], f"{where}: text_config"),
             norm_eps=float(text["layer_norm_eps"]), causal=False, pool="first",
             pad_id=int(text["pad_token_id"]), eos_id=int(text["sep_token_id"]),
             bos_id=tokenizer.bos_id if tokenizer is not None else BERT_CLS_ID,
@@ -292,7 +295,7 @@ def _hf_shape(shape: torch.Size) -> tuple[int, ...]:
 
 def _from_hf_state(state: dict[str, Tensor], model: BLIP, source: str) -> dict[str, Tensor]:
     """HF tensors in the form the key map expects: singleton dims dropped, tied LM aliases
-    checked and dropped, vlp-only parameters filled from ``model``."""
+    checked and dropped."""
     state = dict(state)
     vlp_state = model.state_dict()
     for ours, theirs in RESHAPED.items():
@@ -312,17 +315,12 @@ def _from_hf_state(state: dict[str, Tensor], model: BLIP, source: str) -> dict[s
             if source_key in state and not torch.equal(value, state[source_key]):
                 raise CheckpointError(f"{source}: {alias!r} differs from {source_key!r}; "
                                       "vlp BLIP ties the LM decoder to the word embeddings")
-    for name in VLP_ONLY:
-        if model.config.retrieval_heads:
-            state[name] = vlp_state[name].detach().clone()
     return state
 
 
 def export_hf_state(model: BLIP) -> dict[str, Tensor]:
     """HF state dict of ``model`` (tied LM decoder left out, as save_pretrained writes it)."""
     state = export_from(hf_blip_key_map(model.config), model)
-    for name in VLP_ONLY:
-        state.pop(name, None)
     for theirs in RESHAPED.values():
         state[theirs] = state[theirs].reshape(_hf_shape(state[theirs].shape)).contiguous()
     return state
@@ -330,8 +328,10 @@ def export_hf_state(model: BLIP) -> dict[str, Tensor]:
 
 # -- directories ----------------------------------------------------------------------------------
 
-def load_hf_blip(path: str | os.PathLike[str]) -> ImportedModel:
-    """A vlp BLIP from an HF BLIP task-model directory, with its tokenizer (None if absent)."""
+def load_hf_blip(path: str | os.PathLike[str], *, image_size: int | None = None
+                 ) -> ImportedModel:
+    """A vlp BLIP from an HF BLIP task-model directory, with its tokenizer (None if absent);
+    ``image_size`` resamples the position grid as HF's ``interpolate_pos_encoding`` does."""
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: HF model directory not found")
@@ -346,13 +346,37 @@ def load_hf_blip(path: str | os.PathLike[str]) -> ImportedModel:
     state, source = read_hf_weights(directory)
     model = build_model(config)
     import_into(hf_blip_key_map(config), _from_hf_state(state, model, source), model, source)
+    if image_size is not None and image_size != config.vision.image_size:
+        model.visual.set_image_size(image_size)
     return ImportedModel(model.eval(), tokenizer)
 
 
+def blip_parts(model: BLIP, architecture: str) -> BLIP:
+    """The parts of ``model`` one HF class holds (e.g. the captioner of a pretrained BLIP), as a
+    new BLIP without momentum encoders; towers kept together are untied (HF shares nothing)."""
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(f"HF BLIP architecture {architecture!r}; expected one of "
+                          f"{sorted(ARCHITECTURES)}")
+    config = copy.deepcopy(model.config)
+    config.text_encoder, config.text_decoder, config.retrieval_heads = ARCHITECTURES[architecture]
+    missing = [part for part in ("text_encoder", "text_decoder", "retrieval_heads")
+               if getattr(config, part) and not getattr(model.config, part)]
+    if missing:
+        raise ConfigError(f"{architecture} needs {missing}, which this BLIP lacks")
+    config.queue_size = 0
+    if config.text_encoder and config.text_decoder:
+        config.share = "none"
+    part = build_model(config)
+    source = model.state_dict()  # shared tensors appear under every name, so untying is a copy
+    part.load_state_dict({name: source[name] for name in part.state_dict()})
+    return part.eval()
+
+
 def save_hf_blip(model: nn.Module, directory: str | os.PathLike[str],
-                 tokenizer: Tokenizer | None = None) -> Path:
+                 tokenizer: Tokenizer | None = None, architecture: str | None = None) -> Path:
     """Write a directory the matching ``transformers`` BLIP class loads with from_pretrained:
     config.json, model.safetensors, preprocessor_config.json (+ tokenizer files). Atomic.
+    ``architecture`` (an HF class name) writes only the parts that class holds.
     HF takes ids as given: a model with ``replace_first_token=True`` matches it on ids that
     already start with ``[ENC]`` (ITM, VQA question) or ``[DEC]`` (captions, answers)."""
     from vlp.train.checkpoint import atomic_directory
@@ -362,6 +386,8 @@ def save_hf_blip(model: nn.Module, directory: str | os.PathLike[str],
     if not isinstance(model, BLIP):
         raise ConfigError(f"{type(model).__name__} cannot be exported as HF BLIP; expected a "
                           "vlp BLIP model")
+    if architecture is not None:
+        model = blip_parts(model, architecture)
     hf_config = hf_config_from_blip(model.config)
     tensors = export_hf_state(model)
     directory = Path(directory)

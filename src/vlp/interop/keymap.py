@@ -9,6 +9,7 @@ half-loaded model behind.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,9 +36,12 @@ class KeyMap:
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()  # vlp tensor = cat(ref tensors, dim 0)
     scalars: frozenset[str] = frozenset()  # ref names that may be 0-d or shape (1,)
     ignored: frozenset[str] = frozenset()  # ref buffers rebuilt from the config, dropped
+    integers: frozenset[str] = frozenset()  # ref names holding integer tensors (queue pointers)
+    vlp_only: frozenset[str] = frozenset()  # vlp names the reference lacks: kept, not exported
 
     def vlp_names(self) -> list[str]:
-        return [name for name, _ in self.pairs] + [name for name, _ in self.fused]
+        return ([name for name, _ in self.pairs] + [name for name, _ in self.fused]
+                + sorted(self.vlp_only))
 
 
 def _shape(shape: torch.Size | Shape) -> str:
@@ -97,10 +101,13 @@ def validate(keymap: KeyMap, ref_state: Mapping[str, Tensor], model: nn.Module,
     checked: dict[str, Tensor] = {}
     for name, shape in wanted.items():
         tensor = found[name]
-        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+        integer = name in keymap.integers
+        if not isinstance(tensor, Tensor) or (tensor.is_floating_point() == integer
+                                              or tensor.dtype == torch.bool):
             kind = tensor.dtype if isinstance(tensor, Tensor) else type(tensor).__name__
-            raise CheckpointError(f"{source}: key {name!r} holds {kind}, expected a floating "
-                                  f"point tensor of shape {_shape(shape)}")
+            wanted_kind = "an integer" if integer else "a floating point"
+            raise CheckpointError(f"{source}: key {name!r} holds {kind}, expected {wanted_kind} "
+                                  f"tensor of shape {_shape(shape)}")
         if name in keymap.scalars and tensor.numel() == 1 and tensor.ndim <= 1:
             tensor = tensor.reshape(shape)
         if tuple(tensor.shape) != shape:
@@ -128,9 +135,30 @@ def import_into(keymap: KeyMap, ref_state: Mapping[str, Tensor], model: nn.Modul
     for vlp_name, refs in keymap.fused:
         new_values[vlp_name] = torch.cat([checked[ref] for ref in refs], dim=0)
     targets = model.state_dict(keep_vars=True)
+    _check_tied_copies(keymap, new_values, targets, source)
     with torch.no_grad():
         for name, value in new_values.items():
             targets[name].copy_(value)
+
+
+def _ref_names(keymap: KeyMap) -> dict[str, str]:
+    names = {vlp_name: ref for vlp_name, ref in keymap.pairs}
+    names.update((vlp_name, "+".join(refs)) for vlp_name, refs in keymap.fused)
+    return names
+
+
+def _check_tied_copies(keymap: KeyMap, new_values: Mapping[str, Tensor],
+                       targets: Mapping[str, Tensor], source: str) -> None:
+    """A vlp tensor reachable under several names (shared modules) is loaded once, so every
+    reference copy of it must hold the same values; raises `CheckpointError` naming both."""
+    first_name: dict[int, str] = {}
+    ref_names = _ref_names(keymap)
+    for name, value in new_values.items():
+        owner = first_name.setdefault(id(targets[name]), name)
+        if owner != name and not torch.equal(value, new_values[owner]):
+            raise CheckpointError(
+                f"{source}: {ref_names[name]!r} differs from {ref_names[owner]!r}, but vlp "
+                f"loads both into one shared tensor ({owner!r} is {name!r})")
 
 
 def export_from(keymap: KeyMap, model: nn.Module) -> dict[str, Tensor]:
@@ -150,12 +178,14 @@ def export_from(keymap: KeyMap, model: nn.Module) -> dict[str, Tensor]:
 # -- reading foreign weight files -----------------------------------------------------------------
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
+# where training checkpoints keep the weights: Lightning-style, then BLIP / LAVIS
+CHECKPOINT_ENTRIES = ("state_dict", "model")
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Tensors of a ``.safetensors`` file, or of a ``.bin``/``.pt``/``.pth`` state dict read with
-    ``weights_only=True`` (a training checkpoint's ``state_dict`` entry is used); wrapper
-    prefixes ``module.``/``_orig_mod.`` are stripped."""
+    ``weights_only=True`` (a training checkpoint's ``state_dict`` or ``model`` entry is used);
+    wrapper prefixes ``module.``/``_orig_mod.`` are stripped."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: weights file does not exist")
@@ -173,8 +203,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         except Exception as error:  # pickle/zip errors come in many types
             raise CheckpointError(f"{path}: not a readable weights-only torch file "
                                   f"({type(error).__name__}: {error})") from error
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
+        for entry in CHECKPOINT_ENTRIES:
+            if isinstance(state, dict) and isinstance(state.get(entry), dict):
+                state = state[entry]
+                break
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
     return {_strip_wrappers(k): v for k, v in state.items()}
@@ -272,3 +304,14 @@ def hf_readable(tokenizer: Tokenizer) -> Tokenizer:
     return Tokenizer(tokenizer.backend, context_length=tokenizer.context_length,
                      bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
                      pad_token=tokenizer.eos_token)
+
+
+def mlp_ratio(width: int, hidden: int, where: str) -> float:
+    """A ratio with ``int(width * ratio) == hidden`` exactly (vlp sizes the MLP that way)."""
+    ratio = hidden / width
+    if int(width * ratio) != hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    if int(width * ratio) != hidden:
+        raise ConfigError(f"{where}: intermediate_size {hidden} cannot be expressed for width "
+                          f"{width}")
+    return ratio
