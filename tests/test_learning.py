@@ -51,6 +51,20 @@ def test_coca_tiny_learns_to_caption_the_synthetic_world(tmp_path):
 def test_demo_rejects_an_unknown_family(tmp_path):
     from vlp.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="'clip', 'coca'"):
-        demo(DemoConfig(out=str(tmp_path / "demo"), family="blip"))
+    with pytest.raises(ConfigError, match="'clip', 'coca', 'blip'"):
+        demo(DemoConfig(out=str(tmp_path / "demo"), family="simvlm"))
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.slow
+def test_blip_tiny_retrieves_captions_and_answers_the_synthetic_world(tmp_path):
+    result = demo(DemoConfig(out=str(tmp_path / "demo"), family="blip", n_train=1000, n_test=200,
+                             steps=100, vqa_steps=150, batch_size=32, num_workers=0,
+                             progress=False))
+    print("blip demo", result)
+    assert result["family"] == "blip" and result["num_test_pairs"] == 200, result
+    # not asserted here: ITM re-ranking beating ITC R@1. At this budget neither has learned
+    # (measured: ITC/ITM R@1 0.5-1.5% on 200 pairs, ITM loss 0.63 ~ chance)
+    assert result["cider"] >= 3 * result["cider_untrained"] + 0.2, result
+    assert result["vqa_accuracy"] >= 2 * result["vqa_majority_accuracy"], result
+    assert result["vqa_accuracy_rank"] >= 2 * result["vqa_majority_accuracy"], result

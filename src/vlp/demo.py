@@ -33,10 +33,12 @@ class DemoConfig:
     seed: int = 0
     num_workers: int = 2
     progress: bool = True
-    family: str = "clip"  # "clip": clip-tiny; "coca": coca-tiny, also scored on captioning
+    family: str = "clip"  # "clip": clip-tiny; "coca": coca-tiny, also scored on captioning;
+    # "blip": blip-tiny, scored on ITM re-ranked retrieval, captioning and VQA
+    vqa_steps: int | None = None  # blip: VQA fine-tuning steps after pretraining
 
 
-FAMILIES = ("clip", "coca")
+FAMILIES = ("clip", "coca", "blip")
 MODELS = {"clip": "clip-tiny", "coca": "coca-tiny"}
 DEFAULTS = {"n_train": 5000, "n_test": 1000, "steps": 1800, "batch_size": 128}
 COCA_DEFAULTS = {"n_train": 5000, "n_test": 1000, "steps": 800, "batch_size": 128}
@@ -50,6 +52,14 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
     start = time.time()
     if cfg.family not in FAMILIES:
         raise ConfigError(f"family: unknown {cfg.family!r}; expected one of {FAMILIES}")
+    if cfg.family == "blip":
+        from vlp.demo_blip import BLIP_DEFAULTS, blip_demo
+
+        settings = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v
+                    for k, v in BLIP_DEFAULTS.items()}
+        _clear_previous_run(Path(cfg.out))
+        return blip_demo(Path(cfg.out), settings, lr=cfg.lr, seed=cfg.seed,
+                         num_workers=cfg.num_workers, progress=cfg.progress)
     defaults = COCA_DEFAULTS if cfg.family == "coca" else DEFAULTS
     settings = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v
                 for k, v in defaults.items()}

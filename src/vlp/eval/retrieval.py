@@ -55,12 +55,24 @@ def image_to_text_ranks(
     for start in range(0, image_features.shape[0], chunk_size):
         image_chunk = image_features[start : start + chunk_size].float()
         similarity = image_chunk @ text_features_t  # (c, M)
-        image_index = torch.arange(start, start + image_chunk.shape[0], device=similarity.device)
-        is_own_caption = text_to_image[None, :] == image_index[:, None]  # (c, M)
-        best_own = similarity.masked_fill(~is_own_caption, float("-inf")).amax(dim=1)  # (c,)
-        beaten_by = (similarity >= best_own[:, None]) & ~is_own_caption
-        ranks.append(1 + beaten_by.sum(dim=1))
+        ranks.append(_image_ranks(similarity, text_to_image, start))
     return torch.cat(ranks).cpu()
+
+
+def _image_ranks(scores: Tensor, text_to_image: Tensor, start: int) -> Tensor:
+    """Ranks of images ``start .. start + c`` from their ``(c, M)`` scores of every text."""
+    image_index = torch.arange(start, start + scores.shape[0], device=scores.device)
+    is_own_caption = text_to_image[None, :] == image_index[:, None]  # (c, M)
+    best_own = scores.masked_fill(~is_own_caption, float("-inf")).amax(dim=1)  # (c,)
+    beaten_by = (scores >= best_own[:, None]) & ~is_own_caption
+    return 1 + beaten_by.sum(dim=1)
+
+
+def _text_ranks(scores: Tensor, own_image: Tensor) -> Tensor:
+    """Ranks of texts from their ``(c, N)`` scores of every image and ``(c, 1)`` own image."""
+    own_score = scores.gather(1, own_image)  # (c, 1)
+    # >= counts the own image once, so this is 1 + number of wrong images at or above it
+    return (scores >= own_score).sum(dim=1)
 
 
 @torch.no_grad()
@@ -75,9 +87,7 @@ def text_to_image_ranks(
         text_chunk = text_features[start : start + chunk_size].float()
         similarity = text_chunk @ image_features_t  # (c, N)
         own_image = text_to_image[start : start + text_chunk.shape[0], None]  # (c, 1)
-        own_score = similarity.gather(1, own_image)  # (c, 1)
-        # >= counts the own image once, so this is 1 + number of wrong images at or above it
-        ranks.append((similarity >= own_score).sum(dim=1))
+        ranks.append(_text_ranks(similarity, own_image))
     return torch.cat(ranks).cpu()
 
 
@@ -109,6 +119,28 @@ def retrieval_metrics(
     metrics["rsum"] = sum(metrics[f"{direction}_r{k}"] for direction in ("i2t", "t2i") for k in ks)
     metrics["num_images"] = image_features.shape[0]
     metrics["num_texts"] = text_features.shape[0]
+    return metrics
+
+
+def score_retrieval_metrics(
+    i2t_scores: Tensor, t2i_scores: Tensor, text_to_image: Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """`retrieval_metrics` from score matrices instead of features: ``i2t_scores`` (N, M)
+    ranks texts per image, ``t2i_scores`` (M, N) images per text (they may differ, as after
+    ITM re-ranking). Candidates left unscored should hold ``-inf``."""
+    num_images, num_texts = i2t_scores.shape
+    if t2i_scores.shape != (num_texts, num_images):
+        raise ValueError(f"t2i_scores must be [M, N] = [{num_texts}, {num_images}]; got "
+                         f"{tuple(t2i_scores.shape)}")
+    _check_features(torch.zeros(num_images, 1), torch.zeros(num_texts, 1), text_to_image)
+    text_to_image = text_to_image.to(i2t_scores.device)
+    i2t = _image_ranks(i2t_scores.float(), text_to_image, 0).cpu()
+    t2i = _text_ranks(t2i_scores.float(), text_to_image[:, None].to(t2i_scores.device)).cpu()
+    metrics = {**_rank_summary("i2t", i2t, ks), **_rank_summary("t2i", t2i, ks)}
+    metrics["rsum"] = sum(metrics[f"{direction}_r{k}"] for direction in ("i2t", "t2i") for k in ks)
+    metrics["num_images"] = num_images
+    metrics["num_texts"] = num_texts
     return metrics
 
 

@@ -210,8 +210,13 @@ class BLIP(PretrainModel):
     def itm_logits(self, pixels: Tensor, input_ids: Tensor,
                    attention_mask: Tensor | None = None) -> Tensor:
         """``(B, 2)`` match logits of image i with text i (index 1 = match)."""
+        return self.itm_logits_from_tokens(self.image_tokens(pixels), input_ids, attention_mask)
+
+    def itm_logits_from_tokens(self, image_tokens: Tensor, input_ids: Tensor,
+                               attention_mask: Tensor | None = None) -> Tensor:
+        """`itm_logits` from precomputed `image_tokens` (retrieval re-ranking reuses them)."""
         self._require("itm_head", "itm_logits")
-        states = self.grounded_text_states(self.image_tokens(pixels), input_ids, attention_mask)
+        states = self.grounded_text_states(image_tokens, input_ids, attention_mask)
         return self.itm_head(states[:, 0])
 
     # -- LM: image-grounded decoder -------------------------------------------------------------
@@ -301,6 +306,28 @@ class BLIP(PretrainModel):
                            device=pixels.device)
         return self._generate(states, context_mask, start, max_new_tokens, kwargs)
 
+    @torch.no_grad()
+    def rank_answers(self, pixels: Tensor, question_ids: Tensor, candidate_ids: Tensor,
+                     question_mask: Tensor | None = None,
+                     candidate_mask: Tensor | None = None) -> Tensor:
+        """``(B, C)`` log-likelihood of each of C candidate answers (bos + tokens + eos, padded)
+        under the answer decoder given image and question: BLIP's "rank" inference."""
+        if question_mask is None:
+            question_mask = question_ids != self.config.text.pad_id
+        if candidate_mask is None:
+            candidate_mask = candidate_ids != self.config.text.pad_id
+        batch, count = question_ids.shape[0], candidate_ids.shape[0]
+        states = self.question_states(pixels, question_ids, question_mask)  # (B, Lq, D)
+        context_mask = question_mask if self.config.mask_question_padding != "never" else None
+        rows = torch.arange(batch, device=states.device).repeat_interleave(count)  # (B*C,)
+        answer_ids = candidate_ids.repeat(batch, 1)  # (B*C, La)
+        answer_mask = candidate_mask.repeat(batch, 1).bool()
+        logits = self.decoder_logits(states[rows], answer_ids, answer_mask,
+                                     None if context_mask is None else context_mask[rows])
+        log_probs = logits[:, :-1].float().log_softmax(-1)
+        token_log_probs = log_probs.gather(-1, answer_ids[:, 1:, None])[..., 0]
+        return (token_log_probs * answer_mask[:, 1:]).sum(1).view(batch, count)
+
 
     # -- pretraining: ITC + ITM + LM (§3.2) ---------------------------------------------------
 
@@ -341,6 +368,8 @@ class BLIP(PretrainModel):
     def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per pair: ITC embeddings (student and momentum), the summed ITM CE of its three
         rows, and the LM token NLL sum and count (so accumulated batches average exactly)."""
+        if "question_ids" in batch:
+            return self._vqa_features(batch)
         for part, what in (("itm_head", "ITC/ITM"), ("text_decoder", "LM")):
             self._require(part, f"pretraining ({what})")
         pixels, input_ids = batch["pixels"], batch["input_ids"]
@@ -368,9 +397,26 @@ class BLIP(PretrainModel):
                                                       self.config.label_smoothing)
         return out
 
+    def _vqa_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A VQA batch (``pixels``, ``question_ids``, ``answer_ids``, optional masks): per
+        question, the answer decoder's token NLL sum and count (§5.3)."""
+        answer_ids = batch["answer_ids"]
+        answer_mask = batch.get("answer_mask")
+        if answer_mask is None:
+            answer_mask = answer_ids != self.config.text.pad_id
+        answer_mask = answer_mask.bool()
+        logits = self.vqa_answer_logits(batch["pixels"], batch["question_ids"], answer_ids,
+                                        batch.get("question_mask"), answer_mask)
+        labels = answer_ids[:, 1:].masked_fill(~answer_mask[:, 1:], IGNORE_INDEX)
+        nll, tokens = caption_nll(logits[:, :-1], labels, self.config.label_smoothing)
+        return {"vqa_nll": nll, "vqa_tokens": tokens}
+
     def loss(self, features: dict[str, Tensor], share: float = 1.0) -> dict:
         """``itc + itm + lm`` (equal weights, paper); in training the momentum features of the
-        batch then join the queue."""
+        batch then join the queue. VQA features give the answer LM loss alone."""
+        if "vqa_nll" in features:
+            vqa = features["vqa_nll"].sum() / features["vqa_tokens"].sum().clamp(min=1)
+            return {"loss": vqa, "losses": {"vqa": vqa.detach()}}
         scale = partial_grad(self.scale(), share)
         image, text = features["image"], features["text"]
         if self.queue is None:

@@ -1,0 +1,111 @@
+"""Visual question answering data: JSONL rows ``{"image", "question", "answer" | "answers",
+"type"?}`` (the synthetic world's ``*_qa.jsonl``), and batches for BLIP's VQA path.
+
+A batch is ``{"pixels", "question_ids", "question_mask", "answer_ids", "answer_mask"}``:
+question and answer are each bos + tokens + eos, right-padded (BLIP puts [ENC] / [DEC] in
+the bos slot); the answer is the first reference answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from vlp.data.pipeline import open_image
+from vlp.data.sources import _resolve_image_path
+from vlp.data.transforms import image_transform
+from vlp.errors import DataError
+
+
+@dataclass(frozen=True, slots=True)
+class QARecord:
+    image: str  # resolved path
+    question: str
+    answers: tuple[str, ...]  # every annotator's answer (one for the synthetic world)
+    type: str | None = None  # question type, for per-type accuracy
+
+
+def read_qa_jsonl(path: str | os.PathLike[str],
+                  image_root: str | os.PathLike[str] | None = None) -> list[QARecord]:
+    """Every QA row of a JSONL file; image paths are relative to the file's directory (or
+    ``image_root``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such QA file")
+    root = str(image_root) if image_root is not None else str(path.parent)
+    records = []
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not JSON ({error})") from error
+        answers = row.get("answers", [row["answer"]] if "answer" in row else [])
+        if isinstance(answers, str):
+            answers = [answers]
+        if not row.get("image") or not row.get("question") or not answers:
+            raise DataError(f"{where}: a QA row needs 'image', 'question' and 'answer' (a "
+                            f"string) or 'answers' (a list); got keys {sorted(row)}")
+        records.append(QARecord(_resolve_image_path(root, row["image"]), row["question"],
+                                tuple(str(a) for a in answers), row.get("type")))
+    if not records:
+        raise DataError(f"{path}: has no QA rows")
+    return records
+
+
+class QADataset(Dataset):
+    """``(pixels, question, answer)`` per question; ``train`` uses the training transform."""
+
+    def __init__(self, records: list[QARecord], config: Any, train: bool = False) -> None:
+        self.records = list(records)
+        self.transform = image_transform(config, train)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, str, str]:
+        record = self.records[index]
+        image = open_image(record.image)
+        if isinstance(image, str):
+            raise DataError(f"{record.image}: {image.replace('_', ' ')} (QA question "
+                            f"{record.question!r})")
+        return self.transform(image), record.question, record.answers[0]
+
+
+class QACollate:
+    """Stack pixels; tokenise questions and answers, padding trimmed to the longest row."""
+
+    def __init__(self, tokenizer: Any, context_length: int, pad_id: int) -> None:
+        self.tokenizer, self.context_length, self.pad_id = tokenizer, context_length, pad_id
+
+    def _tokens(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        ids = self.tokenizer(texts, context_length=self.context_length)
+        mask = ids != self.pad_id
+        width = max(1, int(mask.sum(1).max()))
+        return ids[:, :width], mask[:, :width]
+
+    def __call__(self, items: list[tuple[Tensor, str, str]]) -> dict[str, Tensor]:
+        question_ids, question_mask = self._tokens([question for _, question, _ in items])
+        answer_ids, answer_mask = self._tokens([answer for _, _, answer in items])
+        return {"pixels": torch.stack([pixels for pixels, _, _ in items]),
+                "question_ids": question_ids, "question_mask": question_mask,
+                "answer_ids": answer_ids, "answer_mask": answer_mask}
+
+
+def qa_loader(records: list[QARecord], config: Any, tokenizer: Any, *, batch_size: int,
+              train: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:
+    """Batches of QA pairs for a model ``config`` (shuffled, seeded, full batches if train)."""
+    text = config.text
+    generator = torch.Generator().manual_seed(seed) if train else None
+    return DataLoader(QADataset(records, config, train), batch_size=batch_size, shuffle=train,
+                      drop_last=train, generator=generator, num_workers=num_workers,
+                      collate_fn=QACollate(tokenizer, text.context_length, text.pad_id))
