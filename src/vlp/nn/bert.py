@@ -11,12 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from vlp.config import TextConfig
 from vlp.errors import ConfigError
 from vlp.nn.attention import Attention
-from vlp.nn.transformer import BlockCache, Mlp, make_activation
+from vlp.nn.transformer import BlockCache, Mlp, make_activation, run_blocks, run_blocks_cached
 
 
 class PostNormBlock(nn.Module):
@@ -159,13 +158,7 @@ class BertTextTransformer(nn.Module):
             attention_mask = input_ids != self.config.pad_id
         x = self.embed(input_ids)
         mask, context_mask = key_mask(attention_mask), key_mask(context_mask)
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, self.causal, context, context_mask,
-                               use_reentrant=False)
-            else:
-                x = block(x, mask, self.causal, context, context_mask)
-        return x
+        return run_blocks(self, x, mask, context, context_mask)
 
     def forward_cached(
         self,
@@ -180,11 +173,7 @@ class BertTextTransformer(nn.Module):
         start = 0 if caches is None else caches[0].self_kv.key.shape[2]
         x = self.embed(input_ids, start)
         mask, context_mask = key_mask(attention_mask), key_mask(context_mask)
-        new_caches = []
-        for block, cache in zip(self.blocks, caches or [None] * len(self.blocks), strict=True):
-            x, cache = block.forward_cached(x, cache, mask, self.causal, context, context_mask)
-            new_caches.append(cache)
-        return x, new_caches
+        return run_blocks_cached(self, x, caches, mask, context, context_mask)
 
 
 class LMPredictionHead(nn.Module):

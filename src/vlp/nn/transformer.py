@@ -142,6 +142,32 @@ class Block(nn.Module):
         return x, BlockCache(attn.cache, cross_kv)
 
 
+def run_blocks(stack: nn.Module, x: Tensor, mask: Tensor | None, context: Tensor | None,
+               context_mask: Tensor | None) -> Tensor:
+    """``x`` through ``stack.blocks`` (each called as ``block(x, mask, causal, context,
+    context_mask)``), recomputing activations in backward when ``stack.grad_checkpointing``."""
+    recompute = stack.grad_checkpointing and stack.training and torch.is_grad_enabled()
+    for block in stack.blocks:
+        if recompute:
+            x = checkpoint(block, x, mask, stack.causal, context, context_mask,
+                           use_reentrant=False)
+        else:
+            x = block(x, mask, stack.causal, context, context_mask)
+    return x
+
+
+def run_blocks_cached(stack: nn.Module, x: Tensor, caches: list[BlockCache] | None,
+                      mask: Tensor | None, context: Tensor | None, context_mask: Tensor | None
+                      ) -> tuple[Tensor, list[BlockCache]]:
+    """New tokens ``x`` through ``stack.blocks`` after the cached ones; returns the states and
+    every block's updated cache."""
+    new_caches = []
+    for block, cache in zip(stack.blocks, caches or [None] * len(stack.blocks), strict=True):
+        x, cache = block.forward_cached(x, cache, mask, stack.causal, context, context_mask)
+        new_caches.append(cache)
+    return x, new_caches
+
+
 class Transformer(nn.Module):
     """A stack of ``Block``s; ``causal`` fixes the self-attention pattern of the whole stack."""
 
@@ -175,13 +201,7 @@ class Transformer(nn.Module):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
     ) -> Tensor:
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, self.causal, context, context_mask,
-                               use_reentrant=False)
-            else:
-                x = block(x, mask, self.causal, context, context_mask)
-        return x
+        return run_blocks(self, x, mask, context, context_mask)
 
     def forward_cached(
         self,
@@ -192,12 +212,7 @@ class Transformer(nn.Module):
         context_mask: Tensor | None = None,
     ) -> tuple[Tensor, list[BlockCache]]:
         """Run new tokens ``x`` after the cached ones; ``mask`` spans past + new keys."""
-        caches = caches or [None] * len(self.blocks)
-        new_caches = []
-        for block, cache in zip(self.blocks, caches, strict=True):
-            x, cache = block.forward_cached(x, cache, mask, self.causal, context, context_mask)
-            new_caches.append(cache)
-        return x, new_caches
+        return run_blocks_cached(self, x, caches, mask, context, context_mask)
 
 
 def init_transformer_(transformer: Transformer, std_scale: float = 1.0) -> None:
