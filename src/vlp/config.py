@@ -143,7 +143,55 @@ class BlipConfig:
     mask_question_padding: str = "always"
 
 
-CONFIG_CLASSES: dict[str, type] = {"clip": ClipConfig, "coca": CocaConfig, "blip": BlipConfig}
+@dataclass
+class Blip2Config:
+    """BLIP-2 (arXiv 2301.12597): a frozen image encoder, a Q-Former (learned queries + a
+    BERT-style transformer) and, in stage 2, a frozen LLM fed the projected query outputs."""
+
+    family: str = "blip2"
+    embed_dim: int = 256  # ITC projection size
+    num_queries: int = 32
+    cross_attention_freq: int = 2  # queries cross-attend to the image in layers 0, k, 2k, ...
+    # the Q-Former: bert-base-uncased + [DEC] (30522); post-LN; dropout 0.1 (LAVIS, HF)
+    text: TextConfig = field(default_factory=lambda: TextConfig(
+        vocab_size=30523, context_length=512, width=768, layers=12, heads=12, act="gelu",
+        norm_eps=1e-12, causal=False, pool="first", pad_id=0, bos_id=101, eos_id=102,
+        dropout=0.1))
+    dec_id: int = 30522  # [DEC]: replaces the first text token for ITG (LAVIS)
+    # Q-Former parts: text embeddings + text FFNs (stage 1, retrieval), ITC/ITM heads, LM head
+    text_parts: bool = True
+    retrieval_heads: bool = True
+    lm_head: bool = True
+    # frozen image encoder: "vlp" (a vlp ViT: built from `vision`, or the `.visual` of the vlp
+    # model directory at vision_path), "hf" (a transformers vision model directory) or
+    # "open_clip" (vision_path = "model_name" or "model_name:pretrained"). With a path, only
+    # the reference is saved and `vision` gives the preprocessing (size, mean, std).
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(
+        image_size=224, patch_size=14, width=1408, layers=40, heads=16, mlp_ratio=6144 / 1408,
+        norm_eps=1e-6, pre_norm=False, patch_bias=True, pool="none"))  # EVA ViT-g/14 shape
+    vision_format: str = "vlp"
+    vision_path: str | None = None
+    vision_layer: int = -2  # hidden state used: -2 = second-to-last layer's output (paper)
+    vision_dtype: str = "float32"  # storage of the frozen encoder: float32, bfloat16, float16
+    ln_vision: bool = True  # a trainable LayerNorm on the frozen features (LAVIS ln_vision)
+    # frozen LLM of stage 2: "none" (stage 1), "causal" (decoder-only, AutoModelForCausalLM)
+    # or "seq2seq" (encoder-decoder, AutoModelForSeq2SeqLM); loaded from llm_path (an HF
+    # directory, saved by reference) or built from the inline HF config llm_config (saved)
+    llm: str = "none"
+    llm_path: str | None = None
+    llm_config: dict | None = None
+    llm_dtype: str = "float32"
+    init_temp: float = 0.07  # ITC temperature, learnable and unclamped (LAVIS)
+    itc_label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # ITG cross-entropy
+    llm_label_smoothing: float = 0.0  # stage-2 LM cross-entropy
+    # HF Blip2 (set by vlp.interop.hf_blip2): the LLM id of "<image>" placeholders that HF
+    # replaces with the visual prompts; vlp prepends the prompts and never reads it
+    hf_image_token_index: int | None = None
+
+
+CONFIG_CLASSES: dict[str, type] = {"clip": ClipConfig, "coca": CocaConfig, "blip": BlipConfig,
+                                   "blip2": Blip2Config}
 _NESTED: dict[str, type] = {"vision": VisionConfig, "text": TextConfig}
 
 
@@ -317,3 +365,38 @@ def _blip_vit_b_16() -> BlipConfig:  # 252.4M params ("all": 224.1M, "none": 361
 @register_preset("blip-vit-l-16")
 def _blip_vit_l_16() -> BlipConfig:  # 474.7M params: ViT-L/16 image encoder, BERT-base text
     return _blip_shape(1024, 24, 16)
+
+
+@register_preset("blip2-tiny")
+def _blip2_tiny() -> Blip2Config:
+    # CPU-sized stage 1 beside blip-tiny: a 64 px vlp ViT (3 of 4 blocks used), 8 queries, a
+    # 2-layer Q-Former of width 128; the text vocab is train_tokenizer's 1024 ids + [DEC] 1024
+    tiny = _clip_tiny()
+    tiny.vision.pre_norm, tiny.vision.patch_bias, tiny.vision.norm_eps = False, True, 1e-6
+    tiny.vision.pool = "none"
+    text = TextConfig(vocab_size=1025, context_length=32, width=128, layers=2, heads=4,
+                      act="gelu", norm_eps=1e-12, causal=False, pool="first",
+                      pad_id=0, bos_id=2, eos_id=1)
+    return Blip2Config(embed_dim=128, num_queries=8, text=text, dec_id=1024, vision=tiny.vision)
+
+
+def _blip2_llm_shape(llm: str, llm_path: str) -> Blip2Config:
+    # stage 2 with the paper's Q-Former (BERT-base, 32 queries, cross-attention every 2nd
+    # layer) over EVA ViT-g/14 (39 of 40 layers); only the query side of the Q-Former is kept
+    return Blip2Config(text_parts=False, retrieval_heads=False, lm_head=False, llm=llm,
+                       llm_path=llm_path, vision_dtype="float16", llm_dtype="float16")
+
+
+@register_preset("blip2-opt-2.7b")
+def _blip2_opt_2_7b() -> Blip2Config:  # 107.1M trainable (Q-Former 105.2M + projection)
+    return _blip2_llm_shape("causal", "facebook/opt-2.7b")
+
+
+@register_preset("blip2-flan-t5-xl")
+def _blip2_flan_t5_xl() -> Blip2Config:  # 106.7M trainable (Q-Former 105.2M + projection)
+    return _blip2_llm_shape("seq2seq", "google/flan-t5-xl")
+
+
+@register_preset("blip2-qformer")
+def _blip2_qformer() -> Blip2Config:  # stage 1: 186.7M trainable, 985.9M frozen ViT-g
+    return Blip2Config()

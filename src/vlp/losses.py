@@ -174,3 +174,29 @@ def itm_nll(positive_logits: Tensor, negative_logits: Tensor) -> Tensor:
     labels = torch.cat([positive_logits.new_ones(positive_logits.shape[0], dtype=torch.long),
                         negative_logits.new_zeros(negative_logits.shape[0], dtype=torch.long)])
     return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def query_contrastive_loss(
+    image_queries: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    *,
+    label_smoothing: float = 0.0,
+    exchange: FeatureExchange | None = None,
+) -> ContrastiveOutput:
+    """BLIP-2's ITC (arXiv 2301.12597 §3.2): an image is ``(B, Q, D)`` query embeddings, a text
+    one ``(B, D)`` embedding (all L2-normalised); a pair's similarity is the highest over the
+    queries. Symmetric cross-entropy with ``label_smoothing`` (LAVIS 0.1), local x global as
+    `clip_loss`."""
+    all_image, all_text, offset = image_queries, text_features, 0
+    if exchange is not None:
+        (all_image, all_text), offset = exchange.gather(image_queries, text_features)
+        if not exchange.local_loss:
+            image_queries, text_features, offset = all_image, all_text, 0
+    sim_i2t = torch.einsum("iqd,td->itq", image_queries, all_text).amax(dim=-1)  # (B, B_all)
+    sim_t2i = torch.einsum("td,iqd->tiq", text_features, all_image).amax(dim=-1)  # (B, B_all)
+    logits_per_image, logits_per_text = logit_scale * sim_i2t, logit_scale * sim_t2i
+    targets = torch.arange(image_queries.shape[0], device=image_queries.device) + offset
+    loss = 0.5 * (F.cross_entropy(logits_per_image, targets, label_smoothing=label_smoothing)
+                  + F.cross_entropy(logits_per_text, targets, label_smoothing=label_smoothing))
+    return ContrastiveOutput(loss, logits_per_image, logits_per_text)

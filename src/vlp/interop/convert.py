@@ -15,6 +15,7 @@ from pathlib import Path
 from vlp.errors import ConfigError
 from vlp.interop.hf import CONFIG_FILE, load_hf, save_hf
 from vlp.interop.hf_blip import load_hf_blip, save_hf_blip
+from vlp.interop.hf_blip2 import load_hf_blip2, save_hf_blip2
 from vlp.interop.keymap import (
     ImportedModel,
     TokenizerSource,
@@ -25,6 +26,7 @@ from vlp.interop.keymap import (
 from vlp.interop.lavis_blip import load_lavis_blip, save_lavis_blip
 from vlp.interop.open_clip import load_open_clip, save_open_clip
 from vlp.models.blip import BLIP
+from vlp.models.blip2 import BLIP2
 from vlp.tokenizers import Tokenizer, clip_bpe_tokenizer, load_tokenizer
 
 FORMATS = ("hf", "lavis", "open_clip", "vlp")
@@ -71,8 +73,14 @@ def load_any(
     if src_format == "lavis":
         imported = load_lavis_blip(src, config=config, image_size=image_size)
     elif src_format == "hf":
-        imported = (load_hf_blip(src, image_size=image_size) if _hf_model_type(src) == "blip"
-                    else load_hf(src, image_size=image_size))
+        model_type = _hf_model_type(src)
+        if model_type == "blip-2":
+            if image_size is not None:
+                raise ConfigError("image_size= is not supported for HF BLIP-2 directories")
+            imported = load_hf_blip2(src)
+        else:
+            imported = (load_hf_blip(src, image_size=image_size) if model_type == "blip"
+                        else load_hf(src, image_size=image_size))
     else:
         imported = load_vlp(src, image_size=image_size)
     if tokenizer is None:
@@ -116,6 +124,11 @@ def convert(
         raise ConfigError("architecture= names an HF BLIP class; only for dst_format 'hf'")
     model, loaded_tokenizer = load_any(src, src_format, tokenizer=tokenizer,
                                        image_size=image_size, config=config)
+    if dst_format == "hf" and isinstance(model, BLIP2):
+        if architecture is not None:
+            raise ConfigError("architecture= is for BLIP models; a BLIP-2 is written as the "
+                              "HF class holding its parts")
+        return save_hf_blip2(model, dst)
     if dst_format == "hf" and isinstance(model, BLIP):
         return save_hf_blip(model, dst, loaded_tokenizer, architecture=architecture)
     if dst_format == "hf":
