@@ -218,6 +218,20 @@ def test_hard_negatives_never_pick_the_positive_and_follow_similarity():
     assert not (draws == torch.arange(4)).any()
 
 
+def test_hard_negatives_over_every_ranks_candidates_skip_this_ranks_positives():
+    # rank 1 of 2 with 2 pairs each: its rows' positives are candidate columns 2 and 3
+    i2t = torch.tensor([[50.0, 1.0, 9.0, 1.0], [1.0, 1.0, 1.0, 9.0]])
+    t2i = torch.tensor([[1.0, 50.0, 9.0, 1.0], [1.0, 1.0, 1.0, 9.0]])
+    image_per_text, text_per_image = sample_hard_negatives(i2t, t2i, offset=2)
+    assert text_per_image[0] == 0 and image_per_text[0] == 1
+    draws = torch.stack([torch.stack(sample_hard_negatives(torch.zeros(2, 4), torch.zeros(2, 4),
+                                                           offset=2)) for _ in range(100)])
+    assert not (draws == torch.tensor([2, 3])).any()  # never the positive
+    assert {0, 1} <= set(draws.flatten().tolist())  # the other rank's pairs are drawn
+    with pytest.raises(ValueError, match="similarity_t2i"):
+        sample_hard_negatives(i2t, t2i[:, :3], offset=2)
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 def test_missing_parts_and_bad_switches_are_named():

@@ -229,3 +229,39 @@ def test_vqa_batch_trains_the_answer_decoder():
     out["loss"].backward()
     assert model.text_decoder.blocks[0].attn.qkv.weight.grad is not None
     assert model.visual.transformer.blocks[0].attn.qkv.weight.grad is not None  # via question
+
+
+def test_vlp_eval_cli_reranks_captions_and_answers(synthetic_train_csv, tmp_path, capsys):
+    """`vlp eval` on a saved blip-tiny: ITM re-ranked retrieval, captioning and both VQA modes
+    in one JSON; rank mode without candidates is a clear error."""
+    import vlp
+    from vlp.cli import main
+    from vlp.tokenizers import train_tokenizer
+
+    data = synthetic_train_csv(16).parent
+    captions = [line.split(",", 1)[1] for line in (data / "train.csv").read_text().splitlines()]
+    tokenizer = train_tokenizer(captions[1:] + ["yes", "no", "red", "blue"], vocab_size=1024,
+                                context_length=32)
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "blip"
+    vlp.save(build_model(get_preset("blip-tiny")), checkpoint, tokenizer)
+    candidates = tmp_path / "answers.txt"
+    candidates.write_text("yes\nno\nred\nblue\n")
+    common = ["eval", str(checkpoint), "--no-progress", "--num-workers", "0",
+              "--eval-batch-size", "8", "--num-beams", "1"]
+    assert main(common + ["--retrieval-data", str(data / "test.csv"), "--itm-k", "3",
+                          "--caption-data", str(data / "val.csv"),
+                          "--vqa-data", str(data / "test_qa.jsonl")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["k_test"] == 3 and metrics["num_texts"] == 8
+    assert 0 <= metrics["itm_i2t_r1"] <= metrics["itm_i2t_r5"] <= 1
+    assert metrics["caption_num_images"] == 8 and metrics["caption_cider"] >= 0
+    questions = len(read_qa_jsonl(data / "test_qa.jsonl"))
+    assert metrics["num_questions"] == questions and 0 <= metrics["vqa_accuracy"] <= 1
+    assert main(common + ["--vqa-data", str(data / "test_qa.jsonl"), "--vqa-mode", "rank",
+                          "--vqa-candidates", str(candidates)]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    assert ranked["num_questions"] == questions
+    assert main(common + ["--vqa-data", str(data / "test_qa.jsonl"), "--vqa-mode",
+                          "rank"]) == 2
+    assert "needs candidate answers" in capsys.readouterr().err

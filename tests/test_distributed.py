@@ -85,6 +85,59 @@ def test_gather_with_grad_matches_one_process(tmp_path: Path) -> None:
                                            atol=1e-6, rtol=1e-5)
 
 
+def _blip_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import vlp.models.blip as blip_module
+    from vlp.config import get_preset
+    from vlp.models import build_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # same weights on both ranks
+        model = build_model(get_preset("blip-tiny")).train()
+        model.exchange = GatherExchange()
+        draws = []
+        sample = blip_module.sample_hard_negatives
+
+        def recording(*args, **kwargs):
+            drawn = sample(*args, **kwargs)
+            draws.append((torch.stack(drawn), kwargs.get("offset"), args[0].shape))
+            return drawn
+
+        blip_module.sample_hard_negatives = recording
+        torch.manual_seed(1 + rank)  # each rank its own pairs
+        text = model.config.text
+        ids = torch.randint(3, 1000, (3, 8))
+        ids[:, 0], ids[:, -1] = text.bos_id, text.eos_id
+        batch = {"pixels": torch.randn(3, 3, 64, 64), "input_ids": ids}
+        for _ in range(8):
+            model.zero_grad(set_to_none=True)
+            out = model.loss(model.features(batch))
+            out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        torch.save({"draws": draws, "loss": out["loss"].detach(), "grads": grads},
+                   os.path.join(out_dir, f"blip{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_blip_itm_hard_negatives_come_from_every_rank(tmp_path: Path) -> None:
+    """Under a 2-process group BLIP draws ITM negatives among both ranks' pairs (never a
+    row's own positive), and the step's backward (image tokens gathered with their gradient)
+    completes on both ranks."""
+    mp.spawn(_blip_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"blip{rank}.pt")
+        assert torch.isfinite(result["loss"])
+        assert result["grads"]["itm_head.weight"].abs().sum() > 0
+        drawn = set()
+        for indices, offset, shape in result["draws"]:
+            assert offset == 3 * rank and tuple(shape) == (3, 6)
+            assert not (indices == torch.arange(3) + offset).any()
+            drawn |= set(indices.flatten().tolist())
+        other = set(range(6)) - set(range(3 * rank, 3 * rank + 3))
+        assert drawn & other, drawn  # negatives from the other rank's pairs
+
+
 # ---------------------------------------------------------------------------------------------
 # whole runs under torchrun
 

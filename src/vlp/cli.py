@@ -28,6 +28,14 @@ def _eval_spec(args: argparse.Namespace) -> Any:
         retrieval_kind=args.retrieval_kind,
         retrieval_options={"image_key": args.image_key, "caption_key": args.caption_key,
                            "separator": args.separator, "image_root": args.image_root},
+        itm_k=getattr(args, "itm_k", None),
+        caption_data=getattr(args, "caption_data", None),
+        caption_prompt=getattr(args, "caption_prompt", None),
+        num_beams=getattr(args, "num_beams", 3),
+        vqa_data=getattr(args, "vqa_data", None),
+        vqa_mode=getattr(args, "vqa_mode", "generate"),
+        vqa_candidates=(_read_lines(args.vqa_candidates)
+                        if getattr(args, "vqa_candidates", None) else None),
         batch_size=args.eval_batch_size,
         num_workers=args.num_workers,
         progress=not args.no_progress,
@@ -143,7 +151,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     spec = _eval_spec(args)
     if spec.is_empty():
-        raise ConfigError("vlp eval: give --zeroshot-data and/or --retrieval-data")
+        raise ConfigError("vlp eval: give at least one of --zeroshot-data, --retrieval-data, "
+                          "--caption-data, --vqa-data")
     model, tokenizer = _load_model_and_tokenizer(args.checkpoint)
     metrics = evaluate(model, tokenizer, spec)
     _print_json({"checkpoint": args.checkpoint, **metrics})
@@ -315,9 +324,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     # eval
     ev = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint",
-                        description="Zero-shot classification and/or retrieval metrics.")
+                        description="Zero-shot classification, retrieval (ITM re-ranked for "
+                                    "BLIP), captioning and VQA metrics.")
     ev.add_argument("checkpoint", help="checkpoint directory")
     _add_eval_data_args(ev)
+    g = ev.add_argument_group("matching, captioning and VQA")
+    g.add_argument("--itm-k", type=int, metavar="K",
+                   help="retrieval: ITM re-rank each query's ITC top-K (models with an ITM "
+                        "head, BLIP: 256 on COCO); adds itm_i2t_r1, ...")
+    g.add_argument("--caption-data", metavar="PATH",
+                   help="captions data (CSV/TSV/JSONL/COCO/WDS): caption every image, score "
+                        "BLEU/METEOR/ROUGE-L/CIDEr against its captions")
+    g.add_argument("--caption-prompt", help="text every generated caption starts from "
+                                            "(BLIP: 'a picture of ')")
+    g.add_argument("--num-beams", type=int, default=3,
+                   help="beams for captioning and open-ended VQA (1: greedy)")
+    g.add_argument("--vqa-data", metavar="FILE",
+                   help='QA JSONL rows {"image", "question", "answer" | "answers"}: VQA accuracy')
+    g.add_argument("--vqa-mode", default="generate", choices=["generate", "rank"],
+                   help="generate: open-ended answers; rank: the likeliest of --vqa-candidates")
+    g.add_argument("--vqa-candidates", metavar="FILE", help="one candidate answer per line")
     _add_source_args(ev)
     ev.set_defaults(func=cmd_eval)
 

@@ -151,17 +151,29 @@ def distilled_contrastive_loss(
 
 
 @torch.no_grad()
-def sample_hard_negatives(similarity: Tensor, generator: torch.Generator | None = None
+def sample_hard_negatives(similarity: Tensor, similarity_t2i: Tensor | None = None,
+                          offset: int = 0, generator: torch.Generator | None = None
                           ) -> tuple[Tensor, Tensor]:
-    """BLIP's ITM hard negatives (§3.2) from a square image x text similarity ``(B, B)``: for
-    each text an image and for each image a text, drawn in proportion to softmax(similarity)
-    + 1e-4 with the positive excluded. Returns (image index per text, text index per image)."""
-    batch = similarity.shape[0]
-    if batch < 2:
-        raise ValueError("hard negatives need a batch of at least 2 pairs")
-    diagonal = torch.eye(batch, dtype=torch.bool, device=similarity.device)
-    weights_t2i = (similarity.T.float().softmax(dim=1) + 1e-4).masked_fill(diagonal, 0)
-    weights_i2t = (similarity.float().softmax(dim=1) + 1e-4).masked_fill(diagonal, 0)
+    """BLIP's ITM hard negatives (§3.2): for each text an image and for each image a text,
+    drawn in proportion to softmax(similarity) + 1e-4 with the positive excluded.
+
+    ``similarity`` ``(B, N)`` scores this batch's images against ``N`` candidate texts (every
+    rank's when distributed), ``similarity_t2i`` ``(B, N)`` its texts against the candidate
+    images (default: ``similarity.T``, square only); row ``i``'s positive is column
+    ``offset + i``. Returns (candidate image index per text, candidate text index per image)."""
+    if similarity_t2i is None:
+        similarity_t2i = similarity.T
+    batch, candidates = similarity.shape
+    if candidates < 2:
+        raise ValueError("hard negatives need at least 2 candidate pairs")
+    if similarity_t2i.shape != (batch, candidates):
+        raise ValueError(f"similarity_t2i {tuple(similarity_t2i.shape)} != similarity "
+                         f"{tuple(similarity.shape)}")
+    rows = torch.arange(batch, device=similarity.device)
+    positive = torch.zeros(batch, candidates, dtype=torch.bool, device=similarity.device)
+    positive[rows, rows + offset] = True
+    weights_t2i = (similarity_t2i.float().softmax(dim=1) + 1e-4).masked_fill(positive, 0)
+    weights_i2t = (similarity.float().softmax(dim=1) + 1e-4).masked_fill(positive, 0)
     image_per_text = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
     text_per_image = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
     return image_per_text, text_per_image

@@ -351,16 +351,28 @@ class BLIP(PretrainModel):
         return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
 
     def _itm_features(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                      similarity: Tensor) -> Tensor:
+                      image: Tensor, text: Tensor, image_partner: Tensor,
+                      text_partner: Tensor) -> Tensor:
         """Per pair, the summed ITM CE of the pair (match), its text with a hard-negative image
-        and its image with a hard-negative text (mismatches): ``(B,)``."""
+        and its image with a hard-negative text (mismatches): ``(B,)``. Negatives follow the
+        ITC similarity of ``image`` to the candidate texts' ``text_partner`` and of ``text`` to
+        the candidate images' ``image_partner``; distributed, the candidates are every rank's
+        pairs (image tokens gathered with their gradient, as BLIP's retrieval fine-tuning)."""
         batch = input_ids.shape[0]
-        if batch < 2:
+        pool = (image_tokens, input_ids, attention_mask, image_partner, text_partner)
+        offset = 0
+        if self.exchange is not None:
+            pool, offset = self.exchange.gather(*pool)
+        if pool[1].shape[0] < 2:
             raise ConfigError("BLIP's ITM objective needs batches of at least 2 pairs")
-        image_per_text, text_per_image = sample_hard_negatives(similarity)
-        tokens = torch.cat([image_tokens, image_tokens[image_per_text], image_tokens])
-        ids = torch.cat([input_ids, input_ids, input_ids[text_per_image]])
-        mask = torch.cat([attention_mask, attention_mask, attention_mask[text_per_image]])
+        all_tokens, all_ids, all_mask, all_image, all_text = pool
+        with torch.no_grad():
+            scale = self.scale()
+            image_per_text, text_per_image = sample_hard_negatives(
+                scale * image @ all_text.T, scale * text @ all_image.T, offset=offset)
+        tokens = torch.cat([image_tokens, all_tokens[image_per_text], image_tokens])
+        ids = torch.cat([input_ids, input_ids, all_ids[text_per_image]])
+        mask = torch.cat([attention_mask, attention_mask, all_mask[text_per_image]])
         states = self.grounded_text_states(tokens, ids, mask, always_enc=True)
         logits = self.itm_head(states[:, 0])  # (3B, 2): matches, then the two negative sets
         return itm_nll(logits[:batch], logits[batch:]).view(3, batch).sum(dim=0)
@@ -382,13 +394,15 @@ class BLIP(PretrainModel):
         text = F.normalize(self.text_proj(self.text_encoder(input_ids, attention_mask)[:, 0]),
                            dim=-1)
         out = {"image": image, "text": text}
-        partner = text
+        image_partner, text_partner = image.detach(), text.detach()
         if self.momentum_encoders is not None:
             out["image_m"], out["text_m"] = self._momentum_features(pixels, input_ids,
                                                                     attention_mask)
-            partner = out["text_m"]  # BLIP samples negatives from student x momentum scores
-        similarity = self.scale().detach() * image.detach() @ partner.T
-        out["itm_nll"] = self._itm_features(image_tokens, input_ids, attention_mask, similarity)
+            # BLIP pretraining draws negatives from student x momentum similarities
+            image_partner, text_partner = out["image_m"], out["text_m"]
+        out["itm_nll"] = self._itm_features(image_tokens, input_ids, attention_mask,
+                                            image.detach(), text.detach(), image_partner,
+                                            text_partner)
         decoder_ids = self._first_token(input_ids, self.config.dec_id, always=True)
         states = self.text_decoder(decoder_ids, attention_mask, context=image_tokens)
         labels = input_ids[:, 1:].masked_fill(~attention_mask[:, 1:], IGNORE_INDEX)
