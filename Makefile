@@ -17,7 +17,7 @@ $(CORE): pyproject.toml
 
 # the test tools and the optional extras whose parity and metric tests run in CI
 $(TEST): $(CORE)
-	$(BIN)/pip install -e ".[test,interop,caption]"
+	$(BIN)/pip install -e ".[test,interop,caption,ray]"
 	touch $(TEST)
 
 install: $(TEST)

@@ -342,3 +342,96 @@ def test_hf_and_open_clip_vision_towers_give_their_second_to_last_layer(tmp_path
         out = model({"pixels": pix, "input_ids": ids, "attention_mask": mask})
         assert torch.isfinite(out["loss"]) and not model.visual.training
         assert not any(name.startswith("visual.") for name in model.state_dict())
+
+
+# -- stage 2 through the trainer: the LLM's tokenizer, starting from stage 1 ----------------------
+
+def test_stage2_text_mask_ends_at_the_first_eos_after_bos():
+    from vlp.models.blip2_llm import mask_through_eos
+
+    ids = torch.tensor([[7, 5, 6, 7, 7, 7],   # GPT-2 style: bos = eos = pad = 7
+                        [2, 5, 1, 0, 0, 0],   # vlp BPE: bos 2, eos 1, pad 0
+                        [2, 5, 6, 8, 9, 4]])  # cut without eos: all of it
+    assert mask_through_eos(ids[:1], 7).tolist() == [[1, 1, 1, 1, 0, 0]]
+    assert mask_through_eos(ids[1:], 1).tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6]
+
+
+def _llm_dir(tmp_path, captions, name="lm", vocab_size=300):
+    """A tiny OPT saved with a BPE tokenizer of its own (other ids than the Q-Former's)."""
+    from vlp.tokenizers import train_tokenizer
+
+    tokenizer = train_tokenizer(captions, vocab_size=vocab_size, context_length=16)
+    config = dict(OPT, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                  pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
+    torch.manual_seed(0)
+    llm = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+    llm.save_pretrained(tmp_path / name)
+    tokenizer.save(tmp_path / name)
+    return tmp_path / name, tokenizer
+
+
+STAGE2_OVERRIDES = {"llm": "causal", "text_parts": False, "retrieval_heads": False,
+                    "lm_head": False, "llm_context_length": 20}
+
+
+def test_stage2_through_the_trainer_reads_the_llm_tokenizer_and_starts_from_stage1(
+        tmp_path, synthetic_train_csv, one_thread):
+    from vlp.tokenizers import train_tokenizer
+    from vlp.train import TrainConfig, train
+    from vlp.train.distributed import DistEnv
+    from vlp.train.setup import model_and_tokenizer
+
+    csv = synthetic_train_csv(16)
+    captions = [line.split(",", 1)[1] for line in csv.read_text().splitlines()[1:]]
+    qformer_tokenizer = train_tokenizer(captions, vocab_size=1024, context_length=32)
+    torch.manual_seed(0)
+    stage1 = build_model(tiny())
+    vlp.save(stage1, tmp_path / "stage1", tokenizer=qformer_tokenizer)
+    lm_dir, llm_tokenizer = _llm_dir(tmp_path, captions)
+    assert llm_tokenizer.vocab_size < qformer_tokenizer.vocab_size
+    cfg = TrainConfig(model=str(tmp_path / "stage1"),
+                      model_overrides=dict(STAGE2_OVERRIDES, llm_path=str(lm_dir)),
+                      train_data=str(csv), output_dir=str(tmp_path / "run"), batch_size=4,
+                      max_steps=2, lr=1e-3, num_workers=0, progress=False, seed=0)
+
+    start, tokenizer = model_and_tokenizer(cfg, None, tmp_path, DistEnv())
+    assert tokenizer.vocab_size == llm_tokenizer.vocab_size and tokenizer.context_length == 20
+    assert start.config.text.bos_id == stage1.config.text.bos_id  # the Q-Former's ids kept
+    before = stage1.state_dict()
+    shared = [k for k in start.state_dict() if k.startswith(("qformer.", "ln_vision."))]
+    assert "qformer.query_tokens" in shared and len(shared) < len(before)
+    assert all(torch.equal(start.state_dict()[k], before[k]) for k in shared)
+
+    result = train(cfg)
+    saved = tmp_path / "run" / "checkpoint-latest"
+    assert result["step"] == 2 and torch.isfinite(torch.tensor(result["loss"]))
+    assert vlp.load_tokenizer(saved).vocab_size == llm_tokenizer.vocab_size
+    stored = load_file(saved / "model.safetensors")
+    # the LLM is saved by reference; the ViT built from the config is saved as weights
+    assert {name.split(".")[0] for name in stored} == {"qformer", "ln_vision", "llm_proj",
+                                                       "visual"}
+    # stage 2 from a stage-2 checkpoint is strict, and a resumed run reads the LLM's tokenizer
+    again = model_and_tokenizer(dataclasses.replace(cfg, model=str(saved), model_overrides={}),
+                                None, tmp_path, DistEnv())[0]
+    torch.testing.assert_close(again.llm_proj.weight, vlp.load(saved).llm_proj.weight)
+    resumed = train(dataclasses.replace(cfg, max_steps=3, resume="latest"))
+    assert resumed["step"] == 3
+
+
+def test_stage2_refuses_a_tokenizer_that_does_not_fit_the_llm(
+        tmp_path, synthetic_train_csv, one_thread):
+    from vlp.tokenizers import train_tokenizer
+    from vlp.train import TrainConfig, train
+
+    csv = synthetic_train_csv(16)
+    captions = [line.split(",", 1)[1] for line in csv.read_text().splitlines()[1:]]
+    lm_dir, _ = _llm_dir(tmp_path, captions)
+    train_tokenizer(captions, vocab_size=1024, context_length=32).save(tmp_path / "qformer_tok")
+    base = TrainConfig(model="blip2-tiny", train_data=str(csv), output_dir=str(tmp_path / "run"),
+                       batch_size=4, max_steps=1, num_workers=0, progress=False)
+    with pytest.raises(ConfigError, match="embedding has"):  # the Q-Former's tokenizer
+        train(dataclasses.replace(base, tokenizer=str(tmp_path / "qformer_tok"),
+                                  model_overrides=dict(STAGE2_OVERRIDES, llm_path=str(lm_dir))))
+    with pytest.raises(ConfigError, match="the LLM's tokenizer directory"):
+        train(dataclasses.replace(base, model_overrides=dict(
+            STAGE2_OVERRIDES, llm_config=dict(OPT, vocab_size=400))))

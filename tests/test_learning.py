@@ -52,14 +52,14 @@ def test_demo_rejects_an_unknown_family(tmp_path):
     from vlp.errors import ConfigError
 
     with pytest.raises(ConfigError, match="'clip', 'coca', 'blip'"):
-        demo(DemoConfig(out=str(tmp_path / "demo"), family="simvlm"))
+        demo(DemoConfig(out=str(tmp_path / "demo"), family="nonesuch"))
     assert not (tmp_path / "demo").exists()
 
 
 @pytest.mark.slow
 def test_blip_tiny_retrieves_captions_and_answers_the_synthetic_world(tmp_path):
     result = demo(DemoConfig(out=str(tmp_path / "demo"), family="blip", n_train=1000, n_test=200,
-                             steps=100, vqa_steps=150, batch_size=32, num_workers=0,
+                             steps=100, vqa_steps=150, batch_size=32, lr=1e-3, num_workers=0,
                              progress=False))
     print("blip demo", result)
     assert result["family"] == "blip" and result["num_test_pairs"] == 200, result
@@ -68,3 +68,46 @@ def test_blip_tiny_retrieves_captions_and_answers_the_synthetic_world(tmp_path):
     assert result["cider"] >= 3 * result["cider_untrained"] + 0.2, result
     assert result["vqa_accuracy"] >= 2 * result["vqa_majority_accuracy"], result
     assert result["vqa_accuracy_rank"] >= 2 * result["vqa_majority_accuracy"], result
+
+
+@pytest.mark.slow
+def test_simvlm_tiny_captions_and_answers_zero_shot(tmp_path, one_thread):
+    from pathlib import Path
+
+    from vlp.demo_simvlm import simvlm_demo
+
+    # PrefixLM pretraining on image-text pairs + the text-only corpus, then zero-shot use;
+    # the ablation without text-only data is the demo's (it doubles the time)
+    result = simvlm_demo(Path(tmp_path / "demo"),
+                         {"n_train": 1000, "n_test": 200, "steps": 350, "batch_size": 64,
+                          "n_text_scenes": 1000},
+                         lr=1e-3, seed=0, num_workers=0, progress=False, ablation=False)
+    print("simvlm demo", result)
+    assert result["family"] == "simvlm" and result["num_caption_images"] == 200, result
+    assert result["cider"] >= 3 * result["cider_untrained"] + 0.1, result
+    # zero-shot VQA: answered after the model's own caption, the question read as the text
+    # corpus taught. Not asserted: the question alone as prefix (the demo at full budget
+    # measures 2% there, below the 10% majority answer; see demo_simvlm)
+    assert result["caption_vqa_accuracy"] >= result["vqa_majority_accuracy"], result
+    assert result["caption_vqa_accuracy"] >= result["caption_vqa_accuracy_untrained"] + 0.05, \
+        result
+
+
+@pytest.mark.slow
+def test_blip2_recipe_answers_held_out_questions_zero_shot(tmp_path, one_thread):
+    from pathlib import Path
+
+    from vlp.demo_blip2 import blip2_demo
+
+    # the whole recipe at a reduced budget: frozen clip-tiny ViT, a GPT-2 trained on text
+    # alone, stage 1, stage 2 on captions only, then VQA with no QA pair ever seen with an image
+    result = blip2_demo(Path(tmp_path / "demo"),
+                        {"n_train": 600, "n_test": 100, "vit_steps": 100, "lm_steps": 300,
+                         "stage1_steps": 60, "stage2_steps": 200, "batch_size": 32},
+                        lr=1e-3, seed=0, num_workers=0, progress=False)
+    print("blip2 demo", result)
+    assert result["family"] == "blip2" and result["num_caption_images"] == 200, result
+    assert result["trainable_params"] < result["frozen_params"], result
+    assert result["vqa_accuracy"] >= 2 * result["vqa_majority_accuracy"], result
+    # not asserted yet: answers better with the image than the same frozen LM without it
+    # (measured equal at this budget, 35.7% vs 33.9% at the demo's default one)

@@ -111,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_data=args.train_data, train_kind=args.train_kind,
         val_data=args.val_data, val_kind=args.val_kind,
         image_key=args.image_key, caption_key=args.caption_key, separator=args.separator,
-        image_root=args.image_root,
+        image_root=args.image_root, text_data=args.text_data, text_ratio=args.text_ratio,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         weight_decay=args.weight_decay, betas=(args.beta1, args.beta2), eps=args.eps,
         warmup_steps=args.warmup_steps,
@@ -235,6 +235,86 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capfilt(args: argparse.Namespace) -> int:
+    from vlp.capfilt import STAGES, CapfiltConfig, capfilt
+
+    fields = {name: getattr(args, name) for name in (
+        "out", "data", "kind", "image_key", "caption_key", "separator", "image_root",
+        "unit_size", "pretrained", "clean_data", "share", "finetune_steps",
+        "finetune_batch_size", "finetune_lr", "captioner", "filter", "sampling", "top_p",
+        "num_beams", "num_captions", "max_new_tokens", "prompt", "caption_batch_size",
+        "itm_threshold", "itc_threshold", "filter_batch_size", "shard_size",
+        "report_examples", "pretrain_model", "pretrain_steps", "pretrain_batch_size",
+        "pretrain_lr", "backend", "ray_address", "ray_actors", "seed", "device",
+        "num_workers")}
+    cfg = CapfiltConfig(**fields, progress=not args.no_progress)
+    if args.stage == "run":
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    else:
+        stages = [args.stage]
+    result = capfilt(cfg, stages=[s for s in STAGES if s in stages] or stages)
+    _print_json(result)
+    return 0
+
+
+def _add_capfilt_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    cf = sub.add_parser(
+        "capfilt", parents=[common], help="bootstrap a noisy dataset with BLIP's CapFilt",
+        description="BLIP CapFilt in resumable stages: finetune (captioner LM + filter "
+                    "ITC/ITM from a pretrained BLIP on clean pairs), caption (synthetic "
+                    "captions per web image), filter (ITM decisions on original and "
+                    "synthetic captions), write (dataset + report), pretrain; run: several.")
+    cf.add_argument("stage", choices=["finetune", "caption", "filter", "write", "pretrain",
+                                      "run"])
+    cf.add_argument("--stages", default="caption,filter,write",
+                    help="run: comma-separated stages (default: caption,filter,write)")
+    cf.add_argument("--out", required=True, help="directory of every stage's output")
+    cf.add_argument("--data", default="", help="web data: CSV/TSV/JSONL/COCO or WebDataset "
+                                               "shards (each shard is a work unit)")
+    cf.add_argument("--kind", default="auto",
+                    choices=["auto", "csv", "tsv", "jsonl", "coco", "wds"])
+    _add_source_args(cf)
+    cf.add_argument("--unit-size", type=int, default=1000,
+                    help="images per work unit of a CSV/JSONL/COCO source")
+    g = cf.add_argument_group("finetune")
+    g.add_argument("--pretrained", help="BLIP checkpoint the captioner and filter start from")
+    g.add_argument("--clean-data", help="human-annotated pairs to fine-tune on")
+    g.add_argument("--share", action="store_true",
+                   help="one model (ITC+ITM+LM) as captioner and filter (paper's ablation)")
+    g.add_argument("--finetune-steps", type=int, default=100)
+    g.add_argument("--finetune-batch-size", type=int, default=32)
+    g.add_argument("--finetune-lr", type=float, default=1e-4)
+    g = cf.add_argument_group("caption and filter")
+    g.add_argument("--captioner", help="captioner checkpoint (default: OUT/models/captioner)")
+    g.add_argument("--filter", help="filter checkpoint (default: OUT/models/filter)")
+    g.add_argument("--sampling", default="nucleus", choices=["nucleus", "beam"])
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--num-beams", type=int, default=3, help="with --sampling beam")
+    g.add_argument("--num-captions", type=int, default=1, help="synthetic captions per image")
+    g.add_argument("--max-new-tokens", type=int, default=20)
+    g.add_argument("--prompt", help="caption prompt, e.g. 'a picture of ' (not written)")
+    g.add_argument("--caption-batch-size", type=int, default=32)
+    g.add_argument("--itm-threshold", type=float, default=0.5,
+                   help="keep a caption when its ITM P(match) is at least this")
+    g.add_argument("--itc-threshold", type=float,
+                   help="also require this ITC cosine similarity (default: none)")
+    g.add_argument("--filter-batch-size", type=int, default=32)
+    g.add_argument("--backend", default="local", choices=["local", "ray"],
+                   help="ray: Ray Data actors (pip install 'vlp[ray]')")
+    g.add_argument("--ray-address", help="Ray cluster address (default: start a local one)")
+    g.add_argument("--ray-actors", type=int, default=2, help="actors per stage")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g = cf.add_argument_group("write and pretrain")
+    g.add_argument("--shard-size", type=int, default=1000, help="samples per output shard")
+    g.add_argument("--report-examples", type=int, default=16)
+    g.add_argument("--pretrain-model", default="blip-tiny", help="preset or checkpoint")
+    g.add_argument("--pretrain-steps", type=int, default=100)
+    g.add_argument("--pretrain-batch-size", type=int, default=32)
+    g.add_argument("--pretrain-lr", type=float, default=3e-4)
+    cf.set_defaults(func=cmd_capfilt)
+
+
 # ---------------------------------------------------------------------------------------
 # parser
 
@@ -281,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-kind", default="auto",
                     choices=["auto", "csv", "tsv", "jsonl", "coco", "wds"])
     tr.add_argument("--val-data", help="validation captions data (val loss)")
+    tr.add_argument("--text-data", help="text-only corpus mixed into every batch (.txt: one "
+                                        "text per line; JSONL: --caption-key, text or caption)"
+                                        "; families that train on text alone (simvlm)")
+    tr.add_argument("--text-ratio", type=float, default=0.5,
+                    help="share of each batch's samples drawn from --text-data (default: 0.5)")
     tr.add_argument("--val-kind", default="auto",
                     choices=["auto", "csv", "tsv", "jsonl", "coco", "wds"])
     _add_source_args(tr)
@@ -413,15 +498,21 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--steps", type=int, default=None, help="optimizer steps")
     dm.add_argument("--batch-size", type=int, default=None)
     dm.add_argument("--seed", type=int, default=0)
-    dm.add_argument("--family", choices=["clip", "coca", "blip"], default="clip",
+    dm.add_argument("--family", choices=["clip", "coca", "blip", "simvlm", "blip2"],
+                    default="clip",
                     help="clip: train clip-tiny; coca: train coca-tiny and also report held-out "
                          "captioning (CIDEr, BLEU-4 on the val split); blip: pretrain blip-tiny, "
                          "fine-tune it for VQA, report retrieval R@1 by ITC vs ITM re-ranking, "
-                         "CIDEr vs untrained and VQA accuracy vs the majority answer "
-                         "(default: clip)")
+                         "CIDEr vs untrained and VQA accuracy vs the majority answer; "
+                         "simvlm: pretrain simvlm-tiny on image-text + text-only data, report "
+                         "zero-shot CIDEr and VQA vs baselines and without the text data; "
+                         "blip2: frozen clip-tiny ViT + a small LM trained on text, stage 1 "
+                         "then stage 2 (--steps), report zero-shot VQA and CIDEr vs the "
+                         "majority answer and the LM without the image (default: clip)")
     dm.add_argument("--vqa-steps", type=int, default=None,
                     help="blip: VQA fine-tuning steps after pretraining")
     dm.set_defaults(func=cmd_demo)
+    _add_capfilt_parser(sub, common)
     return parser
 
 

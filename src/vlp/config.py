@@ -135,6 +135,9 @@ class BlipConfig:
     min_temp: float = 0.001
     max_temp: float = 0.5
     label_smoothing: float = 0.1  # LM cross-entropy
+    # pretraining terms computed in training: any of "itc", "itm", "lm" (CapFilt fine-tunes a
+    # filter on ITC + ITM and a captioner on LM alone)
+    objectives: tuple[str, ...] = ("itc", "itm", "lm")
     # reference quirks (set by vlp.interop.hf_blip): replace the first text token with
     # [ENC]/[DEC] for ITM / LM / VQA (paper); HF's forwards take the ids as given
     replace_first_token: bool = True
@@ -181,6 +184,11 @@ class Blip2Config:
     llm_path: str | None = None
     llm_config: dict | None = None
     llm_dtype: str = "float32"
+    # stage-2 batches hold the LLM's text, not the Q-Former's: tokenised by llm_tokenizer (a
+    # tokenizer directory; None: llm_path's) to at most llm_context_length tokens (LAVIS
+    # max_txt_len); `text` stays the Q-Former's
+    llm_tokenizer: str | None = None
+    llm_context_length: int = 32
     init_temp: float = 0.07  # ITC temperature, learnable and unclamped (LAVIS)
     itc_label_smoothing: float = 0.1
     label_smoothing: float = 0.1  # ITG cross-entropy
@@ -189,9 +197,43 @@ class Blip2Config:
     # replaces with the visual prompts; vlp prepends the prompts and never reads it
     hf_image_token_index: int | None = None
 
+    def batch_text(self) -> tuple[str | None, int] | None:
+        """Stage 2: (tokenizer directory, context length) of the LLM text that batches carry;
+        None in stage 1, whose batches are tokenised for the Q-Former (`text`)."""
+        if self.llm == "none":
+            return None
+        return self.llm_tokenizer or self.llm_path, self.llm_context_length
+
+
+@dataclass
+class SimvlmConfig:
+    """SimVLM (arXiv 2108.10904): one bidirectional encoder over [image patches; text prefix]
+    and a causal text decoder cross-attending to it, trained with PrefixLM alone.
+
+    ``vision`` shapes the image input and the encoder (width, heads, mlp_ratio, act, norm_eps,
+    dropout; ``layers`` = encoder depth); ``text`` holds the vocabulary, ids and
+    ``context_length`` (the longest prefix, and the longest decoded text), ``layers`` = decoder
+    depth; its width and heads must equal vision's (one residual stream)."""
+
+    family: str = "simvlm"
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(
+        image_size=224, patch_size=16, width=768, layers=12, heads=12, pool="none"))
+    text: TextConfig = field(default_factory=lambda: TextConfig(
+        vocab_size=32000, context_length=64, width=768, layers=12, heads=12))
+    conv_blocks: int = 3  # ResNet-style stages before the patch projection; 0: plain ViT patches
+    conv_width: int = 64  # channels of the first stage, doubled by each further stage
+    # ablation (§4.4): one stack of vision.layers + text.layers blocks, prefix-masked, instead
+    # of encoder + decoder
+    decoder_only: bool = False
+    # text prefix in training: "random" (PrefixLM: 0..n words of each text go to the encoder),
+    # "none" (image alone; the whole text is the target: captioning fine-tuning)
+    prefix: str = "random"
+    tie_lm_head: bool = True  # LM head reuses the token embedding matrix (T5's shared vocab)
+    label_smoothing: float = 0.0
+
 
 CONFIG_CLASSES: dict[str, type] = {"clip": ClipConfig, "coca": CocaConfig, "blip": BlipConfig,
-                                   "blip2": Blip2Config}
+                                   "blip2": Blip2Config, "simvlm": SimvlmConfig}
 _NESTED: dict[str, type] = {"vision": VisionConfig, "text": TextConfig}
 
 
@@ -400,3 +442,21 @@ def _blip2_flan_t5_xl() -> Blip2Config:  # 106.7M trainable (Q-Former 105.2M + p
 @register_preset("blip2-qformer")
 def _blip2_qformer() -> Blip2Config:  # stage 1: 186.7M trainable, 985.9M frozen ViT-g
     return Blip2Config()
+
+
+@register_preset("simvlm-tiny")
+def _simvlm_tiny() -> SimvlmConfig:
+    # CPU-sized SimVLM beside coca-tiny: 64 px through 3 conv blocks (16/32/64 channels) into a
+    # 4x4 patch grid, width 128, 4 encoder + 2 decoder layers, train_tokenizer's 1024 ids
+    tiny = _clip_tiny()
+    tiny.vision.pool = "none"
+    text = TextConfig(vocab_size=1024, context_length=64, width=128, layers=2, heads=4,
+                      pad_id=0, bos_id=2, eos_id=1)
+    return SimvlmConfig(vision=tiny.vision, text=text, conv_blocks=3, conv_width=16)
+
+
+@register_preset("simvlm-base")
+def _simvlm_base() -> SimvlmConfig:
+    # the paper's Base shape: ViT-Base-sized 12-layer encoder and 12-layer decoder (768 wide,
+    # 12 heads, MLP 3072), 224 px in 16 px patches after 3 ResNet-style conv blocks, 32k vocab
+    return SimvlmConfig()

@@ -29,17 +29,21 @@ class DemoConfig:
     n_test: int | None = None  # held-out images, one caption each: the retrieval split
     steps: int | None = None  # optimizer steps
     batch_size: int | None = None
-    lr: float = 1e-3
+    lr: float | None = None  # None: the family's (`LR`)
     seed: int = 0
     num_workers: int = 2
     progress: bool = True
     family: str = "clip"  # "clip": clip-tiny; "coca": coca-tiny, also scored on captioning;
-    # "blip": blip-tiny, scored on ITM re-ranked retrieval, captioning and VQA
+    # "blip": blip-tiny, scored on ITM re-ranked retrieval, captioning and VQA; "simvlm":
+    # simvlm-tiny pretrained with a text-only corpus, zero-shot captioning and VQA, ablation;
+    # "blip2": the two-stage recipe on a frozen ViT and a frozen small LM, zero-shot VQA and
+    # captions (`steps` sets stage 2's; the other stages keep `BLIP2_DEFAULTS`)
     vqa_steps: int | None = None  # blip: VQA fine-tuning steps after pretraining
 
 
-FAMILIES = ("clip", "coca", "blip")
+FAMILIES = ("clip", "coca", "blip", "simvlm", "blip2")
 MODELS = {"clip": "clip-tiny", "coca": "coca-tiny"}
+LR = {"blip": 5e-4}  # peak learning rate per family; 1e-3 for the others
 DEFAULTS = {"n_train": 5000, "n_test": 1000, "steps": 1800, "batch_size": 128}
 COCA_DEFAULTS = {"n_train": 5000, "n_test": 1000, "steps": 800, "batch_size": 128}
 N_VAL = 200  # images of the val split (5 captions each): the captioning references
@@ -52,14 +56,36 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
     start = time.time()
     if cfg.family not in FAMILIES:
         raise ConfigError(f"family: unknown {cfg.family!r}; expected one of {FAMILIES}")
+    lr = cfg.lr if cfg.lr is not None else LR.get(cfg.family, 1e-3)
     if cfg.family == "blip":
         from vlp.demo_blip import BLIP_DEFAULTS, blip_demo
 
         settings = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v
                     for k, v in BLIP_DEFAULTS.items()}
         _clear_previous_run(Path(cfg.out))
-        return blip_demo(Path(cfg.out), settings, lr=cfg.lr, seed=cfg.seed,
+        return blip_demo(Path(cfg.out), settings, lr=lr, seed=cfg.seed,
                          num_workers=cfg.num_workers, progress=cfg.progress)
+    if cfg.family == "blip2":
+        from vlp.demo_blip2 import BLIP2_DEFAULTS, blip2_demo
+
+        given = {"n_train": cfg.n_train, "n_test": cfg.n_test, "stage2_steps": cfg.steps,
+                 "batch_size": cfg.batch_size}
+        settings = {k: v if given.get(k) is None else given[k] for k, v in BLIP2_DEFAULTS.items()}
+        _clear_previous_run(Path(cfg.out))
+        for run in ("vit", "stage1", "stage2"):
+            _clear_previous_run(Path(cfg.out) / run)
+        return blip2_demo(Path(cfg.out), settings, lr=lr, seed=cfg.seed,
+                          num_workers=cfg.num_workers, progress=cfg.progress)
+    if cfg.family == "simvlm":
+        from vlp.demo_simvlm import SIMVLM_DEFAULTS, simvlm_demo
+
+        settings = {k: getattr(cfg, k, None) if getattr(cfg, k, None) is not None else v
+                    for k, v in SIMVLM_DEFAULTS.items()}
+        _clear_previous_run(Path(cfg.out))
+        for run in ("with_text", "without_text"):
+            _clear_previous_run(Path(cfg.out) / run)
+        return simvlm_demo(Path(cfg.out), settings, lr=lr, seed=cfg.seed,
+                           num_workers=cfg.num_workers, progress=cfg.progress)
     defaults = COCA_DEFAULTS if cfg.family == "coca" else DEFAULTS
     settings = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v
                 for k, v in defaults.items()}
@@ -79,7 +105,7 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
         train_data=str(data_dir / "train.csv"),
         output_dir=str(out),
         batch_size=settings["batch_size"],
-        lr=cfg.lr,
+        lr=lr,
         weight_decay=0.1,
         warmup_steps=max(1, steps // 10),
         max_steps=steps,

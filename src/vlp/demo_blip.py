@@ -27,8 +27,9 @@ from vlp.models import build_model
 from vlp.train import TrainConfig, train
 from vlp.train.optim import WarmupCosine, build_optimizer
 
-BLIP_DEFAULTS = {"n_train": 3000, "n_test": 500, "steps": 400, "batch_size": 64,
+BLIP_DEFAULTS = {"n_train": 5000, "n_test": 1000, "steps": 1500, "batch_size": 64,
                  "vqa_steps": 300}
+CAPTIONS_PER_IMAGE = 5  # the synthetic world's training captions per image
 N_VAL = 200  # captioning references: the val split's images, 5 captions each
 K_TEST = 16  # ITC candidates the ITM head re-scores per query
 VQA_LR = 5e-4
@@ -70,9 +71,12 @@ def blip_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num_
     write_dataset(data_dir, formats=("csv",), n_train=settings["n_train"], n_val=N_VAL,
                   n_test=settings["n_test"], seed=seed, progress=progress)
     steps = settings["steps"]
+    # BLIP ramps the distillation weight up over the first epoch
+    epoch_steps = settings["n_train"] * CAPTIONS_PER_IMAGE // settings["batch_size"]
     print(f"[2/4] pretraining blip-tiny (ITC + ITM + LM) for {steps} steps", flush=True)
     result = train(TrainConfig(
-        model="blip-tiny", train_data=str(data_dir / "train.csv"), output_dir=str(out),
+        model="blip-tiny", model_overrides={"alpha_warmup_steps": epoch_steps},
+        train_data=str(data_dir / "train.csv"), output_dir=str(out),
         batch_size=settings["batch_size"], lr=lr, weight_decay=0.05,
         warmup_steps=max(1, steps // 10), max_steps=steps, checkpoint_every=max(1, steps // 3),
         keep_last=2, log_every=50, seed=seed, num_workers=num_workers, progress=progress))

@@ -12,12 +12,14 @@ from vlp.models.blip import BLIP, build_blip
 from vlp.models.blip2 import BLIP2, build_blip2
 from vlp.models.clip import CLIP, build_clip
 from vlp.models.coca import CoCa, build_coca
+from vlp.models.simvlm import SimVLM, build_simvlm
 
 MODEL_BUILDERS: dict[str, Callable[[Any], nn.Module]] = {
     "clip": build_clip,
     "coca": build_coca,
     "blip": build_blip,
     "blip2": build_blip2,
+    "simvlm": build_simvlm,
 }
 
 
@@ -31,5 +33,5 @@ def build_model(config: Any) -> nn.Module:
     return MODEL_BUILDERS[family](config)
 
 
-__all__ = ["BLIP", "BLIP2", "CLIP", "MODEL_BUILDERS", "CoCa", "build_blip",
-           "build_blip2", "build_clip", "build_coca", "build_model"]
+__all__ = ["BLIP", "BLIP2", "CLIP", "MODEL_BUILDERS", "CoCa", "SimVLM", "build_blip",
+           "build_blip2", "build_clip", "build_coca", "build_model", "build_simvlm"]

@@ -34,6 +34,7 @@ from vlp.nn.bert import BertTextTransformer, LMPredictionHead
 from vlp.nn.momentum import FeatureQueue, ema_update_, momentum_copy
 
 SHARES = ("all_but_sa", "all", "none")
+OBJECTIVES = ("itc", "itm", "lm")
 QUESTION_MASKS = ("always", "teacher_forcing", "never")
 # per decoder block: the encoder modules it reuses under each sharing mode; BLIP ties every
 # weight whose path lacks "/attention", so self-attention and its post-LN stay separate
@@ -382,33 +383,40 @@ class BLIP(PretrainModel):
         rows, and the LM token NLL sum and count (so accumulated batches average exactly)."""
         if "question_ids" in batch:
             return self._vqa_features(batch)
-        for part, what in (("itm_head", "ITC/ITM"), ("text_decoder", "LM")):
-            self._require(part, f"pretraining ({what})")
+        objectives = self.config.objectives
+        for part, what, terms in (("itm_head", "ITC/ITM", ("itc", "itm")),
+                                  ("text_decoder", "LM", ("lm",))):
+            if any(term in objectives for term in terms):
+                self._require(part, f"pretraining ({what})")
         pixels, input_ids = batch["pixels"], batch["input_ids"]
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
             attention_mask = input_ids != self.config.text.pad_id
         attention_mask = attention_mask.bool()
         image_tokens = self.image_tokens(pixels)
-        image = F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)
-        text = F.normalize(self.text_proj(self.text_encoder(input_ids, attention_mask)[:, 0]),
-                           dim=-1)
-        out = {"image": image, "text": text}
-        image_partner, text_partner = image.detach(), text.detach()
-        if self.momentum_encoders is not None:
-            out["image_m"], out["text_m"] = self._momentum_features(pixels, input_ids,
-                                                                    attention_mask)
-            # BLIP pretraining draws negatives from student x momentum similarities
-            image_partner, text_partner = out["image_m"], out["text_m"]
-        out["itm_nll"] = self._itm_features(image_tokens, input_ids, attention_mask,
-                                            image.detach(), text.detach(), image_partner,
-                                            text_partner)
-        decoder_ids = self._first_token(input_ids, self.config.dec_id, always=True)
-        states = self.text_decoder(decoder_ids, attention_mask, context=image_tokens)
-        labels = input_ids[:, 1:].masked_fill(~attention_mask[:, 1:], IGNORE_INDEX)
-        labels[:, : self.config.lm_prompt_tokens] = IGNORE_INDEX
-        out["lm_nll"], out["lm_tokens"] = caption_nll(self.lm_logits(states[:, :-1]), labels,
-                                                      self.config.label_smoothing)
+        out: dict[str, Tensor] = {}
+        if "itc" in objectives or "itm" in objectives:  # ITM draws negatives by ITC similarity
+            image = F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)
+            text = F.normalize(self.text_proj(self.text_encoder(input_ids, attention_mask)[:, 0]),
+                               dim=-1)
+            out.update(image=image, text=text)
+            image_partner, text_partner = image.detach(), text.detach()
+            if self.momentum_encoders is not None:
+                out["image_m"], out["text_m"] = self._momentum_features(pixels, input_ids,
+                                                                        attention_mask)
+                # BLIP pretraining draws negatives from student x momentum similarities
+                image_partner, text_partner = out["image_m"], out["text_m"]
+            if "itm" in objectives:
+                out["itm_nll"] = self._itm_features(image_tokens, input_ids, attention_mask,
+                                                    image.detach(), text.detach(),
+                                                    image_partner, text_partner)
+        if "lm" in objectives:
+            decoder_ids = self._first_token(input_ids, self.config.dec_id, always=True)
+            states = self.text_decoder(decoder_ids, attention_mask, context=image_tokens)
+            labels = input_ids[:, 1:].masked_fill(~attention_mask[:, 1:], IGNORE_INDEX)
+            labels[:, : self.config.lm_prompt_tokens] = IGNORE_INDEX
+            out["lm_nll"], out["lm_tokens"] = caption_nll(self.lm_logits(states[:, :-1]),
+                                                          labels, self.config.label_smoothing)
         return out
 
     def _vqa_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -426,29 +434,38 @@ class BLIP(PretrainModel):
         return {"vqa_nll": nll, "vqa_tokens": tokens}
 
     def loss(self, features: dict[str, Tensor], share: float = 1.0) -> dict:
-        """``itc + itm + lm`` (equal weights, paper); in training the momentum features of the
-        batch then join the queue. VQA features give the answer LM loss alone."""
+        """``itc + itm + lm`` (equal weights, paper; the terms in ``config.objectives``); in
+        training the momentum features of the batch then join the queue. VQA features give
+        the answer LM loss alone."""
         if "vqa_nll" in features:
             vqa = features["vqa_nll"].sum() / features["vqa_tokens"].sum().clamp(min=1)
             return {"loss": vqa, "losses": {"vqa": vqa.detach()}}
-        scale = partial_grad(self.scale(), share)
-        image, text = features["image"], features["text"]
-        if self.queue is None:
-            itc = clip_loss(image, text, scale, exchange=self.exchange).loss
-        else:
-            image_m, text_m = features["image_m"], features["text_m"]
-            itc = distilled_contrastive_loss(
-                image, text, torch.cat([image_m, self.queue.get("image")]),
-                torch.cat([text_m, self.queue.get("text")]), scale, self.alpha()).loss
-            if self.training:
-                if self.exchange is not None:  # every rank's momentum features join the queue
-                    (image_m, text_m), _ = self.exchange.gather(image_m, text_m)
-                self.queue.enqueue(image=image_m, text=text_m)
-        itm = features["itm_nll"].sum() / (3 * features["itm_nll"].shape[0])
-        lm = features["lm_nll"].sum() / features["lm_tokens"].sum().clamp(min=1)
-        return {"loss": itc + itm + lm,
-                "losses": {"itc": itc.detach(), "itm": itm.detach(), "lm": lm.detach()},
-                "temp": (1.0 / self.scale()).detach()}
+        objectives = self.config.objectives
+        losses: dict[str, Tensor] = {}
+        if "itc" in objectives:
+            scale = partial_grad(self.scale(), share)
+            image, text = features["image"], features["text"]
+            if self.queue is None:
+                itc = clip_loss(image, text, scale, exchange=self.exchange).loss
+            else:
+                image_m, text_m = features["image_m"], features["text_m"]
+                itc = distilled_contrastive_loss(
+                    image, text, torch.cat([image_m, self.queue.get("image")]),
+                    torch.cat([text_m, self.queue.get("text")]), scale, self.alpha()).loss
+                if self.training:
+                    if self.exchange is not None:  # every rank's momentum features join
+                        (image_m, text_m), _ = self.exchange.gather(image_m, text_m)
+                    self.queue.enqueue(image=image_m, text=text_m)
+            losses["itc"] = itc
+        if "itm" in objectives:
+            losses["itm"] = features["itm_nll"].sum() / (3 * features["itm_nll"].shape[0])
+        if "lm" in objectives:
+            losses["lm"] = features["lm_nll"].sum() / features["lm_tokens"].sum().clamp(min=1)
+        result = {"loss": sum(losses.values()),
+                  "losses": {name: value.detach() for name, value in losses.items()}}
+        if self.temp is not None:
+            result["temp"] = (1.0 / self.scale()).detach()
+        return result
 
 
 def build_blip(config: BlipConfig) -> BLIP:
@@ -461,6 +478,11 @@ def build_blip(config: BlipConfig) -> BLIP:
                           f"expected one of {list(QUESTION_MASKS)}")
     if not (config.text_encoder or config.text_decoder):
         raise ConfigError("blip: set text_encoder and/or text_decoder; a BLIP needs a text tower")
+    objectives = tuple(config.objectives)
+    if not objectives or len(set(objectives)) != len(objectives) \
+            or not set(objectives) <= set(OBJECTIVES):
+        raise ConfigError(f"blip.objectives {list(objectives)}: expected distinct names among "
+                          f"{list(OBJECTIVES)}, at least one")
     if config.retrieval_heads and not config.text_encoder:
         raise ConfigError("blip.retrieval_heads needs text_encoder=True")
     for name in ("dec_id", "enc_id"):

@@ -15,12 +15,14 @@ when the config is built; a frozen part built from the config alone is saved wit
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.config import Blip2Config
-from vlp.errors import ConfigError
+from vlp.errors import CheckpointError, ConfigError
 from vlp.losses import (
     IGNORE_INDEX,
     caption_nll,
@@ -99,6 +101,44 @@ class BLIP2(PretrainModel):
         for part in self.frozen_parts():
             part.eval()
         return self
+
+    # -- starting a run ------------------------------------------------------------------------
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Stage 2: batches hold the LLM's text, so its tokenizer must fit the LLM's embedding
+        rows and end texts with the LLM's eos (which marks where each text stops)."""
+        if self.llm is None:
+            return
+        rows = self.llm.get_input_embeddings().num_embeddings
+        if tokenizer.vocab_size > rows:
+            raise ConfigError(f"blip2 stage 2: the tokenizer has {tokenizer.vocab_size} tokens "
+                              f"but the LLM's embedding has {rows} rows; pass the LLM's "
+                              "tokenizer (blip2.llm_tokenizer, or a tokenizer beside llm_path)")
+        eos = self.llm.config.eos_token_id
+        if isinstance(eos, int) and tokenizer.eos_id != eos:
+            raise ConfigError(f"blip2 stage 2: the tokenizer's eos id {tokenizer.eos_id} is not "
+                              f"the LLM's eos_token_id {eos}")
+
+    def init_from(self, path) -> None:
+        """Weights of a saved BLIP-2 (``model.safetensors``): the same stage loads strictly; a
+        stage-1 file starts a stage-2 model's Q-Former and ``ln_vision`` (§3.3: stage 2 begins
+        from the stage-1 Q-Former), its text parts and heads dropped, ``llm_proj`` left new."""
+        from vlp.train.checkpoint import load_weights
+        from vlp.train.state import read_safetensors
+
+        tensors = read_safetensors(Path(path))
+        if self.llm is None or any(name.startswith("llm_proj.") for name in tensors):
+            load_weights(self, path)
+            return
+        state = self.state_dict()
+        fresh = ("llm_proj.", "llm.")  # new in stage 2 (an inline LLM is saved with it)
+        missing = [k for k in state if k not in tensors and not k.startswith(fresh)]
+        wrong = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in state.items()
+                 if k in tensors and tensors[k].shape != v.shape]
+        if missing or wrong:
+            raise CheckpointError(f"{path}: cannot start this stage-2 BLIP-2 from it; missing "
+                                  f"{missing[:5]}, shapes differ {wrong[:5]}")
+        self.load_state_dict({k: v for k, v in tensors.items() if k in state}, strict=False)
 
     def no_weight_decay(self) -> set[str]:
         names = {f"qformer.{n}" for n in self.qformer.no_weight_decay()}
@@ -277,8 +317,8 @@ class BLIP2(PretrainModel):
         input_ids = batch["input_ids"]
         llm_config = self.llm.config
         attention_mask = batch.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        if attention_mask is None:  # vlp loader rows: bos, text, eos, padding
+            attention_mask = blip2_llm.mask_through_eos(input_ids, llm_config.eos_token_id)
         prompts = self.llm_prompts(batch["pixels"])
         smoothing = self.config.llm_label_smoothing
         if self.config.llm == "causal":

@@ -33,6 +33,17 @@ def with_visual_prompts(llm: nn.Module, prompts: Tensor, input_ids: Tensor | Non
     return embeds, torch.cat([visible, attention_mask.long()], dim=1)
 
 
+def mask_through_eos(input_ids: Tensor, eos_id: int | None) -> Tensor:
+    """``(B, T)`` 1 up to and including each row's first eos after position 0 (bos may equal
+    eos, and pad may too, as in GPT-2), 0 after it; all ones without an eos id."""
+    if eos_id is None:
+        return torch.ones_like(input_ids)
+    is_eos = input_ids == eos_id
+    is_eos[:, 0] = False
+    seen = is_eos.long().cumsum(1) - is_eos.long()  # eos tokens strictly before each position
+    return (seen == 0).long()
+
+
 def causal_text_logits(llm: nn.Module, prompts: Tensor, input_ids: Tensor,
                        attention_mask: Tensor | None) -> Tensor:
     """``(B, T, vocab)`` logits at the text positions of a decoder-only LLM: position t

@@ -42,6 +42,18 @@ def prefix_mask(prefix_lengths: Tensor, seq_len: int) -> Tensor:
     return (causal[None] | in_prefix[:, None, :])[:, None]
 
 
+def prefix_target_mask(prefix_valid: Tensor, target_len: int) -> Tensor:
+    """PrefixLM mask ``(B, 1, P+T, P+T)`` over ``[prefix (P, padded); targets (T)]`` in one
+    stack: every query sees the real prefix keys (``prefix_valid`` (B, P), True = real), target
+    queries also see targets up to themselves, prefix queries never see targets."""
+    B, P = prefix_valid.shape
+    device = prefix_valid.device
+    prefix_keys = prefix_valid.bool()[:, None, :].expand(B, P + target_len, P)
+    target_keys = torch.cat([torch.zeros(P, target_len, dtype=torch.bool, device=device),
+                             causal_mask(target_len, target_len, device)])  # (P+T, T)
+    return torch.cat([prefix_keys, target_keys[None].expand(B, -1, -1)], dim=2)[:, None]
+
+
 def merge_masks(
     padding_mask: Tensor | None = None,
     causal: bool = False,

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,10 @@ class TrainConfig:
     caption_key: str | None = None
     separator: str | None = None
     image_root: str | None = None  # COCO image dir, or the root of relative CSV/JSONL paths
+    # text-only corpus mixed into every batch (models that train on text alone, e.g. SimVLM):
+    # a .txt file (one text per line) or JSONL (caption_key, else "text" / "caption")
+    text_data: str | None = None
+    text_ratio: float = 0.5  # share of each batch's batch_size samples that are text-only
     # optimisation
     batch_size: int = 64  # per optimizer micro-step; an update sees batch_size * grad_accum
     grad_accum: int = 1
@@ -124,6 +129,17 @@ def check_config(cfg: TrainConfig) -> None:
                           f"{list(STRATEGIES)}")
     if not cfg.train_data:
         raise ConfigError("train config train_data is empty; expected a data file or directory")
+    if cfg.text_data is not None:
+        rows = text_rows(cfg)
+        if not 0 < cfg.text_ratio < 1 or not 0 < rows < cfg.batch_size:
+            raise ConfigError(f"train config text_ratio={cfg.text_ratio!r} with batch_size "
+                              f"{cfg.batch_size} gives {rows} text-only rows per batch; "
+                              "expected a ratio in (0, 1) leaving at least one row of each")
+
+
+def text_rows(cfg: TrainConfig) -> int:
+    """Text-only rows of each micro-batch; the image-text loader gives the rest."""
+    return round(cfg.batch_size * cfg.text_ratio) if cfg.text_data is not None else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,9 +218,10 @@ def _captions(source: Any, where: str) -> Iterator[str]:
             yield record.text
 
 
-def model_and_tokenizer(cfg: TrainConfig, source: Any, output_dir: Path, env: DistEnv
-                         ) -> tuple[nn.Module, Any]:
-    """A fresh model (preset or init directory) and the tokenizer its text tower reads."""
+def model_and_tokenizer(cfg: TrainConfig, source: Any, output_dir: Path, env: DistEnv,
+                        text_corpus: Iterable[str] = ()) -> tuple[nn.Module, Any]:
+    """A fresh model (preset or init directory) and the tokenizer its text tower reads (a new
+    BPE learns the captions and ``text_corpus``)."""
     init_dir = Path(cfg.model) if Path(cfg.model).is_dir() else None
     if init_dir is not None:
         config = load_config(init_dir / CONFIG_FILE)
@@ -213,6 +230,20 @@ def model_and_tokenizer(cfg: TrainConfig, source: Any, output_dir: Path, env: Di
     if cfg.model_overrides:
         config = config_from_dict(_merge(config_to_dict(config), cfg.model_overrides),
                                   where="train config model_overrides")
+    feed = batch_text(config)
+    if feed is not None:  # batches carry another model's text (BLIP-2 stage 2: the LLM's)
+        path = cfg.tokenizer or feed[0]
+        if path is None:
+            raise ConfigError("train config: this model's batches are tokenised for its LLM; "
+                              "pass tokenizer=<the LLM's tokenizer directory>")
+        tokenizer = load_tokenizer(path, context_length=feed[1])
+        model = build_model(config)
+        check = getattr(model, "check_tokenizer", None)
+        if check is not None:
+            check(tokenizer)
+        if init_dir is not None:
+            _load_init(model, init_dir)
+        return model, tokenizer
     text = config.text
     if cfg.tokenizer is not None:
         tokenizer = load_tokenizer(cfg.tokenizer, context_length=text.context_length)
@@ -221,7 +252,8 @@ def model_and_tokenizer(cfg: TrainConfig, source: Any, output_dir: Path, env: Di
     else:  # a BPE on the captions; distributed, rank 0 trains it and every rank loads it
         shared = output_dir / "tokenizer"
         if env.is_main:
-            tokenizer = train_tokenizer(_captions(source, cfg.train_data),
+            tokenizer = train_tokenizer(itertools.chain(_captions(source, cfg.train_data),
+                                                        text_corpus),
                                         vocab_size=text.vocab_size,
                                         context_length=text.context_length)
             if env.distributed:
@@ -234,9 +266,32 @@ def model_and_tokenizer(cfg: TrainConfig, source: Any, output_dir: Path, env: Di
                           f"text.vocab_size is {text.vocab_size}")
     text.pad_id, text.bos_id, text.eos_id = tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id
     model = build_model(config)
-    if init_dir is not None:  # strict: overrides may change options, not shapes
-        load_weights(model, init_dir / WEIGHTS_FILE)
+    if init_dir is not None:
+        _load_init(model, init_dir)
     return model, tokenizer
+
+
+def batch_text(config: Any) -> tuple[str | None, int] | None:
+    """(tokenizer directory, context length) when a model's batches hold text for another
+    model than its own text tower (its config's ``batch_text()``); None for the usual case."""
+    feed = getattr(config, "batch_text", None)
+    return feed() if callable(feed) else None
+
+
+def batch_context_length(config: Any) -> int:
+    """Context length of the text in the model's batches."""
+    feed = batch_text(config)
+    return feed[1] if feed is not None else config.text.context_length
+
+
+def _load_init(model: nn.Module, init_dir: Path) -> None:
+    """Strict (overrides may change options, not shapes), unless the model has its own rules
+    for starting from another stage's checkpoint (``init_from``: BLIP-2 stage 1 -> 2)."""
+    init_from = getattr(model, "init_from", None)
+    if init_from is not None:
+        init_from(init_dir / WEIGHTS_FILE)
+    else:
+        load_weights(model, init_dir / WEIGHTS_FILE)
 
 
 def find_resume_dir(cfg: TrainConfig, output_dir: Path) -> Path | None:

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from vlp.config import load_config
 from vlp.data import image_transform, make_loader
-from vlp.errors import VlpError
+from vlp.data.text import TextBatches, TextCorpus
+from vlp.errors import ConfigError, VlpError
 from vlp.fileio import atomic_write_text
 from vlp.models import build_model
 from vlp.models.base import Accumulated
@@ -51,6 +52,7 @@ from vlp.train.setup import (
     TrainConfig,
     autocast,
     autocast_dtype,
+    batch_context_length,
     build_run_source,
     check_config,
     count_total_steps,
@@ -61,6 +63,7 @@ from vlp.train.setup import (
     rng_restore,
     rng_snapshot,
     seed_everything,
+    text_rows,
 )
 from vlp.train.state import full_model_state, full_optimizer_state, rng_state
 
@@ -83,7 +86,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _batch_size(batch: dict[str, Any]) -> int:
-    return next(value.shape[0] for value in batch.values() if isinstance(value, Tensor))
+    rows = next(value.shape[0] for value in batch.values() if isinstance(value, Tensor))
+    return rows + (batch["text_ids"].shape[0] if "text_ids" in batch else 0)
 
 
 class _Trainer:
@@ -102,13 +106,15 @@ class _Trainer:
         seed_everything(cfg.seed)
         resume_dir = find_resume_dir(cfg, self.output_dir)
         train_source = build_run_source(cfg.train_kind, cfg.train_data, cfg)
+        corpus = (TextCorpus(cfg.text_data, cfg.caption_key) if cfg.text_data is not None
+                  else None)
         if resume_dir is None:
             model, tokenizer = model_and_tokenizer(cfg, train_source, self.output_dir,
-                                                    self.env)
+                                                    self.env, corpus or ())
         else:  # the checkpoint's own config and tokenizer, whatever cfg.model says
             model = build_model(load_config(resume_dir / CONFIG_FILE))
             tokenizer = load_tokenizer(resume_dir,
-                                       context_length=model.config.text.context_length)
+                                       context_length=batch_context_length(model.config))
         self.raw_model, self.tokenizer = model, tokenizer
         model.to(self.device)
         if cfg.grad_checkpointing:
@@ -118,8 +124,16 @@ class _Trainer:
                                             with_grad=cfg.gather_with_grad)
         self.model = wrap_model(model, cfg.strategy, self.env, self.device)
         rank, world = self.env.rank, self.env.world_size
+        self.text_batches = None
+        if corpus is not None:  # text-only rows join every micro-batch as "text_ids"
+            if not getattr(model, "trains_on_text_only", False):
+                raise ConfigError(f"train config text_data: {type(model).__name__} does not "
+                                  "train on text-only rows; a family that does is simvlm")
+            self.text_batches = TextBatches(corpus, tokenizer, text_rows(cfg), seed=cfg.seed,
+                                            rank=rank, world_size=world)
         self.loader = make_loader(train_source, transform=image_transform(model.config, True),
-                                  tokenizer=tokenizer, batch_size=cfg.batch_size, train=True,
+                                  tokenizer=tokenizer, batch_size=cfg.batch_size - text_rows(cfg),
+                                  train=True,
                                   seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
                                   world_size=world, pin_memory=self.device.type == "cuda")
         self.val_loader = None
@@ -149,6 +163,8 @@ class _Trainer:
             if self.scaler is not None and state["extra"].get("grad_scaler"):
                 self.scaler.load_state_dict(state["extra"]["grad_scaler"])
             self.loader.load_state_dict(rank_data_state(state["data"], rank, world))
+            if self.text_batches is not None and state["data"].get("text"):
+                self.text_batches.load_state_dict(state["data"]["text"][rank])
         self.batches = EpochStream(self.loader, epoch, self.env)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -164,6 +180,9 @@ class _Trainer:
 
     def _micro_batches(self) -> tuple[int, list[dict[str, Any]]]:
         taken = [self.batches.next() for _ in range(self.cfg.grad_accum)]
+        if self.text_batches is not None:
+            for _, batch in taken:
+                batch["text_ids"] = self.text_batches.next()
         return taken[-1][0], [_to_device(batch, self.device) for _, batch in taken]
 
     def _backward(self, loss: Tensor) -> None:
@@ -312,6 +331,8 @@ class _Trainer:
         optimizer_state = full_optimizer_state(self.model, self.optimizer)
         rng_states = gather_objects(rng_state(), self.env)
         data_states = gather_objects(self.loader.state_dict(), self.env)
+        text_states = (gather_objects(self.text_batches.state_dict(), self.env)
+                       if self.text_batches is not None else None)
         if self.env.is_main:
             extra = {"nonfinite_steps": self.nonfinite_total,
                      "grad_scaler": self.scaler.state_dict() if self.scaler else None,
@@ -319,7 +340,8 @@ class _Trainer:
             self.checkpoint_path = str(save_checkpoint(
                 self.output_dir, self.step, model=self.raw_model, tokenizer=self.tokenizer,
                 optimizer=self.optimizer, scheduler=self.scheduler,
-                data_state={"ranks": data_states}, epoch=self.batches.epoch, extra=extra,
+                data_state={"ranks": data_states, "text": text_states},
+                epoch=self.batches.epoch, extra=extra,
                 keep_last=self.cfg.keep_last, model_state=model_state,
                 optimizer_state=optimizer_state, rng_states=rng_states))
         self.checkpoint_path = broadcast_object(self.checkpoint_path, self.env)

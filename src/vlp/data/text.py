@@ -1,0 +1,128 @@
+"""Text-only corpora trained on beside image-text pairs (SimVLM mixes a text corpus into
+PrefixLM pretraining): a ``.txt`` file with one text per line, or JSONL rows with a text field,
+and an endless, resumable stream of tokenised batches drawn from it.
+
+Like the image loader, every choice is a function of (seed, epoch, position): each epoch is a
+seeded permutation dealt round-robin to ranks, so a run resumed from ``state_dict`` draws exactly
+the batches an uninterrupted run would have drawn next.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from vlp.data.loader import rank_indices
+from vlp.data.pipeline import Tokenizer, derive_seed
+from vlp.errors import ConfigError, DataError
+
+TEXT_KEYS = ("text", "caption")  # JSONL fields tried in order when no key is given
+_TEXT_STREAM = 0x7E47  # mixed into the seed, so the text order differs from the image order
+
+
+class TextCorpus:
+    """The non-empty texts of a file, in file order: ``len(corpus)``, ``corpus[i] -> str``.
+    A ``.jsonl`` file reads field ``key`` of each row (default: "text", else "caption")."""
+
+    def __init__(self, path: str | os.PathLike[str], key: str | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such text corpus file")
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        if self.path.suffix.lower() == ".jsonl":
+            self.texts = _jsonl_texts(self.path, lines, key)
+        else:  # one text per line; ``key`` names the JSONL field and is unused here
+            self.texts = [line.strip() for line in lines if line.strip()]
+        if not self.texts:
+            raise DataError(f"{self.path}: the text corpus has no non-empty texts")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> str:
+        return self.texts[index]
+
+    def __iter__(self):
+        return iter(self.texts)
+
+    def __repr__(self) -> str:
+        return f"TextCorpus({str(self.path)!r}, {len(self)} texts)"
+
+
+def _jsonl_texts(path: Path, lines: list[str], key: str | None) -> list[str]:
+    texts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not JSON ({error})") from error
+        keys = (key,) if key is not None else TEXT_KEYS
+        found = next((k for k in keys if isinstance(row, dict) and k in row), None)
+        if found is None:
+            raise DataError(f"{path}:{number}: no text field {list(keys)} in a corpus row; got "
+                            f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+        if not isinstance(row[found], str):
+            raise DataError(f"{path}:{number}: {found!r} is not a string")
+        if row[found].strip():
+            texts.append(row[found].strip())
+    return texts
+
+
+def trim_padding(input_ids: Tensor, pad_id: int) -> Tensor:
+    """Drop the trailing columns that are padding in every row (at least one column kept)."""
+    columns = (input_ids != pad_id).any(dim=0).nonzero()
+    width = int(columns.max()) + 1 if columns.numel() else 1
+    return input_ids[:, :width]
+
+
+class TextBatches:
+    """Endless batches ``(rows, L)`` of tokenised texts for one rank (bos + tokens + eos, padded
+    to the longest row), shuffled per epoch."""
+
+    def __init__(self, corpus: TextCorpus, tokenizer: Tokenizer, rows: int, *, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if rows < 1:
+            raise ConfigError(f"text batches need rows >= 1, got {rows}")
+        if len(corpus) < rows * world_size:
+            raise DataError(f"{corpus!r}: too few texts for one batch of {rows} per rank "
+                            f"({world_size} rank(s))")
+        self.corpus, self.tokenizer, self.rows = corpus, tokenizer, rows
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.batches_per_epoch = len(corpus) // world_size // rows
+        self.epoch = self.batches_done = 0
+        self._order: Tensor | None = None
+
+    def next(self) -> Tensor:
+        if self.batches_done >= self.batches_per_epoch:
+            self.epoch, self.batches_done, self._order = self.epoch + 1, 0, None
+        if self._order is None:
+            self._order = rank_indices(len(self.corpus), epoch=self.epoch,
+                                       seed=derive_seed(self.seed, _TEXT_STREAM), shuffle=True,
+                                       rank=self.rank, world_size=self.world_size,
+                                       drop_last=True)
+        start = self.batches_done * self.rows
+        texts = [self.corpus[i] for i in self._order[start:start + self.rows].tolist()]
+        self.batches_done += 1
+        return trim_padding(self.tokenizer(texts), self.tokenizer.pad_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "rows": self.rows,
+                "texts": len(self.corpus), "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the saved position (same corpus size, rows and seed)."""
+        expected = {"rows": self.rows, "texts": len(self.corpus), "seed": self.seed}
+        differ = {key: (state.get(key), value) for key, value in expected.items()
+                  if state.get(key) != value}
+        if differ:
+            detail = ", ".join(f"{key}: saved {old}, now {new}"
+                               for key, (old, new) in differ.items())
+            raise DataError(f"cannot resume the text stream exactly: {detail}")
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        self._order = None

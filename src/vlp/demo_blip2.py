@@ -1,0 +1,313 @@
+"""`vlp demo --family blip2`: the BLIP-2 recipe in miniature on the synthetic world, then used
+zero-shot.
+
+1. A frozen image encoder: clip-tiny pretrained by the normal trainer; BLIP-2 reads its ViT by
+   reference (``vision_path``).
+2. A frozen LLM: a small GPT-2 trained here on text alone, from the train split only: captions,
+   and "Question: ... Short answer: ..." pairs, alone or after a caption of the same scene
+   (segments bos ... eos, packed into short documents), so it knows the answer format and
+   vocabulary and how to answer from a preceding description. Saved as an HF directory.
+3. Stage 1: blip2-tiny's Q-Former on the frozen ViT (ITC + ITM + ITG) through the trainer.
+4. Stage 2: the stage-1 Q-Former feeding the frozen LLM soft prompts, trained on captions only
+   (the paper's stage 2), through the trainer with the LLM's tokenizer.
+5. Zero-shot on held-out images: VQA with "Question: {} Short answer:" (beam search, length
+   penalty), captions (beam search), against the majority answer and the same LLM given no
+   image.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import vlp
+from vlp.data import build_source
+from vlp.data.qa import QARecord, read_qa_jsonl
+from vlp.data.synthetic import write_dataset
+from vlp.data.transforms import image_transform
+from vlp.eval.captioning import caption_metrics, generate_captions
+from vlp.eval.vqa import accuracy_summary, majority_baselines
+from vlp.models.blip2 import VQA_PROMPT
+from vlp.tokenizers import Tokenizer, train_tokenizer
+from vlp.train import TrainConfig, train
+from vlp.train.optim import WarmupCosine, build_optimizer
+
+BLIP2_DEFAULTS = {"n_train": 2000, "n_test": 300, "vit_steps": 200, "lm_steps": 800,
+                  "stage1_steps": 200, "stage2_steps": 400, "batch_size": 64}  # ~13 min CPU
+N_VAL = 200  # captioning references: the val split's images, 5 captions each
+LM_VOCAB = 1024
+LM_SHAPE = {"n_embd": 128, "n_layer": 3, "n_head": 4, "n_positions": 128}
+LM_DOC_TOKENS = 96  # longest LM training document
+LM_LR = 1e-3
+# LM documents: (kind, weight); a "segment" is bos + text + eos
+LM_DOCS = (("caption", 0.15), ("caption+caption", 0.25), ("caption+qa", 0.4), ("qa", 0.2))
+STAGE2_OVERRIDES = {"llm": "causal", "text_parts": False, "retrieval_heads": False,
+                    "lm_head": False, "llm_context_length": 32}
+VQA_EVAL_QUESTIONS = 1000  # the first questions of test_qa.jsonl (grouped by image)
+VQA_BEAMS, VQA_LENGTH_PENALTY, VQA_MAX_NEW_TOKENS = 5, -1.0, 6  # paper: beams 5, penalty -1
+CAPTION_BEAMS, CAPTION_MAX_NEW_TOKENS = 5, 30
+
+
+# -- the LLM: a small GPT-2 trained on text alone ------------------------------------------------
+
+def qa_text(question: str, answer: str | None = None) -> str:
+    prompt = VQA_PROMPT.format(question)
+    return prompt if answer is None else f"{prompt} {answer}"
+
+
+def lm_corpus(data_dir: Path) -> dict[str, dict[str, list[str]]]:
+    """Per training image, its captions and its QA texts (train split only)."""
+    scenes: dict[str, dict[str, list[str]]] = defaultdict(lambda: {"captions": [], "qa": []})
+    with open(data_dir / "train.csv", newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            scenes[row["filepath"]]["captions"].append(row["caption"])
+    for line in (data_dir / "train_qa.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        scenes[row["image"]]["qa"].append(qa_text(row["question"], row["answer"]))
+    return dict(scenes)
+
+
+def _document(scene: dict[str, list[str]], kind: str, rng: random.Random) -> list[str]:
+    captions, qa = scene["captions"], scene["qa"]
+    if kind == "caption":
+        return [rng.choice(captions)]
+    if kind == "caption+caption":
+        return rng.sample(captions, 2)
+    if kind == "caption+qa":
+        return [rng.choice(captions), rng.choice(qa)]
+    return [rng.choice(qa)]
+
+
+def _segments_ids(tokenizer: Tokenizer, texts: list[str]) -> list[int]:
+    ids: list[int] = []
+    for tokens in tokenizer.encode_batch(texts):
+        ids += [tokenizer.bos_id, *tokens, tokenizer.eos_id]
+    return ids[:LM_DOC_TOKENS]
+
+
+def train_text_lm(scenes: dict[str, dict[str, list[str]]], out_dir: Path, *, steps: int,
+                  batch_size: int, seed: int, progress: bool) -> tuple[nn.Module, Tokenizer]:
+    """A GPT-2 (``LM_SHAPE``) with a BPE of its own, trained on documents drawn from
+    ``scenes``; saved with its tokenizer as an HF directory at ``out_dir``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    texts = [t for scene in scenes.values() for t in scene["captions"] + scene["qa"]]
+    tokenizer = train_tokenizer(texts, vocab_size=LM_VOCAB, context_length=LM_DOC_TOKENS)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                        eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                        **LM_SHAPE)
+    model = GPT2LMHeadModel(config)
+    optimizer = build_optimizer(model, LM_LR, weight_decay=0.1)
+    schedule = WarmupCosine(optimizer, max(1, steps // 20), steps)
+    rng = random.Random(seed)
+    keys = sorted(scenes)
+    kinds, weights = zip(*LM_DOCS, strict=True)
+    model.train()
+    bar = tqdm(range(steps), desc="LM (text only)", disable=not progress)
+    for _ in bar:
+        docs = [_segments_ids(tokenizer, _document(scenes[rng.choice(keys)], kind, rng))
+                for kind in rng.choices(kinds, weights, k=batch_size)]
+        width = max(map(len, docs))
+        ids = torch.full((batch_size, width), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, doc in enumerate(docs):
+            ids[row, :len(doc)], mask[row, :len(doc)] = torch.tensor(doc), 1
+        loss = model(input_ids=ids, attention_mask=mask,
+                     labels=ids.masked_fill(mask == 0, -100)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save(out_dir)
+    return model, tokenizer
+
+
+# -- zero-shot VQA --------------------------------------------------------------------------------
+
+def prompt_batch(tokenizer: Tokenizer, texts: list[str]) -> tuple[Tensor, Tensor]:
+    """bos + prompt tokens (no eos), left-padded for decoder-only generation."""
+    rows = [[tokenizer.bos_id, *ids] for ids in tokenizer.encode_batch(texts)]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row):], mask[index, width - len(row):] = torch.tensor(row), 1
+    return ids, mask
+
+
+@torch.no_grad()
+def zero_shot_answers(model: nn.Module | None, llm: nn.Module, tokenizer: Tokenizer,
+                      records: list[QARecord], *, batch_size: int = 50,
+                      progress: bool = True) -> list[str]:
+    """Answers to ``records`` generated after [visual prompts; "Question: {} Short answer:"]
+    by the BLIP-2 ``model``, or, with ``model=None``, by the frozen ``llm`` given the text
+    prompt alone (the no-image baseline); beam search with the paper's length penalty."""
+    transform = image_transform(model, train=False) if model is not None else None
+    options = {"num_beams": VQA_BEAMS, "length_penalty": VQA_LENGTH_PENALTY,
+               "max_new_tokens": VQA_MAX_NEW_TOKENS, "pad_token_id": tokenizer.pad_id}
+    answers: list[str] = []
+    for start in tqdm(range(0, len(records), batch_size), desc="vqa", leave=False,
+                      disable=not progress):
+        chunk = records[start:start + batch_size]
+        ids, mask = prompt_batch(tokenizer, [qa_text(r.question) for r in chunk])
+        if model is None:
+            tokens = llm.generate(input_ids=ids, attention_mask=mask, **options)[:, ids.shape[1]:]
+        else:
+            from vlp.data.pipeline import open_image
+
+            pixels = torch.stack([transform(open_image(r.image)) for r in chunk])
+            tokens = model.answer(pixels, ids, mask, **options)
+        answers += [text.strip() for text in tokenizer.batch_decode(tokens)]
+    return answers
+
+
+# -- the recipe -----------------------------------------------------------------------------------
+
+def _count(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters()) - trainable
+
+
+def _train(out: Path, settings: dict[str, int], steps: int, lr: float, seed: int,
+           num_workers: int, progress: bool, data: Path, **fields: Any) -> dict[str, Any]:
+    return train(TrainConfig(
+        train_data=str(data), output_dir=str(out), batch_size=settings["batch_size"], lr=lr,
+        weight_decay=0.05, warmup_steps=max(1, steps // 10), max_steps=steps,
+        checkpoint_every=0, keep_last=1, log_every=50, seed=seed, num_workers=num_workers,
+        progress=progress, **fields))
+
+
+def blip2_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num_workers: int,
+               progress: bool) -> dict[str, Any]:
+    """The BLIP-2 demo's stages; ``settings`` holds `BLIP2_DEFAULTS`' keys."""
+    start = time.time()
+    data_dir = out / "data"
+    train_csv = data_dir / "train.csv"
+    print(f"[1/6] writing the synthetic dataset to {data_dir}", flush=True)
+    write_dataset(data_dir, formats=("csv",), n_train=settings["n_train"], n_val=N_VAL,
+                  n_test=settings["n_test"], seed=seed, progress=progress)
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        timings[name] = round(time.time() - since, 1)
+        return time.time()
+
+    mark = lap("data", start)
+    print(f"[2/6] the image encoder: clip-tiny for {settings['vit_steps']} steps", flush=True)
+    vit = _train(out / "vit", settings, settings["vit_steps"], lr, seed, num_workers, progress,
+                 train_csv, model="clip-tiny")
+    mark = lap("vit", mark)
+    print(f"[3/6] the LLM: GPT-2 on train-split text alone for {settings['lm_steps']} steps",
+          flush=True)
+    lm_dir = out / "lm"
+    llm, lm_tokenizer = train_text_lm(lm_corpus(data_dir), lm_dir, steps=settings["lm_steps"],
+                                      batch_size=settings["batch_size"], seed=seed,
+                                      progress=progress)
+    mark = lap("lm", mark)
+    print(f"[4/6] stage 1: Q-Former on the frozen ViT (ITC + ITM + ITG) for "
+          f"{settings['stage1_steps']} steps", flush=True)
+    stage1 = _train(out / "stage1", settings, settings["stage1_steps"], lr, seed, num_workers,
+                    progress, train_csv, model="blip2-tiny",
+                    model_overrides={"vision_path": str(Path(vit["checkpoint"]).resolve())})
+    mark = lap("stage1", mark)
+    print(f"[5/6] stage 2: Q-Former -> frozen LLM on captions for {settings['stage2_steps']} "
+          "steps", flush=True)
+    stage2 = _train(out / "stage2", settings, settings["stage2_steps"], lr, seed, num_workers,
+                    progress, train_csv, model=stage1["checkpoint"],
+                    model_overrides=dict(STAGE2_OVERRIDES, llm_path=str(lm_dir.resolve())))
+    mark = lap("stage2", mark)
+
+    print("[6/6] zero-shot VQA and captioning on held-out images", flush=True)
+    model = vlp.load(stage2["checkpoint"]).eval()
+    tokenizer = vlp.load_tokenizer(stage2["checkpoint"])
+    train_qa = read_qa_jsonl(data_dir / "train_qa.jsonl")
+    test_qa = read_qa_jsonl(data_dir / "test_qa.jsonl")[:VQA_EVAL_QUESTIONS]
+    with_image = accuracy_summary(
+        zero_shot_answers(model, model.llm, tokenizer, test_qa, progress=progress), test_qa)
+    no_image = accuracy_summary(
+        zero_shot_answers(None, model.llm, tokenizer, test_qa, progress=progress), test_qa)
+    baselines = majority_baselines(train_qa, test_qa)
+    captions = _captioning(model, tokenizer, data_dir, num_workers, progress)
+    lap("eval", mark)
+
+    trainable, frozen = _count(model)
+    stage1_model = vlp.load(stage1["checkpoint"])
+    r4 = lambda value: round(float(value), 4)  # noqa: E731
+    summary = {
+        "family": "blip2",
+        "vqa_accuracy": r4(with_image["vqa_accuracy"]),
+        "vqa_no_image_accuracy": r4(no_image["vqa_accuracy"]),
+        "vqa_majority_accuracy": r4(baselines["majority_accuracy"]),
+        "vqa_type_majority_accuracy": r4(baselines["type_majority_accuracy"]),
+        "vqa_by_type": {k.removeprefix("vqa_acc_"): r4(v) for k, v in with_image.items()
+                        if k.startswith("vqa_acc_")},
+        "vqa_no_image_by_type": {k.removeprefix("vqa_acc_"): r4(v) for k, v in no_image.items()
+                                 if k.startswith("vqa_acc_")},
+        "num_vqa_questions": int(with_image["num_questions"]),
+        "cider": r4(captions["image"]["cider"]), "bleu_4": r4(captions["image"]["bleu_4"]),
+        "cider_no_image": r4(captions["no_image"]["cider"]),
+        "bleu_4_no_image": r4(captions["no_image"]["bleu_4"]),
+        "num_caption_images": int(captions["image"]["num_images"]),
+        "caption_examples": captions["examples"],
+        "trainable_params": trainable, "frozen_params": frozen,
+        "frozen_vit_params": sum(p.numel() for p in model.visual.parameters()),
+        "frozen_llm_params": sum(p.numel() for p in model.llm.parameters()),
+        "stage1_trainable_params": _count(stage1_model)[0],
+        "losses": {"vit": r4(vit["loss"]), "stage1": r4(stage1["loss"]),
+                   "stage2": r4(stage2["loss"])},
+        "steps": {k: settings[k] for k in ("vit_steps", "lm_steps", "stage1_steps",
+                                           "stage2_steps")},
+        "timings_s": timings, "wall_s": round(time.time() - start, 1),
+        "checkpoint": str(stage2["checkpoint"]), "lm_dir": str(lm_dir),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"zero-shot VQA {summary['vqa_accuracy']:.1%} (beam {VQA_BEAMS}, length penalty "
+          f"{VQA_LENGTH_PENALTY}) vs the same frozen LLM without the image "
+          f"{summary['vqa_no_image_accuracy']:.1%}, majority answer "
+          f"{summary['vqa_majority_accuracy']:.1%}, per-type majority "
+          f"{summary['vqa_type_majority_accuracy']:.1%} ({summary['num_vqa_questions']} "
+          f"held-out questions); captions CIDEr {summary['cider']:.3f} (no image "
+          f"{summary['cider_no_image']:.3f}); trainable {trainable / 1e6:.2f}M vs frozen "
+          f"{frozen / 1e6:.2f}M parameters; {summary['wall_s']:.0f} s", flush=True)
+    return summary
+
+
+def _captioning(model: nn.Module, tokenizer: Tokenizer, data_dir: Path, num_workers: int,
+                progress: bool) -> dict[str, Any]:
+    """Beam-search captions of the val images from the visual prompts, and the frozen LLM's one
+    caption from bos alone (the no-image baseline), each scored against the 5 references."""
+    groups = build_source("csv", str(data_dir / "val.csv")).groups()
+    references = {i: [groups.texts[t] for t in texts]
+                  for i, texts in enumerate(groups.image_to_texts)}
+    generated = generate_captions(model, tokenizer, groups.images, batch_size=50,
+                                  max_new_tokens=CAPTION_MAX_NEW_TOKENS, num_beams=CAPTION_BEAMS,
+                                  num_workers=num_workers, progress=progress,
+                                  pad_token_id=tokenizer.pad_id)
+    with_image = dict(zip(generated.indices, (text for _, text in generated.pairs), strict=True))
+    bos = torch.tensor([[tokenizer.bos_id]])
+    blind = model.llm.generate(input_ids=bos, attention_mask=torch.ones_like(bos),
+                               num_beams=CAPTION_BEAMS, max_new_tokens=CAPTION_MAX_NEW_TOKENS,
+                               pad_token_id=tokenizer.pad_id)[:, 1:]
+    blind_text = tokenizer.batch_decode(blind)[0].strip()
+    metrics = {"image": caption_metrics(references, with_image, backend="vlp"),
+               "no_image": caption_metrics(references, dict.fromkeys(with_image, blind_text),
+                                           backend="vlp")}
+    metrics["image"]["num_images"] = len(with_image)
+    shown = list(with_image)[:3]
+    metrics["examples"] = {"image": [[references[i][0], with_image[i]] for i in shown],
+                           "no_image": blind_text}
+    return metrics
