@@ -242,11 +242,16 @@ def config_to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
-def _from_dict(cls: type, data: dict, where: str) -> Any:
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
+def check_fields(cls: type, data: dict, where: str) -> None:
+    """Refuse keys of ``data`` that are not fields of the dataclass ``cls``, naming them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(names)}")
+
+
+def _from_dict(cls: type, data: dict, where: str) -> Any:
+    check_fields(cls, data, where)
     kwargs = {}
     for key, value in data.items():
         if key in _NESTED and isinstance(value, dict):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlp.config import check_fields
 from vlp.errors import ConfigError
 from vlp.fileio import atomic_write_text
 
@@ -79,11 +80,7 @@ class CapfiltConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CapfiltConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"capfilt config: unknown field(s) {unknown}; expected some of "
-                              f"{sorted(names)}")
+        check_fields(cls, data, "capfilt config")
         return cls(**data)
 
     @property

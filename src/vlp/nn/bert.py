@@ -88,6 +88,19 @@ class PostNormBlock(nn.Module):
         return self.norm2(x + self.mlp(x)), BlockCache(attended.cache, cross_kv)
 
 
+def bert_init_(root: nn.Module) -> None:
+    """BERT's init of every Linear (weights ~ N(0, 0.02), zero biases) and LayerNorm (1, 0)
+    under ``root``; embeddings and other parameters are the caller's."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
 def key_mask(valid: Tensor | None) -> Tensor | None:
     """``(B, S)`` key validity (True / 1 = attend) -> SDPA mask ``(B, 1, 1, S)``."""
     return None if valid is None else valid.bool()[:, None, None, :]
@@ -118,14 +131,7 @@ class BertTextTransformer(nn.Module):
     def init_weights(self) -> None:
         """BERT's init: every weight matrix, embedding and position std 0.02, biases 0,
         LayerNorms 1/0, the padding embedding 0."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        bert_init_(self)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.02)
         with torch.no_grad():

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from vlp.config import TextConfig
 from vlp.errors import ConfigError
 from vlp.nn.attention import Attention, KVCache, causal_mask
+from vlp.nn.bert import bert_init_
 from vlp.nn.transformer import Mlp
 
 MASK_KINDS = ("unimodal", "multimodal_causal", "bidirectional")
@@ -138,14 +139,7 @@ class QFormer(nn.Module):
     def init_weights(self) -> None:
         """BERT's init (std 0.02 matrices and embeddings, zero biases, unit LayerNorms) and
         the queries ~ N(0, 0.02) (LAVIS ``query_tokens``)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        bert_init_(self)
         nn.init.normal_(self.query_tokens, std=0.02)
         if self.has_text:
             nn.init.normal_(self.token_embed.weight, std=0.02)

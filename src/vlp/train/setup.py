@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vlp.config import config_from_dict, config_to_dict, get_preset, load_config
+from vlp.config import check_fields, config_from_dict, config_to_dict, get_preset, load_config
 from vlp.data import build_source
 from vlp.errors import ConfigError
 from vlp.models import build_model
@@ -93,11 +93,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"train config: unknown field(s) {unknown}; expected some of "
-                              f"{sorted(names)}")
+        check_fields(cls, data, "train config")
         values = dict(data)
         if isinstance(values.get("betas"), list):
             values["betas"] = tuple(values["betas"])
