@@ -275,3 +275,33 @@ def test_unreadable_image_is_kept_out_with_its_reason(world, blip, tmp_path):
     broken = next(row for row in rows if row["image"].endswith("broken.jpg"))
     assert broken["skipped"] == "corrupt_image"
     assert [(c["itm"], c["kept"]) for c in broken["captions"]] == [(None, False)]
+
+
+def test_capfilt_demo_compares_three_pretraining_sets_with_one_recipe(tmp_path, monkeypatch):
+    """The demo's loop at a toy budget: BLIP pretrain -> finetune -> caption -> filter ->
+    write, then one recipe (model, steps, tokenizer) on noisy, bootstrapped and clean data.
+    The learning bars (noise cut to a third, (b) above (a)) need the demo's budget."""
+    import vlp.demo_capfilt
+    from vlp.demo import DemoConfig, demo
+    from vlp.demo_capfilt import CAPFILT_DEFAULTS, capfilt_demo, format_table
+
+    # a 3-step BLIP's ITM rejects every caption; keep them all so (b) has data to train on
+    monkeypatch.setattr(vlp.demo_capfilt, "ITM_THRESHOLD", 0.0)
+
+    settings = {**CAPFILT_DEFAULTS, "n_web": 50, "n_clean": 16, "n_test": 24, "blip_steps": 3,
+                "finetune_steps": 2, "steps": 3, "batch_size": 16}
+    out = tmp_path / "demo"
+    result = capfilt_demo(out, settings, seed=0, num_workers=0, progress=False)
+    assert result["family"] == "capfilt" and result["noise_rate_before"] == 0.3, result
+    assert set(result["runs"]) == {"a", "b", "c"}
+    assert [result["runs"][k]["pairs"] for k in "ac"] == [50, 50]
+    assert result["runs"]["b"]["pairs"] == result["kept_original"] + result["kept_synthetic"]
+    configs = [json.loads((out / path / "train_config.json").read_text())
+               for path in ("downstream/a", "capfilt/pretrain", "downstream/c")]
+    for key in ("model", "max_steps", "batch_size", "lr", "weight_decay", "tokenizer", "seed"):
+        assert configs[0][key] == configs[1][key] == configs[2][key], key
+    assert (out / "capfilt" / "dataset" / "report.html").is_file()
+    table = format_table(result)
+    assert "(b) bootstrapped" in table and f"{result['runs']['a']['i2t_r1']:.1%}" in table
+    with pytest.raises(ConfigError, match="family"):
+        demo(DemoConfig(out=str(tmp_path / "x"), family="capfit"))

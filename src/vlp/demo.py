@@ -37,11 +37,13 @@ class DemoConfig:
     # "blip": blip-tiny, scored on ITM re-ranked retrieval, captioning and VQA; "simvlm":
     # simvlm-tiny pretrained with a text-only corpus, zero-shot captioning and VQA, ablation;
     # "blip2": the two-stage recipe on a frozen ViT and a frozen small LM, zero-shot VQA and
-    # captions (`steps` sets stage 2's; the other stages keep `BLIP2_DEFAULTS`)
+    # captions (`steps` sets stage 2's; the other stages keep `BLIP2_DEFAULTS`); "capfilt":
+    # BLIP's CapFilt on noisy web data, then clip-tiny pretrained on noisy / bootstrapped /
+    # clean data (`n_train` web images, `steps` and `batch_size` of those three runs)
     vqa_steps: int | None = None  # blip: VQA fine-tuning steps after pretraining
 
 
-FAMILIES = ("clip", "coca", "blip", "simvlm", "blip2")
+FAMILIES = ("clip", "coca", "blip", "simvlm", "blip2", "capfilt")
 MODELS = {"clip": "clip-tiny", "coca": "coca-tiny"}
 LR = {"blip": 5e-4}  # peak learning rate per family; 1e-3 for the others
 DEFAULTS = {"n_train": 5000, "n_test": 1000, "steps": 1800, "batch_size": 128}
@@ -76,6 +78,16 @@ def demo(cfg: DemoConfig) -> dict[str, Any]:
             _clear_previous_run(Path(cfg.out) / run)
         return blip2_demo(Path(cfg.out), settings, lr=lr, seed=cfg.seed,
                           num_workers=cfg.num_workers, progress=cfg.progress)
+    if cfg.family == "capfilt":
+        from vlp.demo_capfilt import CAPFILT_DEFAULTS, capfilt_demo
+
+        given = {"n_web": cfg.n_train, "n_test": cfg.n_test, "steps": cfg.steps,
+                 "batch_size": cfg.batch_size}
+        settings = {k: v if given.get(k) is None else given[k]
+                    for k, v in CAPFILT_DEFAULTS.items()}
+        _clear_capfilt_run(Path(cfg.out))
+        return capfilt_demo(Path(cfg.out), settings, seed=cfg.seed,
+                            num_workers=cfg.num_workers, progress=cfg.progress)
     if cfg.family == "simvlm":
         from vlp.demo_simvlm import SIMVLM_DEFAULTS, simvlm_demo
 
@@ -180,6 +192,13 @@ def evaluate_demo_model(model: nn.Module, tokenizer: Any, data_dir: str | Path, 
         metrics.update({k: v for k, v in captions.items() if k not in metrics})
         metrics["num_caption_images"] = captions["num_images"]  # zero-shot has its own count
     return metrics
+
+
+def _clear_capfilt_run(out: Path) -> None:
+    """The CapFilt demo's runs and stage outputs resume when present, so a rerun removes them."""
+    for name in ("blip", "capfilt", "downstream"):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
 
 
 def _clear_previous_run(out: Path) -> None:

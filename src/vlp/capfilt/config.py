@@ -65,6 +65,8 @@ class CapfiltConfig:
     pretrain_steps: int = 100
     pretrain_batch_size: int = 32
     pretrain_lr: float = 3e-4
+    pretrain_weight_decay: float = 0.05
+    pretrain_tokenizer: str | None = None  # None: the trainer's (a BPE on the captions)
     # execution of stages 2-3: "local" (this process) or "ray" (Ray Data actors)
     backend: str = "local"
     ray_address: str | None = None  # None: the running Ray, else a new local cluster
@@ -118,6 +120,9 @@ def check_config(cfg: CapfiltConfig) -> None:
                           "repeat one caption; use sampling='nucleus' for several")
     if cfg.backend not in BACKENDS:
         raise ConfigError(f"capfilt backend={cfg.backend!r}; expected one of {list(BACKENDS)}")
+    if not isinstance(cfg.pretrain_weight_decay, int | float) or cfg.pretrain_weight_decay < 0:
+        raise ConfigError(f"capfilt pretrain_weight_decay={cfg.pretrain_weight_decay!r}: "
+                          "expected a value >= 0")
     for name in ("finetune_lr", "pretrain_lr", "ray_cpus_per_actor"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"capfilt {name}={getattr(cfg, name)!r}: expected a value > 0")

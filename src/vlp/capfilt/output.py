@@ -139,8 +139,10 @@ def _flush(out: Path, index: int, samples: list) -> str:
 def _write_tables(out: Path, table: list[dict[str, Any]],
                   provenance: list[dict[str, Any]]) -> None:
     def write_csv(temp: str) -> None:
+        # RFC 4180 line ends: a caption holding \r or \n is then quoted (with "\n" alone, a
+        # bare \r in a generated caption would split its row when read back)
         with open(temp, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
+            writer = csv.writer(f, lineterminator="\r\n")
             writer.writerow(["filepath", "caption", "source", "itm"])
             writer.writerows([row["filepath"], row["caption"], row["source"], row["itm"]]
                              for row in table)

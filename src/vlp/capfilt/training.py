@@ -37,9 +37,9 @@ def _pretrained_dir(cfg: CapfiltConfig) -> Path:
 def _train(cfg: CapfiltConfig, **fields: Any) -> dict[str, Any]:
     from vlp.train import TrainConfig, train
 
+    fields.setdefault("weight_decay", 0.05)
     return train(TrainConfig(seed=cfg.seed, num_workers=cfg.num_workers, device=cfg.device,
-                             progress=cfg.progress, resume="latest", weight_decay=0.05,
-                             **fields))
+                             progress=cfg.progress, resume="latest", **fields))
 
 
 def finetune(cfg: CapfiltConfig) -> dict[str, str]:
@@ -65,11 +65,16 @@ def finetune(cfg: CapfiltConfig) -> dict[str, str]:
     return checkpoints
 
 
-def pretrain(cfg: CapfiltConfig) -> dict[str, Any]:
-    """Pretrain ``cfg.pretrain_model`` (a preset or checkpoint) on the bootstrapped dataset
-    with the normal trainer, into ``out/pretrain``; returns the trainer's result."""
-    return _train(cfg, model=cfg.pretrain_model, train_data=dataset_csv(cfg),
-                  output_dir=str(cfg.out_dir / "pretrain"),
+def pretrain(cfg: CapfiltConfig, train_data: str | None = None,
+             output_dir: str | None = None) -> dict[str, Any]:
+    """Pretrain ``cfg.pretrain_model`` (a preset or checkpoint) with the normal trainer on the
+    bootstrapped dataset into ``out/pretrain``, or on ``train_data`` into ``output_dir`` with
+    the same settings (the baselines a bootstrapped dataset is compared with); returns the
+    trainer's result."""
+    steps = cfg.pretrain_steps
+    return _train(cfg, model=cfg.pretrain_model, tokenizer=cfg.pretrain_tokenizer,
+                  train_data=train_data or dataset_csv(cfg),
+                  output_dir=output_dir or str(cfg.out_dir / "pretrain"),
                   batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr,
-                  warmup_steps=max(1, cfg.pretrain_steps // 10), max_steps=cfg.pretrain_steps,
-                  log_every=max(1, cfg.pretrain_steps // 10))
+                  weight_decay=cfg.pretrain_weight_decay, warmup_steps=max(1, steps // 10),
+                  max_steps=steps, log_every=max(1, steps // 10))

@@ -14,11 +14,11 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from vlp.capfilt.config import CapfiltConfig
 from vlp.data import build_source, infer_source_kind
-from vlp.data.webdataset import WDS_IMAGE_EXTS, expand_urls, scan_shard
+from vlp.data.sources import jsonl_rows
+from vlp.data.webdataset import expand_urls, scan_shard, tar_sample_fields
 from vlp.errors import ConfigError, DataError
 
 
@@ -89,25 +89,13 @@ def _shard_items(shard: str) -> Iterator[Item]:
         for sample in scan_shard(shard):
             if sample.lost:
                 continue
-            members = sample.members
-            image_ext = next((ext for ext in WDS_IMAGE_EXTS if ext in members), None)
-            meta: dict[str, Any] = {}
-            if "json" in members:
-                try:
-                    loaded = json.loads(read(*members["json"]))
-                    meta = loaded if isinstance(loaded, dict) else {}
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    meta = {}
-            if "txt" in members:
-                caption = read(*members["txt"]).decode("utf-8", errors="replace")
-            else:
-                caption = meta.get("caption") if isinstance(meta.get("caption"), str) else None
+            fields = tar_sample_fields(sample, read)
+            caption = fields.text or None
             # the synthetic world records the kind of noise, or null for a clean caption
-            noisy = bool(meta["noisy"]) if "noisy" in meta else None
-            yield Item(key=sample.key,
-                       image=read(*members[image_ext]) if image_ext is not None else b"",
+            noisy = bool(fields.meta["noisy"]) if "noisy" in fields.meta else None
+            yield Item(key=sample.key, image=fields.image,
                        image_ref=f"{os.path.basename(shard)}#{sample.key}",
-                       image_ext=image_ext or "jpg",
+                       image_ext=fields.image_ext or "jpg",
                        captions=[caption] if caption else [],
                        noisy=[noisy] if caption else [])
 
@@ -158,8 +146,6 @@ def _known_noise(path: str, kind: str) -> set[tuple[str, str]] | None:
             generator = None
         return set() if generator == "vlp.data.synthetic" else None
     pairs = set()
-    for line in noisy_file.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            pairs.add((os.path.join(str(file.parent), row["image"]), row["caption"]))
+    for _, row in jsonl_rows(noisy_file):
+        pairs.add((os.path.join(str(file.parent), row["image"]), row["caption"]))
     return pairs

@@ -8,7 +8,6 @@ the bos slot); the answer is the first reference answer.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from vlp.data.pipeline import open_image
-from vlp.data.sources import _resolve_image_path
+from vlp.data.sources import _resolve_image_path, jsonl_rows
 from vlp.data.transforms import image_transform
 from vlp.errors import DataError
 
@@ -41,14 +40,7 @@ def read_qa_jsonl(path: str | os.PathLike[str],
         raise DataError(f"{path}: no such QA file")
     root = str(image_root) if image_root is not None else str(path.parent)
     records = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not JSON ({error})") from error
+    for where, row in jsonl_rows(path):
         answers = row.get("answers", [row["answer"]] if "answer" in row else [])
         if isinstance(answers, str):
             answers = [answers]

@@ -235,40 +235,47 @@ class JsonlSource(_TableSource):
         images: list[str] = []
         texts: list[str | None] = []
         labels: list[int] = []
-        with path.open(encoding="utf-8-sig") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg})") from e
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                wanted = {"image_key": image_key, "caption_key": caption_key,
-                          "label_key": label_key}
-                for option, key in wanted.items():
-                    if key is not None and key not in row:
-                        raise DataError(f"{where}: no key {key!r} ({option}); keys present: "
-                                        f"{list(row)}")
-                image = _resolve_image_path(root, _as_text(row[image_key], where, image_key))
-                captions: list[str | None] = [None]
-                if caption_key is not None:
-                    value = row[caption_key]
-                    if isinstance(value, list):
-                        captions = [_as_text(v, where, caption_key) for v in value]
-                    else:
-                        captions = [_as_text(value, where, caption_key)]
-                label = (_parse_label(row[label_key], where, label_key)
-                         if label_key is not None else None)
-                for caption in captions:
-                    images.append(image)
-                    texts.append(caption)
-                    if label is not None:
-                        labels.append(label)
+        for where, row in jsonl_rows(path):
+            wanted = {"image_key": image_key, "caption_key": caption_key,
+                      "label_key": label_key}
+            for option, key in wanted.items():
+                if key is not None and key not in row:
+                    raise DataError(f"{where}: no key {key!r} ({option}); keys present: "
+                                    f"{list(row)}")
+            image = _resolve_image_path(root, _as_text(row[image_key], where, image_key))
+            captions: list[str | None] = [None]
+            if caption_key is not None:
+                value = row[caption_key]
+                if isinstance(value, list):
+                    captions = [_as_text(v, where, caption_key) for v in value]
+                else:
+                    captions = [_as_text(value, where, caption_key)]
+            label = (_parse_label(row[label_key], where, label_key)
+                     if label_key is not None else None)
+            for caption in captions:
+                images.append(image)
+                texts.append(caption)
+                if label is not None:
+                    labels.append(label)
         super().__init__(str(path), images, texts if caption_key is not None else None,
                          labels if label_key is not None else None)
+
+
+def jsonl_rows(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` for each non-blank line of a JSONL file, ``where`` being
+    ``"<path>:<line>"`` for error messages; a line that is not a JSON object is a DataError."""
+    with open(path, encoding="utf-8-sig") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
 
 
 def _as_text(value: Any, where: str, key: str) -> str | None:

@@ -9,7 +9,6 @@ the batches an uninterrupted run would have drawn next.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from vlp.data.loader import rank_indices
 from vlp.data.pipeline import Tokenizer, derive_seed
+from vlp.data.sources import jsonl_rows
 from vlp.errors import ConfigError, DataError
 
 TEXT_KEYS = ("text", "caption")  # JSONL fields tried in order when no key is given
@@ -32,10 +32,10 @@ class TextCorpus:
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such text corpus file")
-        lines = self.path.read_text(encoding="utf-8").splitlines()
         if self.path.suffix.lower() == ".jsonl":
-            self.texts = _jsonl_texts(self.path, lines, key)
+            self.texts = _jsonl_texts(self.path, key)
         else:  # one text per line; ``key`` names the JSONL field and is unused here
+            lines = self.path.read_text(encoding="utf-8").splitlines()
             self.texts = [line.strip() for line in lines if line.strip()]
         if not self.texts:
             raise DataError(f"{self.path}: the text corpus has no non-empty texts")
@@ -53,22 +53,16 @@ class TextCorpus:
         return f"TextCorpus({str(self.path)!r}, {len(self)} texts)"
 
 
-def _jsonl_texts(path: Path, lines: list[str], key: str | None) -> list[str]:
+def _jsonl_texts(path: Path, key: str | None) -> list[str]:
     texts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not JSON ({error})") from error
-        keys = (key,) if key is not None else TEXT_KEYS
-        found = next((k for k in keys if isinstance(row, dict) and k in row), None)
+    keys = (key,) if key is not None else TEXT_KEYS
+    for where, row in jsonl_rows(path):
+        found = next((k for k in keys if k in row), None)
         if found is None:
-            raise DataError(f"{path}:{number}: no text field {list(keys)} in a corpus row; got "
-                            f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+            raise DataError(f"{where}: no text field {list(keys)} in a corpus row; got "
+                            f"{sorted(row)}")
         if not isinstance(row[found], str):
-            raise DataError(f"{path}:{number}: {found!r} is not a string")
+            raise DataError(f"{where}: {found!r} is not a string")
         if row[found].strip():
             texts.append(row[found].strip())
     return texts

@@ -203,9 +203,19 @@ def _stats_count(shard: str) -> int | None:
     return count if isinstance(count, int) and count >= 0 else None
 
 
-def decode_tar_sample(sample: TarSample, read: Callable[[int, int], bytes],
-                      label_key: str | None) -> Record:
-    """Record of a scanned sample; `read(offset, size)` reads bytes from its shard."""
+@dataclass(frozen=True)
+class TarFields:
+    """What a scanned sample holds: image bytes (b"" when absent) and extension, its ``.json``
+    metadata ({} when absent or unreadable), its caption (``.txt``, else the meta's)."""
+
+    image: bytes
+    image_ext: str | None
+    meta: dict[str, Any]
+    text: str | None
+
+
+def tar_sample_fields(sample: TarSample, read: Callable[[int, int], bytes]) -> TarFields:
+    """The fields of a scanned sample; `read(offset, size)` reads bytes from its shard."""
     members = sample.members
     image_ext = next((ext for ext in WDS_IMAGE_EXTS if ext in members), None)
     image = read(*members[image_ext]) if image_ext is not None else b""
@@ -221,6 +231,15 @@ def decode_tar_sample(sample: TarSample, read: Callable[[int, int], bytes],
         text = read(*members["txt"]).decode("utf-8", errors="replace")
     elif isinstance(meta.get("caption"), str):
         text = meta["caption"]
+    return TarFields(image, image_ext, meta, text)
+
+
+def decode_tar_sample(sample: TarSample, read: Callable[[int, int], bytes],
+                      label_key: str | None) -> Record:
+    """Record of a scanned sample; `read(offset, size)` reads bytes from its shard."""
+    members = sample.members
+    fields = tar_sample_fields(sample, read)
+    meta = fields.meta
     label: int | None = None
     if label_key is not None:
         raw = (read(*members["cls"]).decode(errors="replace").strip() if "cls" in members
@@ -229,7 +248,7 @@ def decode_tar_sample(sample: TarSample, read: Callable[[int, int], bytes],
             label = int(raw) if raw is not None else None
         except (TypeError, ValueError):
             label = None
-    return Record(image=image, text=text, label=label, key=sample.key)
+    return Record(image=fields.image, text=fields.text, label=label, key=sample.key)
 
 
 class WebDatasetSource:

@@ -43,7 +43,14 @@ from torch import Tensor, nn
 
 from vlp.config import OPENAI_MEAN, OPENAI_STD, BlipConfig, TextConfig, VisionConfig
 from vlp.errors import CheckpointError, ConfigError
-from vlp.interop.hf import ACT_TO_HF, activation_from_hf, read_hf_weights
+from vlp.interop.hf import (
+    ACT_TO_HF,
+    CONFIG_FILE,
+    PREPROCESSOR_FILE,
+    WEIGHTS_FILE,
+    activation_from_hf,
+    read_hf_weights,
+)
 from vlp.interop.keymap import (
     ImportedModel,
     KeyMap,
@@ -60,9 +67,6 @@ from vlp.models import build_model
 from vlp.models.blip import BLIP
 from vlp.tokenizers import Tokenizer
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-PREPROCESSOR_FILE = "preprocessor_config.json"
 BERT_CLS_ID = 101  # TextConfig.bos_id when the directory carries no tokenizer
 # architecture -> (text_encoder, text_decoder, retrieval_heads)
 ARCHITECTURES: dict[str, tuple[bool, bool, bool]] = {

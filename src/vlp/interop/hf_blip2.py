@@ -40,7 +40,14 @@ from torch import Tensor, nn
 
 from vlp.config import OPENAI_MEAN, OPENAI_STD, Blip2Config, TextConfig, VisionConfig
 from vlp.errors import CheckpointError, ConfigError
-from vlp.interop.hf import ACT_TO_HF, activation_from_hf, read_hf_weights
+from vlp.interop.hf import (
+    ACT_TO_HF,
+    CONFIG_FILE,
+    PREPROCESSOR_FILE,
+    WEIGHTS_FILE,
+    activation_from_hf,
+    read_hf_weights,
+)
 from vlp.interop.hf_blip import _vision_pairs, hf_blip_preprocessor_config, linear_pairs
 from vlp.interop.keymap import (
     ImportedModel,
@@ -57,9 +64,6 @@ from vlp.models import build_model
 from vlp.models.blip2 import BLIP2
 from vlp.models.frozen import VitFeatures
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-PREPROCESSOR_FILE = "preprocessor_config.json"
 ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval")
 # vlp tensors HF stores with leading singleton dims
 RESHAPED = {"visual.tower.class_token": "vision_model.embeddings.class_embedding",
