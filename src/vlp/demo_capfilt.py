@@ -129,12 +129,9 @@ def capfilt_demo(out: Path, settings: dict[str, int], *, seed: int, num_workers:
     r4 = lambda value: None if value is None else round(float(value), 4)  # noqa: E731
     summary = {
         "family": "capfilt",
-        "noise_rate_before": r4(report["noise_rate_before"]),
-        "noise_rate_after": r4(report["noise_rate_after"]),
-        "filter_precision": r4(report["filter_precision"]),
-        "filter_recall": r4(report["filter_recall"]),
-        "share_original_kept": r4(report["share_original_kept"]),
-        "share_synthetic_kept": r4(report["share_synthetic_kept"]),
+        **{key: r4(report[key]) for key in ("noise_rate_before", "noise_rate_after",
+                                             "filter_precision", "filter_recall",
+                                             "share_original_kept", "share_synthetic_kept")},
         "kept_original": report["kept_original"], "kept_synthetic": report["kept_synthetic"],
         "runs": runs,
         "b_beats_a_i2t_r1": runs["b"]["i2t_r1"] > runs["a"]["i2t_r1"],
