@@ -137,17 +137,27 @@ def test_stage1_losses_are_logged_per_objective_and_frozen_parts_get_no_gradient
             assert param.requires_grad and param.grad is not None, name
 
 
+def _captions(csv):
+    return [line.split(",", 1)[1] for line in csv.read_text().splitlines()[1:]]
+
+
+def _save_stage1(directory, captions):
+    """An untrained blip2-tiny saved to ``directory`` with a BPE trained on ``captions``."""
+    from vlp.tokenizers import train_tokenizer
+
+    tokenizer = train_tokenizer(captions, vocab_size=1024, context_length=32)
+    torch.manual_seed(0)
+    model = build_model(tiny())
+    vlp.save(model, directory, tokenizer=tokenizer)
+    return model, tokenizer
+
+
 def test_stage1_through_the_real_trainer_leaves_the_frozen_encoder_unchanged(
         tmp_path, synthetic_train_csv, one_thread):
-    from vlp.tokenizers import train_tokenizer
     from vlp.train import TrainConfig, train
 
     csv = synthetic_train_csv(16)
-    captions = [line.split(",", 1)[1] for line in csv.read_text().splitlines()[1:]]
-    tokenizer = train_tokenizer(captions, vocab_size=1024, context_length=32)
-    torch.manual_seed(0)
-    initial = build_model(tiny())
-    vlp.save(initial, tmp_path / "init", tokenizer=tokenizer)
+    initial, _ = _save_stage1(tmp_path / "init", _captions(csv))
     train(TrainConfig(model=str(tmp_path / "init"), train_data=str(csv),
                       output_dir=str(tmp_path / "run"), batch_size=4, max_steps=2, lr=1e-3,
                       num_workers=0, progress=False, seed=0))
@@ -376,17 +386,13 @@ STAGE2_OVERRIDES = {"llm": "causal", "text_parts": False, "retrieval_heads": Fal
 
 def test_stage2_through_the_trainer_reads_the_llm_tokenizer_and_starts_from_stage1(
         tmp_path, synthetic_train_csv, one_thread):
-    from vlp.tokenizers import train_tokenizer
     from vlp.train import TrainConfig, train
     from vlp.train.distributed import DistEnv
     from vlp.train.setup import model_and_tokenizer
 
     csv = synthetic_train_csv(16)
-    captions = [line.split(",", 1)[1] for line in csv.read_text().splitlines()[1:]]
-    qformer_tokenizer = train_tokenizer(captions, vocab_size=1024, context_length=32)
-    torch.manual_seed(0)
-    stage1 = build_model(tiny())
-    vlp.save(stage1, tmp_path / "stage1", tokenizer=qformer_tokenizer)
+    captions = _captions(csv)
+    stage1, qformer_tokenizer = _save_stage1(tmp_path / "stage1", captions)
     lm_dir, llm_tokenizer = _llm_dir(tmp_path, captions)
     assert llm_tokenizer.vocab_size < qformer_tokenizer.vocab_size
     cfg = TrainConfig(model=str(tmp_path / "stage1"),
@@ -424,7 +430,7 @@ def test_stage2_refuses_a_tokenizer_that_does_not_fit_the_llm(
     from vlp.train import TrainConfig, train
 
     csv = synthetic_train_csv(16)
-    captions = [line.split(",", 1)[1] for line in csv.read_text().splitlines()[1:]]
+    captions = _captions(csv)
     lm_dir, _ = _llm_dir(tmp_path, captions)
     train_tokenizer(captions, vocab_size=1024, context_length=32).save(tmp_path / "qformer_tok")
     base = TrainConfig(model="blip2-tiny", train_data=str(csv), output_dir=str(tmp_path / "run"),

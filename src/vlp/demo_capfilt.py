@@ -25,6 +25,7 @@ from typing import Any
 
 import vlp
 from vlp.capfilt import CapfiltConfig, capfilt
+from vlp.capfilt.output import dataset_csv
 from vlp.capfilt.training import pretrain
 from vlp.data.synthetic import write_dataset
 from vlp.demo_blip import CAPTIONS_PER_IMAGE
@@ -117,7 +118,7 @@ def capfilt_demo(out: Path, settings: dict[str, int], *, seed: int, num_workers:
         checkpoint = result["checkpoint"]
         metrics = evaluate_demo_model(vlp.load(checkpoint), vlp.load_tokenizer(checkpoint), web,
                                       num_workers=num_workers, progress=progress)
-        table = data[name] or str(out / "capfilt" / "dataset" / "train.csv")
+        table = data[name] or dataset_csv(cfg)
         runs[name] = {"data": label, "pairs": _count_rows(table),
                       **{k: round(float(metrics[k]), 4)
                          for k in ("i2t_r1", "t2i_r1", "zeroshot_top1")},
@@ -140,7 +141,7 @@ def capfilt_demo(out: Path, settings: dict[str, int], *, seed: int, num_workers:
         "blip_steps": steps, "finetune_steps": settings["finetune_steps"],
         "downstream_steps": settings["steps"],
         "wall_s": round(time.time() - start, 1),
-        "report": str(out / "capfilt" / "dataset" / "report.html"),
+        "report": str(Path(dataset_csv(cfg)).with_name("report.html")),
     }
     print(format_table(summary), flush=True)
     return summary

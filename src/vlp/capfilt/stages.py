@@ -224,44 +224,49 @@ def filter_unit(cfg: CapfiltConfig, unit: WorkUnit, model: nn.Module, tokenizer:
 
 # -- per-unit workers, shared by both backends ------------------------------------------------
 
-class CaptionWorker:
-    """Holds the captioner; ``run(unit)`` writes the unit's captions unless already there."""
+class _UnitWorker:
+    """Holds one role's model; ``run(unit)`` writes the unit's rows (`rows`) into
+    ``stage_dir`` unless that file is already there, and returns how many it wrote."""
 
-    stage_dir = CAPTIONS_DIR
+    role: str
+    stage_dir: str
 
     def __init__(self, cfg: CapfiltConfig) -> None:
         self.cfg = cfg
-        self.model, self.tokenizer = load_role(cfg, "captioner")
+        self.model, self.tokenizer = load_role(cfg, self.role)
+
+    def rows(self, unit: WorkUnit) -> list[dict[str, Any]]:
+        raise NotImplementedError
 
     def run(self, unit: WorkUnit) -> int:
         path = unit_path(self.cfg, self.stage_dir, unit)
         if path.is_file():
             return 0
-        rows = caption_unit(self.cfg, unit, self.model, self.tokenizer)
+        rows = self.rows(unit)
         _write_unit(path, rows)
         return len(rows)
 
 
-class FilterWorker:
-    """Holds the filter; ``run(unit)`` scores the unit's captions unless already done."""
+class CaptionWorker(_UnitWorker):
+    """The captioner: synthetic captions of the unit's images."""
 
-    stage_dir = FILTERED_DIR
+    role, stage_dir = "captioner", CAPTIONS_DIR
 
-    def __init__(self, cfg: CapfiltConfig) -> None:
-        self.cfg = cfg
-        self.model, self.tokenizer = load_role(cfg, "filter")
+    def rows(self, unit: WorkUnit) -> list[dict[str, Any]]:
+        return caption_unit(self.cfg, unit, self.model, self.tokenizer)
 
-    def run(self, unit: WorkUnit) -> int:
-        path = unit_path(self.cfg, self.stage_dir, unit)
-        if path.is_file():
-            return 0
+
+class FilterWorker(_UnitWorker):
+    """The filter: ITM (and ITC) scores and decisions for the unit's captions."""
+
+    role, stage_dir = "filter", FILTERED_DIR
+
+    def rows(self, unit: WorkUnit) -> list[dict[str, Any]]:
         source = unit_path(self.cfg, CAPTIONS_DIR, unit)
         if not source.is_file():
             raise DataError(f"{source}: no captions for {unit.name}; run the caption stage "
                             "first")
-        rows = filter_unit(self.cfg, unit, self.model, self.tokenizer, read_unit(source))
-        _write_unit(path, rows)
-        return len(rows)
+        return filter_unit(self.cfg, unit, self.model, self.tokenizer, read_unit(source))
 
 
 WORKERS: dict[str, Callable[[CapfiltConfig], Any]] = {"caption": CaptionWorker,
