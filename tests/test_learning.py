@@ -86,8 +86,9 @@ def test_simvlm_tiny_captions_and_answers_zero_shot(tmp_path, one_thread):
     assert result["family"] == "simvlm" and result["num_caption_images"] == 200, result
     assert result["cider"] >= 3 * result["cider_untrained"] + 0.1, result
     # zero-shot VQA: answered after the model's own caption, the question read as the text
-    # corpus taught. Not asserted: the question alone as prefix (the demo at full budget
-    # measures 2% there, below the 10% majority answer; see demo_simvlm)
+    # corpus taught. Not asserted: the question alone as prefix. At this budget its ranked
+    # answers sit near the untrained model's (measured 8.9% vs 8.0%); at the demo's budget
+    # they reach 24.2% (generated freely: 2%), see demo_simvlm
     assert result["caption_vqa_accuracy"] >= result["vqa_majority_accuracy"], result
     assert result["caption_vqa_accuracy"] >= result["caption_vqa_accuracy_untrained"] + 0.05, \
         result

@@ -77,6 +77,17 @@ def test_random_cuts_cover_empty_and_full_prefixes():
     assert (_model(prefix="none").sample_cut(lengths) == 0).all()
 
 
+def test_given_cuts_are_clamped_to_each_text():
+    model = _model()
+    t = model.config.text
+    ids = torch.tensor([[t.bos_id, 10, 11, 12, t.eos_id], [t.bos_id, 20, t.eos_id, t.pad_id,
+                                                          t.pad_id]])
+    inputs = model.prefix_inputs(ids, torch.tensor([-2, 5]))
+    # a negative cut is an empty prefix; one past the end leaves only eos to predict
+    assert inputs.prefix_ids.tolist() == [[t.bos_id, t.pad_id], [t.bos_id, 20]]
+    assert inputs.labels.tolist() == [[10, 11, 12, t.eos_id], [t.eos_id] + [IGNORE_INDEX] * 3]
+
+
 # -- the mechanism ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("decoder_only", VARIANTS)

@@ -2,7 +2,12 @@
 world's image-text pairs mixed with a text-only corpus (captions of unrendered scenes followed by
 a question and its answer), then used zero-shot: captions after the prefix "a picture of" and
 answers after the question as prefix, scored on held-out data against an untrained simvlm-tiny,
-the majority answer, and the same pretraining budget without the text-only corpus (ablation)."""
+the majority answer, and the same pretraining budget without the text-only corpus (ablation).
+
+Zero-shot VQA is scored three ways: the answer ranked over the training answers' vocabulary after
+[image; question] (the headline: the model's own likelihoods, closed vocabulary as BLIP's rank
+inference), the answer generated freely after [image; question], and the answer generated after
+the model's own caption ("a picture of <caption>. <question>", the corpus's form)."""
 
 from __future__ import annotations
 
@@ -53,6 +58,12 @@ def as_prompt(question: QARecord) -> QARecord:
     return dataclasses.replace(question, question=" " + question.question.strip())
 
 
+def answer_vocabulary(questions: list[QARecord]) -> list[str]:
+    """Every answer of ``questions``, each with the leading space it has after a question in
+    the corpus, so a candidate is scored as the tokens the model would generate."""
+    return [" " + answer for answer in sorted({a.strip() for q in questions for a in q.answers})]
+
+
 def with_own_captions(model: nn.Module, tokenizer: Any, questions: list[QARecord], *,
                       num_workers: int, progress: bool) -> list[QARecord]:
     """Each question after the model's own zero-shot caption of its image, as the corpus lines
@@ -66,18 +77,23 @@ def with_own_captions(model: nn.Module, tokenizer: Any, questions: list[QARecord
                                             f"{q.question.strip()}") for q in questions]
 
 
-def zero_shot_scores(model: nn.Module, tokenizer: Any, data_dir: Path, questions: list, *,
-                     num_workers: int, progress: bool) -> dict[str, Any]:
+def zero_shot_scores(model: nn.Module, tokenizer: Any, data_dir: Path, questions: list,
+                     candidates: list[str], *, num_workers: int,
+                     progress: bool) -> dict[str, Any]:
     """Zero-shot captioning (prefix "a picture of", greedy) on the val split and zero-shot VQA
-    (greedy) on ``questions``: the question alone as prefix (``vqa_*``), and the question after
-    the model's own caption (``caption_vqa_accuracy``)."""
+    on ``questions``: the question alone as prefix, the answer ranked over ``candidates``
+    (``rank_*``) or generated (``vqa_*``, greedy), and generated after the model's own caption
+    (``caption_vqa_accuracy``)."""
     captions = caption_eval(model, tokenizer, build_source("csv", str(data_dir / "val.csv")),
                             batch_size=64, max_new_tokens=CAPTION_MAX_NEW_TOKENS, num_beams=1,
                             prompt=CAPTION_PROMPT, num_workers=num_workers, progress=progress,
                             backend="vlp")
-    answers = vqa_eval(model, tokenizer, [as_prompt(q) for q in questions], mode="generate",
-                       num_beams=1, max_new_tokens=VQA_MAX_NEW_TOKENS,
-                       num_workers=num_workers, progress=progress)
+    prompts = [as_prompt(q) for q in questions]
+    ranked = vqa_eval(model, tokenizer, prompts, mode="rank", candidates=candidates,
+                      num_workers=num_workers, progress=progress)
+    answers = vqa_eval(model, tokenizer, prompts, mode="generate", num_beams=1,
+                       max_new_tokens=VQA_MAX_NEW_TOKENS, num_workers=num_workers,
+                       progress=progress)
     captioned = with_own_captions(model, tokenizer, questions, num_workers=num_workers,
                                   progress=progress)
     via_caption = vqa_eval(model, tokenizer, captioned, mode="generate", num_beams=1,
@@ -85,6 +101,7 @@ def zero_shot_scores(model: nn.Module, tokenizer: Any, data_dir: Path, questions
                            progress=progress)
     return {"cider": captions["cider"], "bleu_4": captions["bleu_4"],
             "num_caption_images": captions["num_images"], **answers,
+            **{f"rank_{k}": v for k, v in ranked.items()},
             "caption_vqa_accuracy": via_caption["vqa_accuracy"]}
 
 
@@ -126,11 +143,17 @@ def simvlm_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, nu
     models = {"with_text": model, "untrained": build_model(copy.deepcopy(model.config)).eval()}
     if without_text is not None:
         models["without_text"] = vlp.load(without_text["checkpoint"])
-    scores = {name: zero_shot_scores(m, tokenizer, data_dir, test_qa, num_workers=num_workers,
-                                     progress=progress) for name, m in models.items()}
+    candidates = answer_vocabulary(train_qa)
+    scores = {name: zero_shot_scores(m, tokenizer, data_dir, test_qa, candidates,
+                                     num_workers=num_workers, progress=progress)
+              for name, m in models.items()}
     baselines = majority_baselines(train_qa, test_qa)
 
     r4 = lambda value: round(float(value), 4)  # noqa: E731
+
+    def by_type(result: dict[str, Any], prefix: str) -> dict[str, float]:
+        return {k.removeprefix(prefix): r4(v) for k, v in result.items() if k.startswith(prefix)}
+
     main = scores["with_text"]
     summary = {
         "family": "simvlm",
@@ -138,14 +161,17 @@ def simvlm_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, nu
         "cider_untrained": r4(scores["untrained"]["cider"]),
         "caption_prompt": CAPTION_PROMPT,
         "num_caption_images": int(main["num_caption_images"]),
+        "vqa_rank_accuracy": r4(main["rank_vqa_accuracy"]),
+        "vqa_rank_accuracy_untrained": r4(scores["untrained"]["rank_vqa_accuracy"]),
+        "vqa_rank_by_type": by_type(main, "rank_vqa_acc_"),
+        "num_answer_candidates": len(candidates),
         "vqa_accuracy": r4(main["vqa_accuracy"]),
         "vqa_accuracy_untrained": r4(scores["untrained"]["vqa_accuracy"]),
         "caption_vqa_accuracy": r4(main["caption_vqa_accuracy"]),
         "caption_vqa_accuracy_untrained": r4(scores["untrained"]["caption_vqa_accuracy"]),
         "vqa_majority_accuracy": r4(baselines["majority_accuracy"]),
         "vqa_type_majority_accuracy": r4(baselines["type_majority_accuracy"]),
-        "vqa_by_type": {k.removeprefix("vqa_acc_"): r4(v) for k, v in main.items()
-                        if k.startswith("vqa_acc_")},
+        "vqa_by_type": by_type(main, "vqa_acc_"),
         "num_vqa_questions": int(main["num_questions"]),
         "text_corpus_lines": n_lines, "text_ratio": TEXT_RATIO,
         "train_steps": with_text["step"], "final_loss": r4(with_text["loss"]),
@@ -156,21 +182,23 @@ def simvlm_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, nu
         ablated = scores["without_text"]
         summary.update({
             "cider_without_text": r4(ablated["cider"]),
+            "vqa_rank_accuracy_without_text": r4(ablated["rank_vqa_accuracy"]),
+            "vqa_rank_by_type_without_text": by_type(ablated, "rank_vqa_acc_"),
             "vqa_accuracy_without_text": r4(ablated["vqa_accuracy"]),
             "caption_vqa_accuracy_without_text": r4(ablated["caption_vqa_accuracy"]),
-            "vqa_by_type_without_text": {k.removeprefix("vqa_acc_"): r4(v)
-                                         for k, v in ablated.items() if k.startswith("vqa_acc_")},
+            "vqa_by_type_without_text": by_type(ablated, "vqa_acc_"),
             "final_loss_without_text": r4(without_text["loss"]),
             "checkpoint_without_text": str(without_text["checkpoint"])})
     ablated = (f", without text-only data {summary['cider_without_text']:.3f}"
                if without_text is not None else "")
-    ablated_vqa = (f", without text-only data {summary['vqa_accuracy_without_text']:.1%}"
+    ablated_vqa = (f", without text-only data {summary['vqa_rank_accuracy_without_text']:.1%}"
                    if without_text is not None else "")
     print(f"zero-shot captions ('{CAPTION_PROMPT} ...') CIDEr {summary['cider']:.3f} "
-          f"(untrained {summary['cider_untrained']:.3f}{ablated}); zero-shot VQA accuracy "
-          f"{summary['vqa_accuracy']:.1%} (majority answer "
-          f"{summary['vqa_majority_accuracy']:.1%}, per-type majority "
+          f"(untrained {summary['cider_untrained']:.3f}{ablated}); zero-shot VQA accuracy, "
+          f"answers ranked after the question {summary['vqa_rank_accuracy']:.1%} (majority "
+          f"answer {summary['vqa_majority_accuracy']:.1%}, per-type majority "
           f"{summary['vqa_type_majority_accuracy']:.1%}, untrained "
-          f"{summary['vqa_accuracy_untrained']:.1%}{ablated_vqa}); after its own caption "
+          f"{summary['vqa_rank_accuracy_untrained']:.1%}{ablated_vqa}); generated after the "
+          f"question {summary['vqa_accuracy']:.1%}, after its own caption "
           f"{summary['caption_vqa_accuracy']:.1%}", flush=True)
     return summary

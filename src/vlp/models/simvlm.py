@@ -170,7 +170,8 @@ class SimVLM(PretrainModel):
         """Tokenised texts ``(B, L)`` cut into prefix and targets (``cut`` words each, default
         `sample_cut`)."""
         words, lengths = text_words(input_ids, **self._ids())
-        cut = self.sample_cut(lengths) if cut is None else cut.clamp(min=0, max=lengths)
+        cut = (self.sample_cut(lengths) if cut is None
+               else torch.minimum(cut.clamp(min=0), lengths))
         return split_at(words, lengths, cut, **self._ids())
 
     def question_prefix(self, question_ids: Tensor, what: str = "question_ids"
