@@ -41,8 +41,8 @@ from vlp.tokenizers import Tokenizer, train_tokenizer
 from vlp.train import TrainConfig, train
 from vlp.train.optim import WarmupCosine, build_optimizer
 
-BLIP2_DEFAULTS = {"n_train": 2000, "n_test": 300, "vit_steps": 200, "lm_steps": 800,
-                  "stage1_steps": 200, "stage2_steps": 400, "batch_size": 64}  # ~13 min CPU
+BLIP2_DEFAULTS = {"n_train": 3000, "n_test": 300, "vit_steps": 800, "lm_steps": 800,
+                  "stage1_steps": 1000, "stage2_steps": 3000, "batch_size": 64}  # ~20 min CPU
 N_VAL = 200  # captioning references: the val split's images, 5 captions each
 LM_VOCAB = 1024
 LM_SHAPE = {"n_embd": 128, "n_layer": 3, "n_head": 4, "n_positions": 128}
