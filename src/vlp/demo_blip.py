@@ -22,7 +22,7 @@ from vlp.data.qa import QARecord, qa_loader, read_qa_jsonl
 from vlp.data.synthetic import write_dataset
 from vlp.eval.captioning import caption_eval
 from vlp.eval.rerank import itm_rerank_eval
-from vlp.eval.vqa import majority_baselines, vqa_eval
+from vlp.eval.vqa import accuracy_by_type, majority_baselines, vqa_eval
 from vlp.models import build_model
 from vlp.train import TrainConfig, train
 from vlp.train.optim import WarmupCosine, build_optimizer
@@ -125,8 +125,7 @@ def blip_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num_
         "vqa_accuracy_rank": r4(ranked["vqa_accuracy"]),
         "vqa_majority_accuracy": r4(baselines["majority_accuracy"]),
         "vqa_type_majority_accuracy": r4(baselines["type_majority_accuracy"]),
-        "vqa_by_type": {k.removeprefix("vqa_acc_"): r4(v) for k, v in generated.items()
-                        if k.startswith("vqa_acc_")},
+        "vqa_by_type": accuracy_by_type(generated),
         "num_vqa_questions": int(generated["num_questions"]),
         "train_steps": result["step"], "final_loss": r4(result["loss"]),
         "vqa_steps": vqa_steps, "vqa_final_loss": r4(vqa_loss),

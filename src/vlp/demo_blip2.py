@@ -35,7 +35,7 @@ from vlp.data.qa import QARecord, read_qa_jsonl
 from vlp.data.synthetic import write_dataset
 from vlp.data.transforms import image_transform
 from vlp.eval.captioning import caption_metrics, generate_captions
-from vlp.eval.vqa import accuracy_summary, majority_baselines
+from vlp.eval.vqa import accuracy_by_type, accuracy_summary, majority_baselines
 from vlp.models.blip2 import VQA_PROMPT
 from vlp.tokenizers import Tokenizer, train_tokenizer
 from vlp.train import TrainConfig, train
@@ -253,10 +253,8 @@ def blip2_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num
         "vqa_no_image_accuracy": r4(no_image["vqa_accuracy"]),
         "vqa_majority_accuracy": r4(baselines["majority_accuracy"]),
         "vqa_type_majority_accuracy": r4(baselines["type_majority_accuracy"]),
-        "vqa_by_type": {k.removeprefix("vqa_acc_"): r4(v) for k, v in with_image.items()
-                        if k.startswith("vqa_acc_")},
-        "vqa_no_image_by_type": {k.removeprefix("vqa_acc_"): r4(v) for k, v in no_image.items()
-                                 if k.startswith("vqa_acc_")},
+        "vqa_by_type": accuracy_by_type(with_image),
+        "vqa_no_image_by_type": accuracy_by_type(no_image),
         "num_vqa_questions": int(with_image["num_questions"]),
         "cider": r4(captions["image"]["cider"]), "bleu_4": r4(captions["image"]["bleu_4"]),
         "cider_no_image": r4(captions["no_image"]["cider"]),

@@ -26,7 +26,7 @@ from vlp.data.qa import QARecord, read_qa_jsonl
 from vlp.data.synthetic import write_dataset
 from vlp.data.synthetic_text import write_text_corpus
 from vlp.eval.captioning import caption_eval, generate_captions
-from vlp.eval.vqa import majority_baselines, vqa_eval
+from vlp.eval.vqa import accuracy_by_type, majority_baselines, vqa_eval
 from vlp.models import build_model
 from vlp.train import TrainConfig, train
 
@@ -150,10 +150,6 @@ def simvlm_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, nu
     baselines = majority_baselines(train_qa, test_qa)
 
     r4 = lambda value: round(float(value), 4)  # noqa: E731
-
-    def by_type(result: dict[str, Any], prefix: str) -> dict[str, float]:
-        return {k.removeprefix(prefix): r4(v) for k, v in result.items() if k.startswith(prefix)}
-
     main = scores["with_text"]
     summary = {
         "family": "simvlm",
@@ -163,7 +159,7 @@ def simvlm_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, nu
         "num_caption_images": int(main["num_caption_images"]),
         "vqa_rank_accuracy": r4(main["rank_vqa_accuracy"]),
         "vqa_rank_accuracy_untrained": r4(scores["untrained"]["rank_vqa_accuracy"]),
-        "vqa_rank_by_type": by_type(main, "rank_vqa_acc_"),
+        "vqa_rank_by_type": accuracy_by_type(main, "rank_"),
         "num_answer_candidates": len(candidates),
         "vqa_accuracy": r4(main["vqa_accuracy"]),
         "vqa_accuracy_untrained": r4(scores["untrained"]["vqa_accuracy"]),
@@ -171,7 +167,7 @@ def simvlm_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, nu
         "caption_vqa_accuracy_untrained": r4(scores["untrained"]["caption_vqa_accuracy"]),
         "vqa_majority_accuracy": r4(baselines["majority_accuracy"]),
         "vqa_type_majority_accuracy": r4(baselines["type_majority_accuracy"]),
-        "vqa_by_type": by_type(main, "vqa_acc_"),
+        "vqa_by_type": accuracy_by_type(main),
         "num_vqa_questions": int(main["num_questions"]),
         "text_corpus_lines": n_lines, "text_ratio": TEXT_RATIO,
         "train_steps": with_text["step"], "final_loss": r4(with_text["loss"]),
@@ -183,10 +179,10 @@ def simvlm_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, nu
         summary.update({
             "cider_without_text": r4(ablated["cider"]),
             "vqa_rank_accuracy_without_text": r4(ablated["rank_vqa_accuracy"]),
-            "vqa_rank_by_type_without_text": by_type(ablated, "rank_vqa_acc_"),
+            "vqa_rank_by_type_without_text": accuracy_by_type(ablated, "rank_"),
             "vqa_accuracy_without_text": r4(ablated["vqa_accuracy"]),
             "caption_vqa_accuracy_without_text": r4(ablated["caption_vqa_accuracy"]),
-            "vqa_by_type_without_text": by_type(ablated, "vqa_acc_"),
+            "vqa_by_type_without_text": accuracy_by_type(ablated),
             "final_loss_without_text": r4(without_text["loss"]),
             "checkpoint_without_text": str(without_text["checkpoint"])})
     ablated = (f", without text-only data {summary['cider_without_text']:.3f}"

@@ -76,6 +76,9 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return sum(min(1.0, (hits - match) / 3) for match in matches) / len(matches)
 
 
+TYPE_KEY = "vqa_acc_"  # accuracy_summary's per-type keys: vqa_acc_<type>
+
+
 def accuracy_summary(predictions: Sequence[str], records: Sequence[QARecord]
                      ) -> dict[str, float]:
     """``vqa_accuracy`` (mean over questions), per question type ``vqa_acc_<type>``, count."""
@@ -89,8 +92,16 @@ def accuracy_summary(predictions: Sequence[str], records: Sequence[QARecord]
     for score, record in zip(scores, records):
         if record.type:
             by_type.setdefault(record.type, []).append(score)
-    metrics.update({f"vqa_acc_{t}": sum(s) / len(s) for t, s in sorted(by_type.items())})
+    metrics.update({f"{TYPE_KEY}{t}": sum(s) / len(s) for t, s in sorted(by_type.items())})
     return metrics
+
+
+def accuracy_by_type(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """``{type: accuracy}`` (4 decimals) from `accuracy_summary`'s ``vqa_acc_<type>`` keys,
+    read under ``prefix`` when they were stored as ``<prefix>vqa_acc_<type>``."""
+    key = prefix + TYPE_KEY
+    return {k.removeprefix(key): round(float(v), 4) for k, v in metrics.items()
+            if k.startswith(key)}
 
 
 def majority_baselines(train: Sequence[QARecord], test: Sequence[QARecord]
