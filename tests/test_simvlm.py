@@ -286,6 +286,50 @@ def test_answer_and_rank_answers():
     torch.testing.assert_close(scores[0, 1], expected, atol=1e-4, rtol=1e-4)
 
 
+
+def _answer_tokenizer():
+    from vlp.tokenizers import train_tokenizer
+
+    # byte-level BPE without a prefix space: "red" opening a text and " red" after a word differ
+    texts = ["what colour is the star? red", "what colour is the cross? blue"] * 8
+    return train_tokenizer(texts, vocab_size=300, context_length=16)
+
+
+def test_answers_are_tokenised_as_the_questions_continuation():
+    from vlp.data.qa import QACollate, answer_texts
+
+    tokenizer = _answer_tokenizer()
+    assert tokenizer.encode(" red") != tokenizer.encode("red")
+    config = _config()
+    assert answer_texts(config, ["red", " blue"]) == [" red", " blue"]
+    blip = get_preset("blip-tiny")
+    assert answer_texts(blip, ["red"]) == ["red"]  # BLIP's answer decoder reads its own text
+    config.text.context_length = 16
+    batch = QACollate(tokenizer, config)([(torch.zeros(3, 8, 8), "what colour is it?", "red")])
+    assert batch["answer_ids"][0, 1:-1].tolist() == tokenizer.encode(" red")
+
+
+def test_rank_mode_scores_candidates_as_continuations(monkeypatch):
+    from vlp.data.qa import QARecord
+    from vlp.eval import vqa as vqa_module
+
+    tokenizer = _answer_tokenizer()
+    model = _model()
+    records = [QARecord("x", "what colour is the star?", ("red",)) for _ in range(3)]
+    batch = {"pixels": _pixels(model.config),
+             "question_ids": tokenizer([r.question for r in records])}
+    monkeypatch.setattr(vqa_module, "qa_loader", lambda *a, **k: [batch])
+    candidates = ["red", "blue"]
+    predictions = vqa_module.answer_questions(model, tokenizer, records, mode="rank",
+                                              candidates=candidates, progress=False)
+    scores = model.rank_answers(batch["pixels"], batch["question_ids"],
+                                tokenizer([" red", " blue"]))
+    assert predictions == [candidates[i] for i in scores.argmax(1).tolist()]
+    # the bare spelling scores other tokens: what the ranking must not use
+    bare = model.rank_answers(batch["pixels"], batch["question_ids"], tokenizer(candidates))
+    assert not torch.allclose(scores, bare)
+
+
 # -- config, save / load, errors --------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["simvlm-tiny", "simvlm-base"])
@@ -398,6 +442,25 @@ def test_text_corpus_reading(tmp_path):
     assert first[0].shape[1] < 16  # padding columns trimmed
     with pytest.raises(DataError, match="rows: saved 1, now 2"):
         TextBatches(corpus, tokenizer, rows=2, seed=3).load_state_dict(stream.state_dict())
+
+
+def test_synthetic_corpus_writes_a_share_of_questions_alone():
+    from vlp.data.synthetic_text import corpus_lines
+
+    described = corpus_lines(30, seed=2)
+    assert all(". " in line and "?" in line for line in described)
+    mixed = corpus_lines(30, seed=2, bare_share=0.5)
+    bare = [line for line in mixed if line not in described]
+    # the described lines are the same ones, in order; each bare line is the question of the
+    # described line just before it, with its answer
+    assert [line for line in mixed if line in described] == described
+    assert 0.3 * len(described) < len(bare) < 0.7 * len(described)
+    for index, line in enumerate(mixed):
+        if line in bare:
+            assert mixed[index - 1].endswith(". " + line)
+    assert len(corpus_lines(30, seed=2, bare_share=1.0)) == 2 * len(described)
+    with pytest.raises(ConfigError, match="bare_share"):
+        corpus_lines(3, bare_share=1.5)
 
 
 def test_trainer_mixes_text_only_rows_and_resumes(tmp_path, synthetic_train_csv):

@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from vlp.errors import ConfigError
 
@@ -216,6 +216,9 @@ class SimvlmConfig:
     depth; its width and heads must equal vision's (one residual stream)."""
 
     family: str = "simvlm"
+    # PrefixLM learns an answer as the rest of the question's text, so answers are tokenised as
+    # that continuation (`vlp.data.qa.answer_texts`); BLIP's answer decoder reads a text of its own
+    answer_continues_question: ClassVar[bool] = True
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(
         image_size=224, patch_size=16, width=768, layers=12, heads=12, pool="none"))
     text: TextConfig = field(default_factory=lambda: TextConfig(

@@ -3,7 +3,8 @@
 
 A batch is ``{"pixels", "question_ids", "question_mask", "answer_ids", "answer_mask"}``:
 question and answer are each bos + tokens + eos, right-padded (BLIP puts [ENC] / [DEC] in
-the bos slot); the answer is the first reference answer.
+the bos slot); the answer is the first reference answer, tokenised as `answer_texts` spells it
+for the model.
 """
 
 from __future__ import annotations
@@ -73,11 +74,26 @@ class QADataset(Dataset):
         return self.transform(image), record.question, record.answers[0]
 
 
-class QACollate:
-    """Stack pixels; tokenise questions and answers, padding trimmed to the longest row."""
+def answer_texts(config: Any, answers: list[str]) -> list[str]:
+    """``answers`` as the model's answer decoder reads them. A model whose config sets
+    ``answer_continues_question`` (SimVLM: PrefixLM learns the answer as the rest of one text
+    that the question starts) gets each answer after a space, as it follows the question's last
+    word: a byte-level BPE without a prefix space spells "red" there as the token " red", and
+    scoring or training on "red" would use a token the model never saw in that place. Other
+    models read the answer as a text of its own (BLIP's answer decoder), so it stays as given;
+    for tokenizers that drop leading spaces (WordPiece, CLIP's BPE) both spellings are equal."""
+    if getattr(config, "answer_continues_question", False):
+        return [" " + answer.lstrip() for answer in answers]
+    return list(answers)
 
-    def __init__(self, tokenizer: Any, context_length: int, pad_id: int) -> None:
-        self.tokenizer, self.context_length, self.pad_id = tokenizer, context_length, pad_id
+
+class QACollate:
+    """Stack pixels; tokenise questions and answers (as `answer_texts` spells them for
+    ``config``), padding trimmed to the longest row."""
+
+    def __init__(self, tokenizer: Any, config: Any) -> None:
+        self.tokenizer, self.config = tokenizer, config
+        self.context_length, self.pad_id = config.text.context_length, config.text.pad_id
 
     def _tokens(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         ids = self.tokenizer(texts, context_length=self.context_length)
@@ -87,7 +103,8 @@ class QACollate:
 
     def __call__(self, items: list[tuple[Tensor, str, str]]) -> dict[str, Tensor]:
         question_ids, question_mask = self._tokens([question for _, question, _ in items])
-        answer_ids, answer_mask = self._tokens([answer for _, _, answer in items])
+        answer_ids, answer_mask = self._tokens(answer_texts(self.config,
+                                                            [answer for _, _, answer in items]))
         return {"pixels": torch.stack([pixels for pixels, _, _ in items]),
                 "question_ids": question_ids, "question_mask": question_mask,
                 "answer_ids": answer_ids, "answer_mask": answer_mask}
@@ -96,8 +113,7 @@ class QACollate:
 def qa_loader(records: list[QARecord], config: Any, tokenizer: Any, *, batch_size: int,
               train: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:
     """Batches of QA pairs for a model ``config`` (shuffled, seeded, full batches if train)."""
-    text = config.text
     generator = torch.Generator().manual_seed(seed) if train else None
     return DataLoader(QADataset(records, config, train), batch_size=batch_size, shuffle=train,
                       drop_last=train, generator=generator, num_workers=num_workers,
-                      collate_fn=QACollate(tokenizer, text.context_length, text.pad_id))
+                      collate_fn=QACollate(tokenizer, config))
