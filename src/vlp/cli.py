@@ -362,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--tokenizer", help="tokenizer directory (default: train a BPE on captions)")
     tr.add_argument("--train-data", required=True, help="training data path")
     tr.add_argument("--train-kind", default="auto",
-                    choices=["auto", "csv", "tsv", "jsonl", "coco", "wds"])
+                    choices=["auto", "csv", "tsv", "jsonl", "coco", "wds", "qa"],
+                    help="data format; qa: VQA JSONL rows (image, question, answer(s)), which "
+                         "fine-tune the answer decoder (blip, simvlm)")
     tr.add_argument("--val-data", help="validation captions data (val loss)")
     tr.add_argument("--text-data", help="text-only corpus mixed into every batch (.txt: one "
                                         "text per line; JSONL: --caption-key, text or caption)"
@@ -370,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--text-ratio", type=float, default=0.5,
                     help="share of each batch's samples drawn from --text-data (default: 0.5)")
     tr.add_argument("--val-kind", default="auto",
-                    choices=["auto", "csv", "tsv", "jsonl", "coco", "wds"])
+                    choices=["auto", "csv", "tsv", "jsonl", "coco", "wds", "qa"])
     _add_source_args(tr)
     tr.add_argument("--output-dir", default="runs/train", help="run directory")
     tr.add_argument("--batch-size", type=int, default=64)

@@ -101,7 +101,8 @@ class Loader:
                  tokenizer: Tokenizer | None, batch_size: int, train: bool, seed: int = 0,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1,
                  drop_last: bool | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                 pin_memory: bool = False, keep_empty_batches: bool = False) -> None:
+                 pin_memory: bool = False, keep_empty_batches: bool = False,
+                 answer_tokenizer: Tokenizer | None = None) -> None:
         if batch_size <= 0:
             raise ConfigError(f"batch_size={batch_size}; expected a positive integer")
         if world_size <= 0 or not 0 <= rank < world_size:
@@ -123,7 +124,8 @@ class Loader:
         self.num_streams = max(1, num_workers)
         self._pipeline = _SamplePipeline(transform, tokenizer,
                                          getattr(source, "has_text", True),
-                                         getattr(source, "has_labels", False))
+                                         getattr(source, "has_labels", False),
+                                         getattr(source, "has_answers", False), answer_tokenizer)
         self._num_batches, self._rank_samples = self._count_batches()
         if self._num_batches == 0:
             raise DataError(f"{source!r}: too few samples for one batch of {batch_size} per rank "
@@ -318,15 +320,19 @@ def make_loader(source: Any, *, transform: Callable[..., torch.Tensor],
                 tokenizer: Tokenizer | None, batch_size: int, train: bool, seed: int = 0,
                 num_workers: int = 0, rank: int = 0, world_size: int = 1,
                 drop_last: bool | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                pin_memory: bool = False, keep_empty_batches: bool = False) -> Loader:
+                pin_memory: bool = False, keep_empty_batches: bool = False,
+                answer_tokenizer: Tokenizer | None = None) -> Loader:
     """Batches ``{"pixels", "input_ids", "labels", "index", "num_skipped"}`` of a source.
 
     `train` shuffles (seeded by seed and epoch) and defaults `drop_last` to True. Keys
     "input_ids" (or "texts" when `tokenizer` is None) and "labels" appear when the source has
-    captions / labels. Batches whose samples were all skipped are dropped unless
-    `keep_empty_batches` (they still count towards ``len`` and the resume position).
+    captions / labels; a VQA source (``has_answers``) gives "question_ids" and "answer_ids"
+    (answers through `answer_tokenizer`, default `tokenizer`) instead of "input_ids". Batches
+    whose samples were all skipped are dropped unless `keep_empty_batches` (they still count
+    towards ``len`` and the resume position).
     """
     return Loader(source, transform=transform, tokenizer=tokenizer, batch_size=batch_size,
                   train=train, seed=seed, num_workers=num_workers, rank=rank,
                   world_size=world_size, drop_last=drop_last, shuffle_buffer=shuffle_buffer,
-                  pin_memory=pin_memory, keep_empty_batches=keep_empty_batches)
+                  pin_memory=pin_memory, keep_empty_batches=keep_empty_batches,
+                  answer_tokenizer=answer_tokenizer)

@@ -70,14 +70,19 @@ def _record_name(record: Record) -> str:
 
 
 class _SamplePipeline:
-    """Decode, augment and collate records into one batch; runs inside DataLoader workers."""
+    """Decode, augment and collate records into one batch; runs inside DataLoader workers.
+    With ``has_answers`` (VQA records) the texts are questions and each record's answer is
+    tokenised by ``answer_tokenizer`` (default: ``tokenizer``)."""
 
     def __init__(self, transform: Callable[..., torch.Tensor], tokenizer: Tokenizer | None,
-                 has_text: bool, has_labels: bool) -> None:
+                 has_text: bool, has_labels: bool, has_answers: bool = False,
+                 answer_tokenizer: Tokenizer | None = None) -> None:
         self.transform = transform
         self.tokenizer = tokenizer
         self.has_text = has_text
         self.has_labels = has_labels
+        self.has_answers = has_answers
+        self.answer_tokenizer = answer_tokenizer if answer_tokenizer is not None else tokenizer
 
     def _load(self, record: Record, augment_seed: int) -> torch.Tensor | str:
         if self.has_text and (record.text is None or not record.text.strip()):
@@ -94,6 +99,7 @@ class _SamplePipeline:
         pixels: list[torch.Tensor] = []
         texts: list[str] = []
         labels: list[int] = []
+        answers: list[str] = []
         indices: list[int] = []
         skipped: Counter[str] = Counter()
         listed: list[str] = []
@@ -121,24 +127,35 @@ class _SamplePipeline:
                 texts.append(record.text)
             if self.has_labels:
                 labels.append(record.label)
-        return self._collate(pixels, texts, labels, indices, skipped, listed)
+            if self.has_answers:
+                answers.append(record.answer or "")
+        return self._collate(pixels, texts, labels, indices, skipped, listed, answers)
+
+    def _tokens(self, tokenizer: Tokenizer | None, texts: list[str]) -> torch.Tensor:
+        if texts:
+            return tokenizer(texts)
+        return torch.empty(0, getattr(tokenizer, "context_length", 0), dtype=torch.long)
 
     def _collate(self, pixels: list[torch.Tensor], texts: list[str], labels: list[int],
-                 indices: list[int], skipped: Counter[str], listed: list[str]) -> Batch:
+                 indices: list[int], skipped: Counter[str], listed: list[str],
+                 answers: list[str]) -> Batch:
         if pixels:
             pixel_batch = torch.stack(pixels)
         else:
             size = getattr(self.transform, "image_size", 0)
             pixel_batch = torch.empty(0, 3, size, size)
         batch: Batch = {"pixels": pixel_batch, "index": torch.tensor(indices, dtype=torch.long)}
-        if self.has_text:
+        if self.has_answers:  # VQA: the models' question / answer batch keys
+            if self.tokenizer is None:
+                batch["questions"], batch["answers"] = texts, answers
+            else:
+                batch["question_ids"] = self._tokens(self.tokenizer, texts)
+                batch["answer_ids"] = self._tokens(self.answer_tokenizer, answers)
+        elif self.has_text:
             if self.tokenizer is None:
                 batch["texts"] = texts
-            elif texts:
-                batch["input_ids"] = self.tokenizer(texts)
             else:
-                length = getattr(self.tokenizer, "context_length", 0)
-                batch["input_ids"] = torch.empty(0, length, dtype=torch.long)
+                batch["input_ids"] = self._tokens(self.tokenizer, texts)
         if self.has_labels:
             batch["labels"] = torch.tensor(labels, dtype=torch.long)
         batch["num_skipped"] = sum(skipped.values())

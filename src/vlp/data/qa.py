@@ -87,6 +87,21 @@ def answer_texts(config: Any, answers: list[str]) -> list[str]:
     return list(answers)
 
 
+class AnswerTokenizer:
+    """A tokenizer call over `answer_texts` for one model config (pickles into loader
+    workers)."""
+
+    def __init__(self, tokenizer: Any, config: Any) -> None:
+        self.tokenizer, self.config = tokenizer, config
+
+    @property
+    def context_length(self) -> int:
+        return self.tokenizer.context_length
+
+    def __call__(self, answers: list[str], context_length: int | None = None) -> Tensor:
+        return self.tokenizer(answer_texts(self.config, answers), context_length=context_length)
+
+
 class QACollate:
     """Stack pixels; tokenise questions and answers (as `answer_texts` spells them for
     ``config``), padding trimmed to the longest row."""

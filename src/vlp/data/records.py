@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One sample: image path or encoded bytes, caption (None when absent), class index, key."""
+    """One sample: image path or encoded bytes, caption (None when absent), class index, key;
+    a VQA sample's text is its question and ``answer`` its answer."""
 
     image: str | bytes
     text: str | None
     label: int | None
     key: str
+    answer: str | None = None

@@ -13,6 +13,7 @@ import csv
 import inspect
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,7 @@ class MapSource:
 
     has_text: bool = True
     has_labels: bool = False
+    has_answers: bool = False  # VQA records: text is the question, answer the target
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -240,8 +242,10 @@ class JsonlSource(_TableSource):
                       "label_key": label_key}
             for option, key in wanted.items():
                 if key is not None and key not in row:
+                    hint = ("; QA rows (question + answer) are read as kind 'qa'"
+                            if "question" in row else "")
                     raise DataError(f"{where}: no key {key!r} ({option}); keys present: "
-                                    f"{list(row)}")
+                                    f"{list(row)}{hint}")
             image = _resolve_image_path(root, _as_text(row[image_key], where, image_key))
             captions: list[str | None] = [None]
             if caption_key is not None:
@@ -429,6 +433,33 @@ class ListSource(MapSource):
         )
 
 
+class QASource(MapSource):
+    """VQA rows, JSONL ``{"image", "question", "answer" | "answers", "type"?}`` (`vlp.data.qa`):
+    one record per question, its text the question and its answer the most common of the
+    reference answers (the first among equals), for fine-tuning a generative answer decoder."""
+
+    has_answers = True
+
+    def __init__(self, path: str | os.PathLike[str],
+                 image_root: str | os.PathLike[str] | None = None) -> None:
+        from vlp.data.qa import read_qa_jsonl  # vlp.data.qa reads rows with this module's helpers
+
+        self.path = str(path)
+        self._records = read_qa_jsonl(path, image_root)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> Record:
+        record = self._records[index]
+        answer = Counter(record.answers).most_common(1)[0][0]
+        return Record(image=record.image, text=record.question, label=None, key=str(index),
+                      answer=answer)
+
+    def __repr__(self) -> str:
+        return f"QASource({self.path!r}, {len(self)} questions)"
+
+
 # ---------------------------------------------------------------------------------------
 # source kinds by name
 
@@ -440,6 +471,7 @@ SOURCE_KINDS: dict[str, tuple[type, dict[str, Any]]] = {
     "coco": (CocoSource, {}),
     "imagefolder": (ImageFolderSource, {}),
     "wds": (WebDatasetSource, {}),
+    "qa": (QASource, {}),
 }
 
 
@@ -457,7 +489,8 @@ def infer_source_kind(path: str | os.PathLike[str]) -> str:
 
 
 def build_source(kind: str, path: str | os.PathLike[str] | Sequence[str], **options: Any) -> Any:
-    """A source by kind name ("csv", "tsv", "jsonl", "coco", "imagefolder", "wds" or "auto")."""
+    """A source by kind name ("csv", "tsv", "jsonl", "coco", "imagefolder", "wds", "qa" or
+    "auto"; "auto" never picks "qa": QA rows are JSONL too)."""
     if kind == "auto":
         kind = infer_source_kind(path if isinstance(path, str | os.PathLike) else path[0])
     if kind not in SOURCE_KINDS:

@@ -212,6 +212,8 @@ def _captions(source: Any, where: str) -> Iterator[str]:
     for record in source:
         if record.text:
             yield record.text
+        if record.answer:  # VQA rows: the answers are text the model reads too
+            yield record.answer
 
 
 def model_and_tokenizer(cfg: TrainConfig, source: Any, output_dir: Path, env: DistEnv,

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from vlp.config import load_config
 from vlp.data import image_transform, make_loader
+from vlp.data.qa import AnswerTokenizer
 from vlp.data.text import TextBatches, TextCorpus
 from vlp.errors import ConfigError, VlpError
 from vlp.fileio import atomic_write_text
@@ -131,18 +132,25 @@ class _Trainer:
                                   "train on text-only rows; a family that does is simvlm")
             self.text_batches = TextBatches(corpus, tokenizer, text_rows(cfg), seed=cfg.seed,
                                             rank=rank, world_size=world)
+        # VQA rows (kind "qa") fine-tune the answer decoder: question_ids + answer_ids batches
+        answers = AnswerTokenizer(tokenizer, model.config)
+        if getattr(train_source, "has_answers", False) and not hasattr(model, "answer"):
+            raise ConfigError(f"train config train_data: {cfg.train_data} holds VQA rows but "
+                              f"{type(model).__name__} has no answer decoder; families that "
+                              "answer questions are blip and simvlm")
         self.loader = make_loader(train_source, transform=image_transform(model.config, True),
                                   tokenizer=tokenizer, batch_size=cfg.batch_size - text_rows(cfg),
                                   train=True,
                                   seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
-                                  world_size=world, pin_memory=self.device.type == "cuda")
+                                  world_size=world, pin_memory=self.device.type == "cuda",
+                                  answer_tokenizer=answers)
         self.val_loader = None
         if cfg.val_data is not None and self.env.is_main:
             self.val_loader = make_loader(build_run_source(cfg.val_kind, cfg.val_data, cfg),
                                           transform=image_transform(model.config, train=False),
                                           tokenizer=tokenizer, batch_size=cfg.batch_size,
                                           train=False, seed=cfg.seed,
-                                          num_workers=cfg.num_workers)
+                                          num_workers=cfg.num_workers, answer_tokenizer=answers)
         self.total_steps = count_total_steps(cfg, len(self.loader))
         self.optimizer = build_optimizer(self.raw_model, cfg.lr, cfg.weight_decay,
                                          tuple(cfg.betas), cfg.eps)
