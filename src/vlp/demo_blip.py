@@ -1,31 +1,27 @@
-"""`vlp demo --family blip`: blip-tiny pretrained on the synthetic world's captions (ITC + ITM +
-LM through the normal trainer), then fine-tuned on its question/answer pairs (the answer
-decoder given image and question), scored on held-out data against baselines: retrieval R@1 by
-ITC alone and with ITM re-ranking, captions against an untrained blip-tiny, VQA accuracy
-against the majority answer."""
+"""`vlp demo --family blip`: blip-tiny pretrained on the synthetic world's captions (ITC + ITM + LM
+through the normal trainer), then fine-tuned on its question/answer pairs (the answer decoder
+given image and question; `vlp train --train-kind qa`), scored on held-out data against
+baselines: retrieval R@1 by ITC alone and with ITM re-ranking, captions against an untrained
+blip-tiny, VQA accuracy against the majority answer."""
 
 from __future__ import annotations
 
 import copy
-import itertools
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
 import vlp
 from vlp.data import build_source
-from vlp.data.qa import QARecord, qa_loader, read_qa_jsonl
+from vlp.data.qa import read_qa_jsonl
 from vlp.data.synthetic import write_dataset
 from vlp.eval.captioning import caption_eval
 from vlp.eval.rerank import itm_rerank_eval
 from vlp.eval.vqa import accuracy_by_type, majority_baselines, vqa_eval
 from vlp.models import build_model
 from vlp.train import TrainConfig, train
-from vlp.train.optim import WarmupCosine, build_optimizer
 
 BLIP_DEFAULTS = {"n_train": 5000, "n_test": 1000, "steps": 1500, "batch_size": 64,
                  "vqa_steps": 300}
@@ -35,31 +31,6 @@ K_TEST = 16  # ITC candidates the ITM head re-scores per query
 VQA_LR = 5e-4
 VQA_EVAL_QUESTIONS = 2000  # the first questions of test_qa.jsonl (grouped by image)
 CAPTION_MAX_NEW_TOKENS = 24
-
-
-def finetune_vqa(model: nn.Module, tokenizer: Any, records: list[QARecord], *, steps: int,
-                 batch_size: int, lr: float = VQA_LR, seed: int = 0, num_workers: int = 0,
-                 progress: bool = True) -> float:
-    """Train the answer decoder (and everything under it) on QA pairs through BLIP's VQA batch
-    path, AdamW with warmup + cosine; returns the last loss."""
-    torch.manual_seed(seed)
-    loader = qa_loader(records, model.config, tokenizer, batch_size=batch_size, train=True,
-                       num_workers=num_workers, seed=seed)
-    optimizer = build_optimizer(model, lr, weight_decay=0.05)
-    schedule = WarmupCosine(optimizer, max(1, steps // 10), steps)
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    model.train()
-    loss = float("nan")
-    for _ in tqdm(range(steps), desc="vqa fine-tune", disable=not progress):
-        out = model(next(batches))
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        loss = float(out["loss"].detach())
-    model.eval()
-    return loss
 
 
 def blip_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num_workers: int,
@@ -99,10 +70,14 @@ def blip_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num_
           flush=True)
     train_qa = read_qa_jsonl(data_dir / "train_qa.jsonl")
     test_qa = read_qa_jsonl(data_dir / "test_qa.jsonl")[:VQA_EVAL_QUESTIONS]
-    vqa_loss = finetune_vqa(model, tokenizer, train_qa, steps=vqa_steps,
-                            batch_size=settings["batch_size"], seed=seed,
-                            num_workers=num_workers, progress=progress)
-    vlp.save(model, out / "vqa", tokenizer)
+    # the answer decoder (and everything under it) on the QA rows, through the normal trainer
+    tuned = train(TrainConfig(
+        model=str(checkpoint), train_data=str(data_dir / "train_qa.jsonl"), train_kind="qa",
+        output_dir=str(out / "vqa"), batch_size=settings["batch_size"], lr=VQA_LR,
+        weight_decay=0.05, warmup_steps=max(1, vqa_steps // 10), max_steps=vqa_steps,
+        checkpoint_every=0, keep_last=1, log_every=50, seed=seed, num_workers=num_workers,
+        progress=progress))
+    model = vlp.load(tuned["checkpoint"])
     candidates = sorted({a for r in train_qa for a in r.answers})
     generated = vqa_eval(model, tokenizer, test_qa, mode="generate", num_beams=1,
                          num_workers=num_workers, progress=progress)
@@ -128,9 +103,9 @@ def blip_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num_
         "vqa_by_type": accuracy_by_type(generated),
         "num_vqa_questions": int(generated["num_questions"]),
         "train_steps": result["step"], "final_loss": r4(result["loss"]),
-        "vqa_steps": vqa_steps, "vqa_final_loss": r4(vqa_loss),
+        "vqa_steps": vqa_steps, "vqa_final_loss": r4(tuned["loss"]),
         "wall_s": round(time.time() - start, 1),
-        "checkpoint": str(checkpoint), "vqa_checkpoint": str(out / "vqa"),
+        "checkpoint": str(checkpoint), "vqa_checkpoint": str(tuned["checkpoint"]),
     }
     print(f"retrieval R@1 image->text {summary['i2t_r1_itc']:.1%} (ITC) -> "
           f"{summary['i2t_r1_itm']:.1%} (ITM re-ranked), text->image "
