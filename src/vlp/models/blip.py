@@ -98,6 +98,8 @@ class GroundedDecoder:
 class BLIP(PretrainModel):
     # each training forward updates the momentum encoders and the queue (as BLIP does)
     accumulates_features = False
+    # batches of "question_ids" + "answer_ids" (data kind "qa") train the VQA answer decoder
+    trains_on_vqa = True
 
     def __init__(self, config: BlipConfig, visual: VisionTransformer,
                  text_encoder: BertTextTransformer | None,

@@ -107,6 +107,8 @@ def split_at(words: Tensor, lengths: Tensor, cut: Tensor, *, bos_id: int, eos_id
 class SimVLM(PretrainModel):
     # the trainer may add text-only rows to a batch as "text_ids" (TrainConfig.text_data)
     trains_on_text_only = True
+    # batches of "question_ids" + "answer_ids" (data kind "qa") train VQA: answer after question
+    trains_on_vqa = True
 
     def __init__(self, config: SimvlmConfig, image_embed: ConvPatchEmbed,
                  encoder: Transformer | None, decoder: Transformer) -> None:

@@ -134,10 +134,11 @@ class _Trainer:
                                             rank=rank, world_size=world)
         # VQA rows (kind "qa") fine-tune the answer decoder: question_ids + answer_ids batches
         answers = AnswerTokenizer(tokenizer, model.config)
-        if getattr(train_source, "has_answers", False) and not hasattr(model, "answer"):
+        if getattr(train_source, "has_answers", False) and not getattr(model, "trains_on_vqa",
+                                                                        False):
             raise ConfigError(f"train config train_data: {cfg.train_data} holds VQA rows but "
-                              f"{type(model).__name__} has no answer decoder; families that "
-                              "answer questions are blip and simvlm")
+                              f"{type(model).__name__} does not train on them; families that "
+                              "fine-tune VQA are blip and simvlm")
         self.loader = make_loader(train_source, transform=image_transform(model.config, True),
                                   tokenizer=tokenizer, batch_size=cfg.batch_size - text_rows(cfg),
                                   train=True,
