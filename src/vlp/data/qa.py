@@ -3,13 +3,15 @@
 
 A batch is ``{"pixels", "question_ids", "question_mask", "answer_ids", "answer_mask"}``:
 question and answer are each bos + tokens + eos, right-padded (BLIP puts [ENC] / [DEC] in
-the bos slot); the answer is the first reference answer, tokenised as `answer_texts` spells it
-for the model.
+the bos slot); the answer is `target_answer` of the reference answers, tokenised by
+`AnswerTokenizer` as the model reads answers. `vlp train --train-kind qa` (`QASource`) batches
+the same way.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +73,13 @@ class QADataset(Dataset):
         if isinstance(image, str):
             raise DataError(f"{record.image}: {image.replace('_', ' ')} (QA question "
                             f"{record.question!r})")
-        return self.transform(image), record.question, record.answers[0]
+        return self.transform(image), record.question, target_answer(record.answers)
+
+
+def target_answer(answers: tuple[str, ...]) -> str:
+    """The answer a model is trained to give: the most common reference answer, the first
+    among equals."""
+    return Counter(answers).most_common(1)[0][0]
 
 
 def answer_texts(config: Any, answers: list[str]) -> list[str]:
@@ -107,19 +115,19 @@ class QACollate:
     ``config``), padding trimmed to the longest row."""
 
     def __init__(self, tokenizer: Any, config: Any) -> None:
-        self.tokenizer, self.config = tokenizer, config
+        self.tokenizer, self.answers = tokenizer, AnswerTokenizer(tokenizer, config)
         self.context_length, self.pad_id = config.text.context_length, config.text.pad_id
 
-    def _tokens(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        ids = self.tokenizer(texts, context_length=self.context_length)
+    def _tokens(self, tokenize: Any, texts: list[str]) -> tuple[Tensor, Tensor]:
+        ids = tokenize(texts, context_length=self.context_length)
         mask = ids != self.pad_id
         width = max(1, int(mask.sum(1).max()))
         return ids[:, :width], mask[:, :width]
 
     def __call__(self, items: list[tuple[Tensor, str, str]]) -> dict[str, Tensor]:
-        question_ids, question_mask = self._tokens([question for _, question, _ in items])
-        answer_ids, answer_mask = self._tokens(answer_texts(self.config,
-                                                            [answer for _, _, answer in items]))
+        question_ids, question_mask = self._tokens(self.tokenizer,
+                                                   [question for _, question, _ in items])
+        answer_ids, answer_mask = self._tokens(self.answers, [answer for _, _, answer in items])
         return {"pixels": torch.stack([pixels for pixels, _, _ in items]),
                 "question_ids": question_ids, "question_mask": question_mask,
                 "answer_ids": answer_ids, "answer_mask": answer_mask}

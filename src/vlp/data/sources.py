@@ -13,7 +13,6 @@ import csv
 import inspect
 import json
 import os
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -435,26 +434,27 @@ class ListSource(MapSource):
 
 class QASource(MapSource):
     """VQA rows, JSONL ``{"image", "question", "answer" | "answers", "type"?}`` (`vlp.data.qa`):
-    one record per question, its text the question and its answer the most common of the
-    reference answers (the first among equals), for fine-tuning a generative answer decoder."""
+    one record per question, its text the question and its answer `vlp.data.qa.target_answer`
+    of the reference answers, for fine-tuning a generative answer decoder."""
 
     has_answers = True
 
     def __init__(self, path: str | os.PathLike[str],
                  image_root: str | os.PathLike[str] | None = None) -> None:
-        from vlp.data.qa import read_qa_jsonl  # vlp.data.qa reads rows with this module's helpers
+        # vlp.data.qa reads rows with this module's helpers
+        from vlp.data.qa import read_qa_jsonl, target_answer
 
         self.path = str(path)
         self._records = read_qa_jsonl(path, image_root)
+        self._answers = [target_answer(record.answers) for record in self._records]
 
     def __len__(self) -> int:
         return len(self._records)
 
     def __getitem__(self, index: int) -> Record:
         record = self._records[index]
-        answer = Counter(record.answers).most_common(1)[0][0]
         return Record(image=record.image, text=record.question, label=None, key=str(index),
-                      answer=answer)
+                      answer=self._answers[index])
 
     def __repr__(self) -> str:
         return f"QASource({self.path!r}, {len(self)} questions)"

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vlp.data.qa import QARecord, answer_texts, qa_loader
+from vlp.data.qa import AnswerTokenizer, QARecord, qa_loader
 from vlp.errors import ConfigError, DataError
 from vlp.eval.embed import inference
 
@@ -131,7 +131,7 @@ def answer_questions(model: nn.Module, tokenizer: Any, records: Sequence[QARecor
     """One answer per question: ``"generate"`` decodes open-ended (BLIP: beam 3, max 10
     tokens); ``"rank"`` returns the candidate whose full answer sequence is most likely under
     the answer decoder (BLIP's rank inference, scoring every candidate), each candidate
-    tokenised as `vlp.data.qa.answer_texts` spells answers for the model."""
+    tokenised as the model reads answers (`vlp.data.qa.AnswerTokenizer`)."""
     if mode not in VQA_MODES:
         raise ConfigError(f"VQA mode {mode!r}; expected one of {list(VQA_MODES)}")
     if not hasattr(model, "answer"):
@@ -144,8 +144,8 @@ def answer_questions(model: nn.Module, tokenizer: Any, records: Sequence[QARecor
     answers: list[str] = []
     with inference(model) as device:
         if mode == "rank":
-            candidate_ids = tokenizer(answer_texts(model.config, list(candidates)),
-                                      context_length=context_length)
+            candidate_ids = AnswerTokenizer(tokenizer, model.config)(
+                list(candidates), context_length=context_length)
             candidate_mask = candidate_ids != model.config.text.pad_id
             width = int(candidate_mask.sum(1).max())  # drop all-padding columns
             candidate_ids = candidate_ids[:, :width].to(device)
