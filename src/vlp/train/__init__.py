@@ -9,9 +9,10 @@ from vlp.train.checkpoint import (
     save_checkpoint,
     save_pretrained,
 )
+from vlp.train.config import TrainConfig
 from vlp.train.distributed import unwrap_model
 from vlp.train.optim import WarmupCosine, build_optimizer, param_groups
-from vlp.train.trainer import TrainConfig, train
+from vlp.train.trainer import train
 
 __all__ = [
     "TrainConfig",

@@ -34,6 +34,7 @@ from vlp.models import build_model
 from vlp.models.base import Accumulated
 from vlp.tokenizers import load_tokenizer
 from vlp.train.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
+from vlp.train.config import TrainConfig, check_config, text_rows
 from vlp.train.distributed import (
     GatherExchange,
     all_reduce_min,
@@ -50,12 +51,10 @@ from vlp.train.distributed import (
 from vlp.train.optim import WarmupCosine, build_optimizer
 from vlp.train.runlog import EpochStream, RunLog, is_finite, nonfinite_message
 from vlp.train.setup import (
-    TrainConfig,
     autocast,
     autocast_dtype,
     batch_context_length,
     build_run_source,
-    check_config,
     count_total_steps,
     find_resume_dir,
     model_and_tokenizer,
@@ -64,7 +63,6 @@ from vlp.train.setup import (
     rng_restore,
     rng_snapshot,
     seed_everything,
-    text_rows,
 )
 from vlp.train.state import full_model_state, full_optimizer_state, rng_state
 
