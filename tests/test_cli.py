@@ -1,14 +1,19 @@
 """The `vlp` command: help for every subcommand, one-line errors on bad input, and the
 commands run end to end on a small synthetic dataset."""
 
+import argparse
+import dataclasses
 import json
 
 import pytest
 
+from vlp.capfilt import CapfiltConfig
 from vlp.cli import build_parser, main
+from vlp.cliargs import config_from_args
+from vlp.train.config import TrainConfig
 
 SUBCOMMANDS = [["data", "synth"], ["train"], ["eval"], ["zeroshot"], ["embed"], ["caption"],
-               ["convert"], ["demo"]]
+               ["convert"], ["demo"], ["capfilt"]]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=lambda w: " ".join(w))
@@ -27,6 +32,67 @@ def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err  # one clear line, no traceback
     return err[0]
+
+
+# the flags of `vlp train` and `vlp capfilt` are the fields of their config dataclasses
+CONFIG_COMMANDS = [(TrainConfig, ["train", "--train-data", "d.csv"], {"train_data": "d.csv"}),
+                   (CapfiltConfig, ["capfilt", "caption", "--out", "o"], {"out": "o"})]
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    return build_parser()._subparsers._group_actions[0].choices[name]
+
+
+@pytest.mark.parametrize(("cls", "argv", "given"), CONFIG_COMMANDS,
+                         ids=lambda v: getattr(v, "__name__", ""))
+def test_every_config_field_is_a_flag_with_the_field_default(cls, argv, given):
+    options = _subparser(argv[0])._option_string_actions
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in options and options[flag].dest == field.name, flag
+        assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help text"
+    cfg = config_from_args(cls, build_parser().parse_args(argv))
+    assert cfg == cls(**given)
+
+
+def test_train_flags_reach_the_config():
+    args = build_parser().parse_args([
+        "train", "--train-data", "d.csv", "--model-overrides", '{"text": {"layers": 2}}',
+        "--betas", "0.8", "0.9", "--beta2", "0.95", "--keep", "5", "--no-accum-features",
+        "--grad-checkpointing", "--min-lr-ratio", "0.1", "--log-every", "3", "--max-steps",
+        "7", "--no-progress"])
+    cfg = config_from_args(TrainConfig, args)
+    assert cfg.model_overrides == {"text": {"layers": 2}}
+    assert cfg.betas == (0.8, 0.95) and cfg.keep_last == 5 and cfg.max_steps == 7
+    assert not cfg.accum_features and cfg.grad_checkpointing and not cfg.progress
+    assert cfg.min_lr_ratio == 0.1 and cfg.log_every == 3
+    assert config_from_args(TrainConfig, build_parser().parse_args(
+        ["train", "--train-data", "d.csv", "--beta1", "0.5"])).betas == (0.5, 0.98)
+
+
+def test_one_num_workers_default():
+    args = [build_parser().parse_args(argv) for argv in (
+        ["train", "--train-data", "d.csv"], ["capfilt", "write", "--out", "o"],
+        ["eval", "ckpt"], ["embed", "ckpt", "--out", "e.npy"])]
+    assert {a.num_workers for a in args} == {TrainConfig().num_workers}
+    assert CapfiltConfig().num_workers == TrainConfig().num_workers
+
+
+@pytest.mark.parametrize("value", ["{bad", "[1, 2]", '"text"'])
+def test_model_overrides_must_be_a_json_object(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--train-data", "d.csv", "--model-overrides", value])
+    assert exit_info.value.code == 2
+    line = _error_line(capsys)
+    assert line.startswith("vlp train: error: argument --model-overrides:")
+    assert "expected a JSON object" in line
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--train-data", "d.csv", "--precision", "fp8"])
+    assert exit_info.value.code == 2
+    assert "--precision" in _error_line(capsys)
 
 
 @pytest.fixture(scope="module")

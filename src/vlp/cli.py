@@ -8,8 +8,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from vlp.cliargs import add_config_args, config_from_args
 from vlp.errors import VlpError
 
 
@@ -17,7 +18,7 @@ def _print_json(data: dict[str, Any]) -> None:
     print(json.dumps(data, sort_keys=False, default=str))
 
 
-def _eval_spec(args: argparse.Namespace) -> Any:
+def _eval_spec(args: argparse.Namespace, progress: bool) -> Any:
     from vlp.eval.suite import EvalSpec
 
     return EvalSpec(
@@ -38,7 +39,7 @@ def _eval_spec(args: argparse.Namespace) -> Any:
                         if getattr(args, "vqa_candidates", None) else None),
         batch_size=args.eval_batch_size,
         num_workers=args.num_workers,
-        progress=not args.no_progress,
+        progress=progress,
     )
 
 
@@ -106,27 +107,10 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from vlp.train import TrainConfig, train
 
-    cfg = TrainConfig(
-        model=args.model, tokenizer=args.tokenizer,
-        train_data=args.train_data, train_kind=args.train_kind,
-        val_data=args.val_data, val_kind=args.val_kind,
-        image_key=args.image_key, caption_key=args.caption_key, separator=args.separator,
-        image_root=args.image_root, text_data=args.text_data, text_ratio=args.text_ratio,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        weight_decay=args.weight_decay, betas=(args.beta1, args.beta2), eps=args.eps,
-        warmup_steps=args.warmup_steps,
-        max_steps=args.max_steps, epochs=args.epochs, grad_clip=args.grad_clip,
-        output_dir=args.output_dir, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, keep_last=args.keep_last, seed=args.seed,
-        num_workers=args.num_workers, precision=args.precision, compile=args.compile,
-        grad_checkpointing=args.grad_checkpointing, resume=args.resume,
-        progress=not args.no_progress, accum_features=args.accum_features,
-        max_nonfinite=args.max_nonfinite, strategy=args.strategy, local_loss=args.local_loss,
-        gather_with_grad=args.gather_with_grad, device=args.device,
-    )
+    cfg = config_from_args(TrainConfig, args)
     from vlp.train.distributed import shutdown
 
-    spec = _eval_spec(args)
+    spec = _eval_spec(args, progress=cfg.progress)
     try:
         result = train(cfg, eval_fn=None if spec.is_empty() else _eval_fn(spec))
     finally:
@@ -149,7 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vlp.errors import ConfigError
     from vlp.eval.suite import evaluate
 
-    spec = _eval_spec(args)
+    spec = _eval_spec(args, progress=not args.no_progress)
     if spec.is_empty():
         raise ConfigError("vlp eval: give at least one of --zeroshot-data, --retrieval-data, "
                           "--caption-data, --vqa-data")
@@ -238,16 +222,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_capfilt(args: argparse.Namespace) -> int:
     from vlp.capfilt import STAGES, CapfiltConfig, capfilt
 
-    fields = {name: getattr(args, name) for name in (
-        "out", "data", "kind", "image_key", "caption_key", "separator", "image_root",
-        "unit_size", "pretrained", "clean_data", "share", "finetune_steps",
-        "finetune_batch_size", "finetune_lr", "captioner", "filter", "sampling", "top_p",
-        "num_beams", "num_captions", "max_new_tokens", "prompt", "caption_batch_size",
-        "itm_threshold", "itc_threshold", "filter_batch_size", "shard_size",
-        "report_examples", "pretrain_model", "pretrain_steps", "pretrain_batch_size",
-        "pretrain_lr", "pretrain_weight_decay", "pretrain_tokenizer", "backend",
-        "ray_address", "ray_actors", "seed", "device", "num_workers")}
-    cfg = CapfiltConfig(**fields, progress=not args.no_progress)
+    cfg = config_from_args(CapfiltConfig, args)
     if args.stage == "run":
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     else:
@@ -257,9 +232,11 @@ def cmd_capfilt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_capfilt_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+def _add_capfilt_parser(sub: Any) -> None:
+    from vlp.capfilt import CapfiltConfig
+
     cf = sub.add_parser(
-        "capfilt", parents=[common], help="bootstrap a noisy dataset with BLIP's CapFilt",
+        "capfilt", help="bootstrap a noisy dataset with BLIP's CapFilt",
         description="BLIP CapFilt in resumable stages: finetune (captioner LM + filter "
                     "ITC/ITM from a pretrained BLIP on clean pairs), caption (synthetic "
                     "captions per web image), filter (ITM decisions on original and "
@@ -268,53 +245,7 @@ def _add_capfilt_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                                       "run"])
     cf.add_argument("--stages", default="caption,filter,write",
                     help="run: comma-separated stages (default: caption,filter,write)")
-    cf.add_argument("--out", required=True, help="directory of every stage's output")
-    cf.add_argument("--data", default="", help="web data: CSV/TSV/JSONL/COCO or WebDataset "
-                                               "shards (each shard is a work unit)")
-    cf.add_argument("--kind", default="auto",
-                    choices=["auto", "csv", "tsv", "jsonl", "coco", "wds"])
-    _add_source_args(cf)
-    cf.add_argument("--unit-size", type=int, default=1000,
-                    help="images per work unit of a CSV/JSONL/COCO source")
-    g = cf.add_argument_group("finetune")
-    g.add_argument("--pretrained", help="BLIP checkpoint the captioner and filter start from")
-    g.add_argument("--clean-data", help="human-annotated pairs to fine-tune on")
-    g.add_argument("--share", action="store_true",
-                   help="one model (ITC+ITM+LM) as captioner and filter (paper's ablation)")
-    g.add_argument("--finetune-steps", type=int, default=100)
-    g.add_argument("--finetune-batch-size", type=int, default=32)
-    g.add_argument("--finetune-lr", type=float, default=1e-4)
-    g = cf.add_argument_group("caption and filter")
-    g.add_argument("--captioner", help="captioner checkpoint (default: OUT/models/captioner)")
-    g.add_argument("--filter", help="filter checkpoint (default: OUT/models/filter)")
-    g.add_argument("--sampling", default="nucleus", choices=["nucleus", "beam"])
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--num-beams", type=int, default=3, help="with --sampling beam")
-    g.add_argument("--num-captions", type=int, default=1, help="synthetic captions per image")
-    g.add_argument("--max-new-tokens", type=int, default=20)
-    g.add_argument("--prompt", help="caption prompt, e.g. 'a picture of ' (not written)")
-    g.add_argument("--caption-batch-size", type=int, default=32)
-    g.add_argument("--itm-threshold", type=float, default=0.5,
-                   help="keep a caption when its ITM P(match) is at least this")
-    g.add_argument("--itc-threshold", type=float,
-                   help="also require this ITC cosine similarity (default: none)")
-    g.add_argument("--filter-batch-size", type=int, default=32)
-    g.add_argument("--backend", default="local", choices=["local", "ray"],
-                   help="ray: Ray Data actors (pip install 'vlp[ray]')")
-    g.add_argument("--ray-address", help="Ray cluster address (default: start a local one)")
-    g.add_argument("--ray-actors", type=int, default=2, help="actors per stage")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto")
-    g = cf.add_argument_group("write and pretrain")
-    g.add_argument("--shard-size", type=int, default=1000, help="samples per output shard")
-    g.add_argument("--report-examples", type=int, default=16)
-    g.add_argument("--pretrain-model", default="blip-tiny", help="preset or checkpoint")
-    g.add_argument("--pretrain-steps", type=int, default=100)
-    g.add_argument("--pretrain-batch-size", type=int, default=32)
-    g.add_argument("--pretrain-lr", type=float, default=3e-4)
-    g.add_argument("--pretrain-weight-decay", type=float, default=0.05)
-    g.add_argument("--pretrain-tokenizer",
-                   help="tokenizer directory (default: a BPE trained on the captions)")
+    add_config_args(cf, CapfiltConfig, required=("out",))
     cf.set_defaults(func=cmd_capfilt)
 
 
@@ -322,14 +253,24 @@ def _add_capfilt_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 # parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as the library's errors (the usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from vlp.train.config import TrainConfig
+
+    parser = _Parser(
         prog="vlp",
         description="Vision-language pretraining: build data, train, evaluate, embed, convert.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
+    common.add_argument("--num-workers", type=int, default=TrainConfig.num_workers,
+                        help="data loader worker processes (default: %(default)s)")
     common.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     # data
@@ -354,61 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_data_synth)
 
     # train
-    tr = sub.add_parser("train", parents=[common], help="train a model",
+    tr = sub.add_parser("train", help="train a model",
                         description="Train a model from a preset (or a checkpoint) on "
                                     "image-text data, with checkpoints and exact resume.")
-    tr.add_argument("--model", default="clip-tiny",
-                    help="preset name (see `vlp.list_models()`) or a checkpoint directory")
-    tr.add_argument("--tokenizer", help="tokenizer directory (default: train a BPE on captions)")
-    tr.add_argument("--train-data", required=True, help="training data path")
-    tr.add_argument("--train-kind", default="auto",
-                    choices=["auto", "csv", "tsv", "jsonl", "coco", "wds", "qa"],
-                    help="data format; qa: VQA JSONL rows (image, question, answer(s)), which "
-                         "fine-tune the answer decoder (blip, simvlm)")
-    tr.add_argument("--val-data", help="validation captions data (val loss)")
-    tr.add_argument("--text-data", help="text-only corpus mixed into every batch (.txt: one "
-                                        "text per line; JSONL: --caption-key, text or caption)"
-                                        "; families that train on text alone (simvlm)")
-    tr.add_argument("--text-ratio", type=float, default=0.5,
-                    help="share of each batch's samples drawn from --text-data (default: 0.5)")
-    tr.add_argument("--val-kind", default="auto",
-                    choices=["auto", "csv", "tsv", "jsonl", "coco", "wds", "qa"])
-    _add_source_args(tr)
-    tr.add_argument("--output-dir", default="runs/train", help="run directory")
-    tr.add_argument("--batch-size", type=int, default=64)
-    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per update")
-    tr.add_argument("--lr", type=float, default=5e-4)
-    tr.add_argument("--weight-decay", type=float, default=0.2)
-    tr.add_argument("--beta1", type=float, default=0.9)
-    tr.add_argument("--beta2", type=float, default=0.98)
-    tr.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
-    tr.add_argument("--warmup-steps", type=int, default=0)
-    tr.add_argument("--max-steps", type=int, help="optimizer steps")
-    tr.add_argument("--epochs", type=int, help="epochs (with --max-steps: whichever ends first)")
-    tr.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm; 0 disables")
-    tr.add_argument("--eval-every", type=int, default=0, help="steps between evaluations")
-    tr.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
-    tr.add_argument("--keep-last", "--keep", dest="keep_last", type=int, default=3,
-                    help="checkpoints kept (0: all)")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                    help="auto: bf16 autocast on CUDA, fp32 on CPU; fp16 adds loss scaling")
-    tr.add_argument("--no-accum-features", dest="accum_features", action="store_false",
-                    help="with --grad-accum: independent micro-batch losses instead of one "
-                         "contrastive loss over the accumulated batch (one forward per sample)")
-    tr.add_argument("--max-nonfinite", type=int, default=10,
-                    help="consecutive non-finite steps (each skipped) before the run stops")
-    tr.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"],
-                    help="under torchrun: DDP or FSDP2 (parameters sharded per block)")
-    tr.add_argument("--no-local-loss", dest="local_loss", action="store_false",
-                    help="under torchrun: every rank computes the whole-batch contrastive loss")
-    tr.add_argument("--no-gather-with-grad", dest="gather_with_grad", action="store_false",
-                    help="under torchrun: gather features without gradients (each rank's rows "
-                         "get only its own loss terms)")
-    tr.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: cuda:LOCAL_RANK)")
-    tr.add_argument("--compile", action="store_true", help="torch.compile the model")
-    tr.add_argument("--grad-checkpointing", action="store_true")
-    tr.add_argument("--resume", help="'latest' (in --output-dir) or a checkpoint directory")
+    add_config_args(tr, TrainConfig, required=("train_data",),
+                    flags={"keep_last": ("--keep-last", "--keep")},
+                    item_flags={"betas": ("--beta1", "--beta2")})
     _add_eval_data_args(tr)
     tr.set_defaults(func=cmd_train)
 
@@ -519,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--vqa-steps", type=int, default=None,
                     help="blip: VQA fine-tuning steps after pretraining")
     dm.set_defaults(func=cmd_demo)
-    _add_capfilt_parser(sub, common)
+    _add_capfilt_parser(sub)
     return parser
 
 

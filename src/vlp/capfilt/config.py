@@ -9,73 +9,91 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlp.cliargs import option
 from vlp.config import check_fields
 from vlp.errors import ConfigError
 from vlp.fileio import atomic_write_text
+from vlp.train.config import TrainConfig
 
 STAGES = ("finetune", "caption", "filter", "write", "pretrain")
 SAMPLINGS = ("nucleus", "beam")
 BACKENDS = ("local", "ray")
+DATA_KINDS = ("auto", "csv", "tsv", "jsonl", "coco", "wds")
 
 
 @dataclass
 class CapfiltConfig:
     """BLIP's dataset bootstrapping (§4): captioner + filter fine-tuned on clean pairs, then
-    every web image captioned and every caption (web and synthetic) filtered by ITM."""
+    every web image captioned and every caption (web and synthetic) filtered by ITM. Each field
+    is also a ``vlp capfilt`` flag (``--kebab-case``) with the field's default and help
+    (`vlp.cliargs`)."""
 
-    out: str = "runs/capfilt"  # stage outputs: models/, captions/, filtered/, dataset/
-    # web data to bootstrap (kinds: csv, tsv, jsonl, coco, wds, auto); WebDataset shards are
-    # the work units, CSV/JSONL/COCO images are split into units of unit_size images
-    data: str = ""
-    kind: str = "auto"
-    image_key: str | None = None  # source options; None keeps each source's default
-    caption_key: str | None = None
-    separator: str | None = None
-    image_root: str | None = None
-    unit_size: int = 1000
-    # stage 1: captioner (LM) and filter (ITC + ITM) fine-tuned from one BLIP checkpoint on
-    # clean pairs; share=True trains one model on all three for both (the paper's ablation)
-    pretrained: str | None = None
-    clean_data: str | None = None
-    share: bool = False
-    finetune_steps: int = 100
-    finetune_batch_size: int = 32
-    finetune_lr: float = 1e-4
-    # stages 2-3 models; None: the stage-1 outputs under out/models
-    captioner: str | None = None
-    filter: str | None = None
-    # stage 2: synthetic captions per image (nucleus sampling, as BLIP; or beam search)
-    sampling: str = "nucleus"
-    top_p: float = 0.9
-    num_beams: int = 3
-    num_captions: int = 1
-    max_new_tokens: int = 20
-    prompt: str | None = None  # BLIP: "a picture of " (left out of the written caption)
-    caption_batch_size: int = 32  # images per generate call
-    # stage 3: keep a caption when P(match) from the ITM head >= itm_threshold (and, when set,
-    # its ITC cosine similarity >= itc_threshold)
-    itm_threshold: float = 0.5
-    itc_threshold: float | None = None
-    filter_batch_size: int = 32  # images per ITM batch (each with all its captions)
-    # stage 4: output WebDataset shard size (samples = kept captions), report examples
-    shard_size: int = 1000
-    report_examples: int = 16
-    # stage 5: pretrain a new model on the bootstrapped data with the normal trainer
-    pretrain_model: str = "blip-tiny"
-    pretrain_steps: int = 100
-    pretrain_batch_size: int = 32
-    pretrain_lr: float = 3e-4
-    pretrain_weight_decay: float = 0.05
-    pretrain_tokenizer: str | None = None  # None: the trainer's (a BPE on the captions)
-    # execution of stages 2-3: "local" (this process) or "ray" (Ray Data actors)
-    backend: str = "local"
-    ray_address: str | None = None  # None: the running Ray, else a new local cluster
-    ray_actors: int = 2  # actors per stage
-    ray_cpus_per_actor: float = 1.0
-    seed: int = 0
-    device: str = "auto"  # "auto": CUDA when available
-    num_workers: int = 0  # trainer data workers (stages 1 and 5)
-    progress: bool = True
+    out: str = option("runs/capfilt", "directory of every stage's output: models/, captions/, "
+                      "filtered/, dataset/")
+    data: str = option("", "web data to bootstrap: CSV/TSV/JSONL/COCO, or WebDataset shards "
+                       "(each shard is a work unit)", section="web data")
+    kind: str = option("auto", "format of the web data; auto: from the path",
+                       choices=DATA_KINDS)
+    image_key: str | None = option(None, "CSV/JSONL column holding the image path (default: "
+                                   "the source's: filepath for CSV, image for JSONL)")
+    caption_key: str | None = option(None, "CSV/JSONL column holding the caption (default: "
+                                     "caption)")
+    separator: str | None = option(None, "CSV separator (default: tab for .tsv, else comma)")
+    image_root: str | None = option(None, "COCO image directory, or the root of relative "
+                                    "CSV/JSONL image paths")
+    unit_size: int = option(1000, "images per work unit of a CSV/JSONL/COCO source")
+    pretrained: str | None = option(
+        None, "BLIP checkpoint the captioner (LM) and the filter (ITC + ITM) are fine-tuned "
+        "from", section="stage 1: finetune")
+    clean_data: str | None = option(None, "human-annotated pairs to fine-tune on")
+    share: bool = option(False, "one model trained on ITC + ITM + LM as both captioner and "
+                         "filter (the paper's ablation)")
+    finetune_steps: int = option(100, "optimizer steps of each fine-tuning")
+    finetune_batch_size: int = option(32, "fine-tuning batch size")
+    finetune_lr: float = option(1e-4, "fine-tuning peak learning rate")
+    captioner: str | None = option(None, "captioner checkpoint (default: OUT/models/captioner, "
+                                   "stage 1's)", section="stages 2-3: models")
+    filter: str | None = option(None, "filter checkpoint (default: OUT/models/filter, stage "
+                                "1's)")
+    sampling: str = option("nucleus", "nucleus sampling (as BLIP) or beam search",
+                           choices=SAMPLINGS, section="stage 2: caption")
+    top_p: float = option(0.9, "nucleus sampling probability mass")
+    num_beams: int = option(3, "beams with sampling=beam")
+    num_captions: int = option(1, "synthetic captions per image")
+    max_new_tokens: int = option(20, "caption length limit in tokens")
+    prompt: str | None = option(None, "text every caption starts from, left out of the written "
+                                "caption (BLIP: 'a picture of ')")
+    caption_batch_size: int = option(32, "images per generate call")
+    itm_threshold: float = option(0.5, "keep a caption when its ITM P(match) is at least this",
+                                  section="stage 3: filter")
+    itc_threshold: float | None = option(None, "also require this ITC cosine similarity "
+                                         "(default: none)")
+    filter_batch_size: int = option(32, "images per ITM batch (each with all its captions)")
+    shard_size: int = option(1000, "samples (kept captions) per output WebDataset shard",
+                             section="stage 4: write")
+    report_examples: int = option(16, "examples shown in the report")
+    pretrain_model: str = option("blip-tiny", "preset or checkpoint pretrained on the "
+                                 "bootstrapped data with the normal trainer",
+                                 section="stage 5: pretrain")
+    pretrain_steps: int = option(100, "pretraining optimizer steps")
+    pretrain_batch_size: int = option(32, "pretraining batch size")
+    pretrain_lr: float = option(3e-4, "pretraining peak learning rate (BLIP's)")
+    pretrain_weight_decay: float = option(0.05, "pretraining AdamW weight decay (BLIP's)")
+    pretrain_tokenizer: str | None = option(None, "tokenizer directory (default: the "
+                                            "trainer's, a BPE trained on the captions)")
+    backend: str = option("local", "how stages 2-3 run: local (this process) or ray (Ray Data "
+                          "actors; pip install 'vlp[ray]')", choices=BACKENDS,
+                          section="execution")
+    ray_address: str | None = option(None, "Ray cluster address (default: the running Ray, "
+                                     "else a new local cluster)")
+    ray_actors: int = option(2, "Ray actors per stage")
+    ray_cpus_per_actor: float = option(1.0, "CPUs each Ray actor reserves")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda")
+    # the trainer's own default: stages 1 and 5 are training runs
+    num_workers: int = option(TrainConfig.num_workers, "data loader worker processes of the "
+                              "trainer (stages 1 and 5)")
+    progress: bool = option(True, "show progress bars")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

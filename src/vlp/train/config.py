@@ -3,70 +3,96 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from vlp.cliargs import option
 from vlp.config import check_fields
 from vlp.errors import ConfigError
 from vlp.train.distributed import STRATEGIES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DATA_KINDS = ("auto", "csv", "tsv", "jsonl", "coco", "wds", "qa")  # imagefolder: no captions
 
 
 @dataclass
 class TrainConfig:
-    # model: a preset name, or a model / checkpoint directory whose weights start the run
-    model: str = "clip-tiny"
-    model_overrides: dict[str, Any] = field(default_factory=dict)  # nested config fields
-    tokenizer: str | None = None  # tokenizer dir; None: the init dir's, else a BPE on captions
-    # data (kinds: csv, tsv, jsonl, coco, imagefolder, wds, auto)
-    train_data: str = ""
-    train_kind: str = "auto"
-    val_data: str | None = None  # val loss is computed at each evaluation when given
-    val_kind: str = "auto"
-    image_key: str | None = None  # source options; None keeps each source's default
-    caption_key: str | None = None
-    separator: str | None = None
-    image_root: str | None = None  # COCO image dir, or the root of relative CSV/JSONL paths
-    # text-only corpus mixed into every batch (models that train on text alone, e.g. SimVLM):
-    # a .txt file (one text per line) or JSONL (caption_key, else "text" / "caption")
-    text_data: str | None = None
-    text_ratio: float = 0.5  # share of each batch's batch_size samples that are text-only
-    # optimisation
-    batch_size: int = 64  # per optimizer micro-step; an update sees batch_size * grad_accum
-    grad_accum: int = 1
-    # with grad_accum > 1: contrastive losses over the whole accumulated batch, from features
-    # cached without grad (two forwards per sample); False: independent micro-batch losses
-    accum_features: bool = True
-    lr: float = 5e-4
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    max_steps: int | None = None  # with epochs too, whichever ends first
-    epochs: int | None = None
-    grad_clip: float | None = 1.0  # None or 0: no clipping (the norm is still logged)
-    max_nonfinite: int = 10  # consecutive non-finite steps (skipped) before the run stops
-    # run
-    output_dir: str = "runs/train"
-    eval_every: int = 0  # optimizer steps; evaluation also runs at the end
-    checkpoint_every: int = 0  # optimizer steps; a checkpoint is also written at the end
-    keep_last: int = 3  # checkpoints kept; 0 keeps all
-    log_every: int = 10  # steps between progress updates (every step is still logged)
-    seed: int = 0
-    num_workers: int = 2
-    device: str = "auto"  # "auto": CUDA when available
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; fp16 scales loss
-    # torchrun (distributed) runs: "ddp" or "fsdp" (FSDP2, parameters sharded per block);
-    # contrastive features are gathered with gradients, each rank scoring its own rows
-    strategy: str = "ddp"
-    local_loss: bool = True
-    gather_with_grad: bool = True
-    compile: bool = False
-    grad_checkpointing: bool = False
-    resume: str | None = None  # "latest" (of output_dir; fresh start when none) or a path
-    progress: bool = True
+    """Every option of a run. Each field is also a ``vlp train`` flag (``--kebab-case``) with
+    the field's default and help (`vlp.cliargs`)."""
+
+    model: str = option("clip-tiny", "preset name (see vlp.list_models()) or a model / "
+                        "checkpoint directory whose weights start the run", section="model")
+    model_overrides: dict[str, Any] = option(
+        factory=dict, help="nested model config fields set over the preset's or the "
+        "checkpoint's, e.g. {\"text\": {\"layers\": 2}}")
+    tokenizer: str | None = option(None, "tokenizer directory (default: the init directory's, "
+                                   "else a BPE trained on the captions)")
+    train_data: str = option("", "training data: a file or directory", section="data")
+    train_kind: str = option("auto", "format of the training data; auto: from the path; qa: "
+                             "VQA JSONL rows (image, question, answer(s)) that fine-tune the "
+                             "answer decoder (blip, simvlm)", choices=DATA_KINDS)
+    val_data: str | None = option(None, "validation data; its loss is computed at each "
+                                  "evaluation")
+    val_kind: str = option("auto", "format of the validation data", choices=DATA_KINDS)
+    image_key: str | None = option(None, "CSV/JSONL column holding the image path (default: "
+                                   "the source's: filepath for CSV, image for JSONL)")
+    caption_key: str | None = option(None, "CSV/JSONL column holding the caption (default: "
+                                     "caption)")
+    separator: str | None = option(None, "CSV separator (default: tab for .tsv, else comma)")
+    image_root: str | None = option(None, "COCO image directory, or the root of relative "
+                                    "CSV/JSONL image paths")
+    text_data: str | None = option(None, "text-only corpus mixed into every batch, for models "
+                                   "that train on text alone (simvlm): .txt (one text per line) "
+                                   "or JSONL (caption_key, else text or caption)")
+    text_ratio: float = option(0.5, "share of each batch's batch_size samples that are "
+                               "text-only (with text_data)")
+    batch_size: int = option(64, "samples per optimizer micro-step; an update sees batch_size "
+                             "* grad_accum", section="optimisation")
+    grad_accum: int = option(1, "micro-batches per optimizer update")
+    accum_features: bool = option(True, "with grad_accum > 1: contrastive losses over the whole "
+                                  "accumulated batch, from features cached without grad (two "
+                                  "forwards per sample); off: independent micro-batch losses")
+    lr: float = option(5e-4, "peak learning rate")
+    weight_decay: float = option(0.2, "AdamW weight decay")
+    betas: tuple[float, float] = option((0.9, 0.98), "AdamW betas",
+                                        metavar=("BETA1", "BETA2"))
+    eps: float = option(1e-6, "AdamW epsilon")
+    warmup_steps: int = option(0, "linear warmup steps to the peak lr")
+    min_lr_ratio: float = option(0.0, "the cosine schedule ends at min_lr_ratio * lr")
+    max_steps: int | None = option(None, "optimizer steps (with epochs too, whichever ends "
+                                   "first)")
+    epochs: int | None = option(None, "passes over the training data (with max_steps too, "
+                                "whichever ends first)")
+    grad_clip: float | None = option(1.0, "max gradient norm; 0 or None: no clipping (the norm "
+                                     "is still logged)")
+    max_nonfinite: int = option(10, "consecutive non-finite steps (each skipped) before the "
+                                "run stops")
+    output_dir: str = option("runs/train", "run directory", section="run")
+    eval_every: int = option(0, "optimizer steps between evaluations (0: none); evaluation "
+                             "also runs at the end")
+    checkpoint_every: int = option(0, "optimizer steps between checkpoints (0: none); a "
+                                   "checkpoint is also written at the end")
+    keep_last: int = option(3, "checkpoints kept (0: all)")
+    log_every: int = option(10, "steps between progress updates (every step is still logged)")
+    seed: int = option(0, "random seed")
+    num_workers: int = option(2, "data loader worker processes")
+    device: str = option("auto", "auto (CUDA when available), cpu, cuda; under torchrun: "
+                         "cuda:LOCAL_RANK")
+    precision: str = option("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 adds "
+                            "loss scaling", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the model")
+    grad_checkpointing: bool = option(False, "recompute activations in the backward pass to "
+                                      "save memory")
+    resume: str | None = option(None, "'latest' (of output_dir; a fresh start when there is "
+                                "none) or a checkpoint directory")
+    progress: bool = option(True, "show progress bars")
+    strategy: str = option("ddp", "ddp, or fsdp (FSDP2, parameters sharded per block)",
+                           choices=STRATEGIES, section="distributed runs (torchrun)")
+    local_loss: bool = option(True, "each rank scores its own rows against the whole batch; "
+                              "off: every rank computes the whole-batch contrastive loss")
+    gather_with_grad: bool = option(True, "contrastive features are gathered with gradients; "
+                                    "off: without (each rank's rows get only its own loss "
+                                    "terms)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

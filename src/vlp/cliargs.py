@@ -1,0 +1,144 @@
+"""Command-line flags derived from a config dataclass, and the config back from parsed flags.
+
+Each field of the dataclass is one ``--kebab-case`` flag: its type comes from the annotation
+(``int``, ``float``, ``str``, ``X | None``; ``bool`` as ``--flag/--no-flag``; a tuple as
+several values; a dict as a JSON object) and its default is the field's own, so a default
+lives in one place and a new field is a new flag. The help text, the accepted values and the
+help section a field opens are the field's metadata, written with `option`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *,
+           factory: Callable[[], Any] | Any = dataclasses.MISSING,
+           choices: Sequence[str] | None = None, metavar: str | tuple[str, ...] | None = None,
+           section: str | None = None) -> Any:
+    """A dataclass field with its command-line documentation: ``help`` for its flag,
+    ``choices`` the values the flag accepts, ``section`` a help heading opened at this field
+    (the following fields belong to it until the next one)."""
+    metadata = {"help": help, "choices": choices, "metavar": metavar, "section": section}
+    return dataclasses.field(default=default, default_factory=factory,
+                             metadata={k: v for k, v in metadata.items() if v is not None})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, *,
+                    exclude: Collection[str] = (), required: Collection[str] = (),
+                    flags: Mapping[str, Sequence[str]] | None = None,
+                    item_flags: Mapping[str, Sequence[str]] | None = None) -> None:
+    """Add one flag per field of the dataclass ``cls`` (its dest is the field name), but for
+    ``exclude``. ``flags`` gives a field other option strings than ``--field-name`` (aliases
+    included); ``item_flags`` adds one flag per item of a tuple field (``--beta1 X`` sets
+    ``betas[0]``); ``required`` fields must be given."""
+    flags, item_flags = dict(flags or {}), dict(item_flags or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = {*exclude, *required, *flags, *item_flags} - set(fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    hints = typing.get_type_hints(cls)
+    group: Any = parser
+    for name, f in fields.items():
+        if "section" in f.metadata:
+            group = parser.add_argument_group(f.metadata["section"])
+        if name in exclude:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+            else f.default
+        kwargs = _flag_kwargs(hints[name], f"{cls.__name__}.{name}")
+        for key in ("choices", "metavar"):
+            if key in f.metadata:
+                kwargs[key] = f.metadata[key]
+        text = f.metadata.get("help", "").replace("%", "%%")
+        if default not in (None, "", {}) and name not in required:
+            text += " (default: %(default)s)" if text else "default: %(default)s"
+        group.add_argument(*flags.get(name, [flag_name(name)]), dest=name, default=default,
+                           required=name in required, help=text, **kwargs)
+        for index, item in enumerate(item_flags.get(name, ())):
+            group.add_argument(item, dest=name, action=_SetItem, index=index,
+                               type=kwargs["type"], default=argparse.SUPPRESS,
+                               metavar=item.lstrip("-").upper(),
+                               help=f"item {index + 1} of {flag_name(name)}")
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
+    """An instance of the dataclass ``cls`` from the flags `add_config_args` added for it (the
+    parsed values of its fields); ``values`` set the rest, or override."""
+    hints = typing.get_type_hints(cls)
+    parsed = vars(args)
+    for f in dataclasses.fields(cls):
+        if f.name in parsed and f.name not in values:
+            value = parsed[f.name]
+            if isinstance(value, list) and typing.get_origin(_strip_none(hints[f.name])) is tuple:
+                value = tuple(value)
+            values[f.name] = value
+    return cls(**values)
+
+
+def _strip_none(hint: Any) -> Any:
+    """``X`` for ``X | None``; any other annotation unchanged."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return hint
+
+
+def _flag_kwargs(hint: Any, where: str) -> dict[str, Any]:
+    hint = _strip_none(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if hint in (int, float, str):
+        return {"type": hint}
+    if origin is tuple and args and args[0] in (int, float, str):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return {"type": args[0], "nargs": "+"}
+        if all(a is args[0] for a in args):
+            return {"type": args[0], "nargs": len(args)}
+    if hint is dict or origin is dict:
+        return {"type": json_object, "metavar": "JSON"}
+    raise TypeError(f"{where}: no command-line flag for a field of type {hint}")
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """The dict a JSON object string holds (an argparse ``type``)."""
+    example = """e.g. '{"text": {"layers": 2}}'"""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({error}); expected a "
+                                         f"JSON object, {example}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is a JSON {type(value).__name__}; expected "
+                                         f"a JSON object, {example}")
+    return value
+
+
+class _SetItem(argparse.Action):
+    """One item of a tuple-valued dest: ``--beta1 X`` replaces ``betas[0]`` (the tuple's other
+    items keep their default or their value from an earlier flag)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, index: int,
+                 **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.index = index
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        items = list(getattr(namespace, self.dest))
+        items[self.index] = values
+        setattr(namespace, self.dest, tuple(items))
