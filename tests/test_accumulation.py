@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from vlp.train import TrainConfig, train
+from vlp.run import train
+from vlp.train import TrainConfig
 
 
 @pytest.fixture(scope="module")

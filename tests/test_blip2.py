@@ -154,7 +154,8 @@ def _save_stage1(directory, captions):
 
 def test_stage1_through_the_real_trainer_leaves_the_frozen_encoder_unchanged(
         tmp_path, synthetic_train_csv, one_thread):
-    from vlp.train import TrainConfig, train
+    from vlp.run import train
+    from vlp.train import TrainConfig
 
     csv = synthetic_train_csv(16)
     initial, _ = _save_stage1(tmp_path / "init", _captions(csv))
@@ -386,9 +387,9 @@ STAGE2_OVERRIDES = {"llm": "causal", "text_parts": False, "retrieval_heads": Fal
 
 def test_stage2_through_the_trainer_reads_the_llm_tokenizer_and_starts_from_stage1(
         tmp_path, synthetic_train_csv, one_thread):
-    from vlp.train import TrainConfig, train
+    from vlp.run import model_and_tokenizer, train
+    from vlp.train import TrainConfig
     from vlp.train.distributed import DistEnv
-    from vlp.train.setup import model_and_tokenizer
 
     csv = synthetic_train_csv(16)
     captions = _captions(csv)
@@ -400,7 +401,7 @@ def test_stage2_through_the_trainer_reads_the_llm_tokenizer_and_starts_from_stag
                       train_data=str(csv), output_dir=str(tmp_path / "run"), batch_size=4,
                       max_steps=2, lr=1e-3, num_workers=0, progress=False, seed=0)
 
-    start, tokenizer = model_and_tokenizer(cfg, None, tmp_path, DistEnv())
+    start, tokenizer = model_and_tokenizer(cfg, tmp_path, DistEnv())
     assert tokenizer.vocab_size == llm_tokenizer.vocab_size and tokenizer.context_length == 20
     assert start.config.text.bos_id == stage1.config.text.bos_id  # the Q-Former's ids kept
     before = stage1.state_dict()
@@ -418,7 +419,7 @@ def test_stage2_through_the_trainer_reads_the_llm_tokenizer_and_starts_from_stag
                                                        "visual"}
     # stage 2 from a stage-2 checkpoint is strict, and a resumed run reads the LLM's tokenizer
     again = model_and_tokenizer(dataclasses.replace(cfg, model=str(saved), model_overrides={}),
-                                None, tmp_path, DistEnv())[0]
+                                tmp_path, DistEnv())[0]
     torch.testing.assert_close(again.llm_proj.weight, vlp.load(saved).llm_proj.weight)
     resumed = train(dataclasses.replace(cfg, max_steps=3, resume="latest"))
     assert resumed["step"] == 3
@@ -426,8 +427,9 @@ def test_stage2_through_the_trainer_reads_the_llm_tokenizer_and_starts_from_stag
 
 def test_stage2_refuses_a_tokenizer_that_does_not_fit_the_llm(
         tmp_path, synthetic_train_csv, one_thread):
+    from vlp.run import train
     from vlp.tokenizers import train_tokenizer
-    from vlp.train import TrainConfig, train
+    from vlp.train import TrainConfig
 
     csv = synthetic_train_csv(16)
     captions = _captions(csv)

@@ -13,17 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from vlp.config import get_preset, load_config
 from vlp.errors import CheckpointError
+from vlp.factory import load as load_pretrained
+from vlp.factory import save as save_pretrained
 from vlp.models import build_model
+from vlp.store import find_checkpoint, list_checkpoints, load_weights
 from vlp.tokenizers import load_tokenizer, train_tokenizer
-from vlp.train.checkpoint import (
-    find_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_pretrained,
-    load_weights,
-    save_checkpoint,
-    save_pretrained,
-)
+from vlp.train.checkpoint import load_checkpoint, save_checkpoint
 from vlp.train.optim import WarmupCosine, build_optimizer, param_groups
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "two red squares"]

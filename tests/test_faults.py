@@ -20,7 +20,8 @@ import torch
 
 from vlp.data.synthetic import write_dataset
 from vlp.errors import VlpError
-from vlp.train import TrainConfig, train
+from vlp.run import train
+from vlp.train import TrainConfig
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 STEPS = 14

@@ -300,7 +300,7 @@ def test_export_writes_the_same_layout(suffix, tmp_path):
     source = source_model()
     path = save_lavis_blip(source, tmp_path / f"out{suffix}")
     written = (torch.load(path, weights_only=True)["model"] if suffix == ".pth"
-               else vlp.interop.keymap.read_state_dict(path))
+               else vlp.store.read_state_dict(path))
     expected = {k: v for k, v in original_state(source).items()
                 if not k.endswith("position_ids") and k not in ("idx_queue", "ptr_queue")}
     assert sorted(written) == sorted(expected)

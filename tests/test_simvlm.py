@@ -467,7 +467,8 @@ def test_trainer_mixes_text_only_rows_and_resumes(tmp_path, synthetic_train_csv)
     import json
 
     from vlp.data.synthetic_text import write_text_corpus
-    from vlp.train import TrainConfig, train
+    from vlp.run import train
+    from vlp.train import TrainConfig
 
     corpus = tmp_path / "corpus.txt"
     assert write_text_corpus(corpus, 20) > 100
@@ -494,7 +495,8 @@ def test_trainer_mixes_text_only_rows_and_resumes(tmp_path, synthetic_train_csv)
 
 def test_trainer_rejects_text_data_for_other_families_and_bad_ratios(tmp_path,
                                                                      synthetic_train_csv):
-    from vlp.train import TrainConfig, train
+    from vlp.run import train
+    from vlp.train import TrainConfig
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("a red circle\n" * 20)

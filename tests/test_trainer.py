@@ -12,8 +12,10 @@ from PIL import Image, ImageDraw
 
 from vlp.data import image_transform
 from vlp.errors import ConfigError, DataError
+from vlp.factory import load as load_pretrained
+from vlp.run import train
 from vlp.tokenizers import train_tokenizer
-from vlp.train import TrainConfig, find_checkpoint, load_pretrained, train
+from vlp.train import TrainConfig, find_checkpoint
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220),
            "yellow": (230, 220, 40)}

@@ -11,7 +11,8 @@ from vlp.data import build_source, image_transform, make_loader
 from vlp.data.qa import AnswerTokenizer, read_qa_jsonl
 from vlp.errors import ConfigError, DataError
 from vlp.eval.vqa import majority_baselines, vqa_eval
-from vlp.train import TrainConfig, train
+from vlp.run import train
+from vlp.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = {"vision": {"layers": 1}, "text": {"layers": 1}}

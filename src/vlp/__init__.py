@@ -1,6 +1,7 @@
 """vlp: vision-language pretraining — CLIP, CoCa, BLIP, BLIP-2 and SimVLM in one library.
 
-The public API is the same for every family::
+The public API is the same for every family (imports are deferred so ``import vlp`` stays
+light; `vlp.factory` does the work)::
 
     model = vlp.create_model("clip-tiny")          # a named preset, random init
     model = vlp.load("runs/demo/checkpoint-latest")
@@ -15,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vlp.config import get_preset, list_presets
+from vlp.config import list_presets
 from vlp.errors import CheckpointError, ConfigError, DataError, VlpError
 
 __version__ = "0.1.0"
@@ -27,59 +28,40 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, **overrides: Any):
-    """A random-init model from a named preset; ``overrides`` set top-level config fields."""
-    from vlp.models import build_model
+    """A random-init model from a named preset (or a model directory's config); ``overrides``
+    are merged into the config, nested dicts key by key (``text={"layers": 2}``)."""
+    from vlp.factory import create_model as _create_model
 
-    config = get_preset(name)
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise ConfigError(f"preset {name!r} has no config field {key!r}")
-        setattr(config, key, value)
-    return build_model(config)
+    return _create_model(name, **overrides)
 
 
 def load(path: str | os.PathLike[str], map_location: str = "cpu"):
-    """A model from a vlp checkpoint directory (``config.json`` + ``model.safetensors``);
+    """A model from a vlp model directory (``config.json`` + ``model.safetensors``);
     a run directory resolves to its latest checkpoint."""
-    from vlp.train.checkpoint import find_checkpoint, load_pretrained
+    from vlp.factory import load as _load
 
-    path = Path(path)
-    if _is_run_dir(path):
-        path = find_checkpoint(path, "latest")
-    return load_pretrained(path, map_location=map_location)
+    return _load(path, map_location=map_location)
 
 
 def save(model, directory: str | os.PathLike[str], tokenizer: Any | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` and the tokenizer files atomically."""
-    from vlp.train.checkpoint import save_pretrained
+    from vlp.factory import save as _save
 
-    return save_pretrained(model, directory, tokenizer=tokenizer)
+    return _save(model, directory, tokenizer=tokenizer)
 
 
 def load_tokenizer(path: str | os.PathLike[str], context_length: int | None = None):
     """The tokenizer saved with a model (any directory in the HF ``tokenizer.json`` layout)."""
-    from vlp.tokenizers import load_tokenizer as _load_tokenizer
+    from vlp.factory import load_tokenizer as _load_tokenizer
 
-    path = Path(path)
-    if _is_run_dir(path):
-        from vlp.train.checkpoint import find_checkpoint
-
-        path = find_checkpoint(path, "latest")
     return _load_tokenizer(path, context_length=context_length)
-
-
-def _is_run_dir(path: Path) -> bool:
-    """A training run directory (checkpoints inside) rather than a model directory."""
-    return (path.is_dir() and not (path / "config.json").is_file()
-            and not (path / "tokenizer.json").is_file()
-            and any(path.glob("checkpoint-*")))
 
 
 def image_transform(model_or_config: Any, train: bool = False):
     """PIL image -> normalised tensor, from a model's (or config's) vision settings."""
-    from vlp.data.transforms import image_transform as _image_transform
+    from vlp.factory import transform
 
-    return _image_transform(model_or_config, train=train)
+    return transform(model_or_config, train=train)
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_format: str,

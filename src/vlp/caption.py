@@ -14,7 +14,7 @@ from vlp.data import build_source, infer_source_kind
 from vlp.errors import ConfigError, DataError
 from vlp.eval.captioning import generate_captions, unique_images
 from vlp.eval.embed import ImageInput, images_in_directory
-from vlp.fileio import atomic_write_text
+from vlp.store.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -105,7 +105,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vlp.train import TrainConfig, train
+    from vlp.run import train
+    from vlp.train import TrainConfig
 
     cfg = config_from_args(TrainConfig, args)
     from vlp.train.distributed import shutdown

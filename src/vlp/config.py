@@ -61,8 +61,22 @@ class TextConfig:
     dropout: float = 0.0
 
 
+class ModelConfig:
+    """What every family's config declares beyond its fields (the model contract's config side,
+    read by data/ and train/ before a model exists)."""
+
+    family: str
+    # answers are tokenised as the question's continuation (`vlp.data.qa.answer_texts`)
+    answer_continues_question: ClassVar[bool] = False
+
+    def batch_text(self) -> tuple[str | None, int] | None:
+        """(tokenizer directory, context length) when the model's batches carry text for
+        another model than its own text tower (BLIP-2 stage 2: the LLM's); None otherwise."""
+        return None
+
+
 @dataclass
-class ClipConfig:
+class ClipConfig(ModelConfig):
     family: str = "clip"
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -75,7 +89,7 @@ class ClipConfig:
 
 
 @dataclass
-class CocaConfig:
+class CocaConfig(ModelConfig):
     """CoCa (arXiv 2205.01917): contrastive + captioning over a ViT, a unimodal text decoder
     with an appended CLS and a multimodal decoder cross-attending to pooled image tokens."""
 
@@ -104,7 +118,7 @@ class CocaConfig:
 
 
 @dataclass
-class BlipConfig:
+class BlipConfig(ModelConfig):
     """BLIP (arXiv 2201.12086): a ViT and one BERT-style text transformer run in three modes,
     unimodal encoder (ITC), image-grounded encoder (ITM) and image-grounded decoder (LM)."""
 
@@ -147,7 +161,7 @@ class BlipConfig:
 
 
 @dataclass
-class Blip2Config:
+class Blip2Config(ModelConfig):
     """BLIP-2 (arXiv 2301.12597): a frozen image encoder, a Q-Former (learned queries + a
     BERT-style transformer) and, in stage 2, a frozen LLM fed the projected query outputs."""
 
@@ -206,7 +220,7 @@ class Blip2Config:
 
 
 @dataclass
-class SimvlmConfig:
+class SimvlmConfig(ModelConfig):
     """SimVLM (arXiv 2108.10904): one bidirectional encoder over [image patches; text prefix]
     and a causal text decoder cross-attending to it, trained with PrefixLM alone.
 

@@ -19,7 +19,8 @@ from vlp.data.synthetic_world import CLASS_NAMES
 from vlp.errors import ConfigError
 from vlp.eval.captioning import caption_eval
 from vlp.eval.suite import EvalSpec, evaluate
-from vlp.train import TrainConfig, train
+from vlp.run import train
+from vlp.train import TrainConfig
 
 
 @dataclass

@@ -21,7 +21,8 @@ from vlp.eval.captioning import caption_eval
 from vlp.eval.rerank import itm_rerank_eval
 from vlp.eval.vqa import accuracy_by_type, majority_baselines, vqa_eval
 from vlp.models import build_model
-from vlp.train import TrainConfig, train
+from vlp.run import train
+from vlp.train import TrainConfig
 
 BLIP_DEFAULTS = {"n_train": 5000, "n_test": 1000, "steps": 1500, "batch_size": 64,
                  "vqa_steps": 300}

@@ -37,8 +37,9 @@ from vlp.data.transforms import image_transform
 from vlp.eval.captioning import caption_metrics, generate_captions
 from vlp.eval.vqa import accuracy_by_type, accuracy_summary, majority_baselines
 from vlp.models.blip2 import VQA_PROMPT
+from vlp.run import train
 from vlp.tokenizers import Tokenizer, train_tokenizer
-from vlp.train import TrainConfig, train
+from vlp.train import TrainConfig
 from vlp.train.optim import WarmupCosine, build_optimizer
 
 BLIP2_DEFAULTS = {"n_train": 3000, "n_test": 300, "vit_steps": 800, "lm_steps": 800,

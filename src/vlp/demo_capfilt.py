@@ -29,7 +29,8 @@ from vlp.capfilt.output import dataset_csv
 from vlp.capfilt.training import pretrain
 from vlp.data.synthetic import write_dataset
 from vlp.demo_blip import CAPTIONS_PER_IMAGE
-from vlp.train import TrainConfig, train
+from vlp.run import train
+from vlp.train import TrainConfig
 
 CAPFILT_DEFAULTS = {"n_web": 6000, "n_clean": 2000, "n_test": 1000, "blip_steps": 2200,
                     "blip_batch_size": 32, "finetune_steps": 600, "steps": 300,

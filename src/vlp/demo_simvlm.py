@@ -29,7 +29,8 @@ from vlp.data.synthetic_text import write_text_corpus
 from vlp.eval.captioning import caption_eval, generate_captions
 from vlp.eval.vqa import accuracy_by_type, majority_baselines, vqa_eval
 from vlp.models import build_model
-from vlp.train import TrainConfig, train
+from vlp.run import train
+from vlp.train import TrainConfig
 
 SIMVLM_DEFAULTS = {"n_train": 4000, "n_test": 500, "steps": 1400, "batch_size": 64,
                    "n_text_scenes": 4000}

@@ -20,7 +20,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from tokenizers import Tokenizer as HFTokenizer
 
 from vlp.errors import ConfigError, DataError
-from vlp.fileio import atomic_write_text, read_json_object
+from vlp.store.files import atomic_write_text, read_json_object
 
 DEFAULT_CONTEXT_LENGTH = 77  # CLIP's text context, used when a tokenizer directory names none
 MAX_SANE_CONTEXT_LENGTH = 1_000_000  # transformers writes int(1e30) for "no limit"

@@ -12,7 +12,7 @@ from typing import Any
 from vlp.cliargs import option
 from vlp.config import check_fields
 from vlp.errors import ConfigError
-from vlp.fileio import atomic_write_text
+from vlp.store.files import atomic_write_text
 from vlp.train.config import TrainConfig
 
 STAGES = ("finetune", "caption", "filter", "write", "pretrain")

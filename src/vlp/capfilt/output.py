@@ -25,7 +25,7 @@ from vlp.capfilt.report import render_html, summarize
 from vlp.capfilt.stages import FILTERED_DIR, read_unit, unit_path
 from vlp.capfilt.units import WorkUnit, load_items
 from vlp.errors import DataError
-from vlp.fileio import atomic_write, atomic_write_text
+from vlp.store.files import atomic_write, atomic_write_text
 
 DATASET_DIR = "dataset"
 _TAR_MTIME = 946684800  # fixed member times: the same input writes byte-identical shards

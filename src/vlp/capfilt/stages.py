@@ -26,8 +26,8 @@ from vlp.data.transforms import image_transform
 from vlp.errors import CheckpointError, ConfigError, DataError
 from vlp.eval.captioning import generate_captions
 from vlp.eval.embed import inference
-from vlp.fileio import atomic_write_text
-from vlp.train.checkpoint import CONFIG_FILE, find_checkpoint
+from vlp.store import CONFIG_FILE, find_checkpoint
+from vlp.store.files import atomic_write_text
 
 CAPTIONS_DIR = "captions"
 FILTERED_DIR = "filtered"

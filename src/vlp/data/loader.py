@@ -123,9 +123,9 @@ class Loader:
         self.streaming = isinstance(source, WebDatasetSource)
         self.num_streams = max(1, num_workers)
         self._pipeline = _SamplePipeline(transform, tokenizer,
-                                         getattr(source, "has_text", True),
-                                         getattr(source, "has_labels", False),
-                                         getattr(source, "has_answers", False), answer_tokenizer)
+                                         source.has_text,
+                                         source.has_labels,
+                                         source.has_answers, answer_tokenizer)
         self._num_batches, self._rank_samples = self._count_batches()
         if self._num_batches == 0:
             raise DataError(f"{source!r}: too few samples for one batch of {batch_size} per rank "

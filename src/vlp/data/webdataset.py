@@ -264,6 +264,7 @@ class WebDatasetSource:
     """
 
     has_labels: bool
+    has_answers = False
 
     def __init__(self, urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                  num_samples: int | None = None, label_key: str | None = None,

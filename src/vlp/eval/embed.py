@@ -26,7 +26,7 @@ from vlp.data.pipeline import open_image
 from vlp.data.sources import IMAGE_EXTENSIONS
 from vlp.data.transforms import image_transform
 from vlp.errors import ConfigError, DataError
-from vlp.fileio import atomic_write, atomic_write_text
+from vlp.store.files import atomic_write, atomic_write_text
 
 ImageInput = str | Path | bytes
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vlp import factory
 from vlp.errors import ConfigError
 from vlp.interop.hf import CONFIG_FILE, load_hf, save_hf
 from vlp.interop.hf_blip import load_hf_blip, save_hf_blip
@@ -44,9 +45,8 @@ def _read_tokenizer(source: TokenizerSource, context_length: int) -> Tokenizer:
 
 def load_vlp(path: str | os.PathLike[str], *, image_size: int | None = None) -> ImportedModel:
     """A vlp model directory (config.json + model.safetensors) with its tokenizer, if any."""
-    from vlp.train.checkpoint import load_pretrained
 
-    model = load_pretrained(path)
+    model = factory.load(path)
     text = model.config.text
     tokenizer = attach_tokenizer(Path(path), text.context_length, text.vocab_size)
     if image_size is not None and image_size != model.config.vision.image_size:
@@ -139,6 +139,5 @@ def convert(
         return save_open_clip(model, dst, loaded_tokenizer)
     if dst_format == "lavis":
         return save_lavis_blip(model, dst)
-    from vlp.train.checkpoint import save_pretrained
 
-    return save_pretrained(model, dst, loaded_tokenizer)
+    return factory.save(model, dst, loaded_tokenizer)

@@ -39,12 +39,11 @@ from vlp.interop.keymap import (
     keep_loaded_logit_scale,
     mlp_ratio,
     read_json,
-    read_state_dict,
     refuse_foreign_directory,
     save_tensors,
-    write_json,
 )
 from vlp.models import build_model
+from vlp.store import atomic_directory, read_state_dict, write_json
 from vlp.tokenizers import Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -348,7 +347,6 @@ def save_hf(model: nn.Module, directory: str | os.PathLike[str],
             tokenizer: Tokenizer | None = None) -> Path:
     """Write a directory ``transformers.CLIPModel.from_pretrained`` loads: config.json,
     model.safetensors, preprocessor_config.json and the tokenizer files. Atomic."""
-    from vlp.train.checkpoint import atomic_directory
 
     model = clip_model(model)
     hf_config = hf_config_from_clip(model.config)

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from vlp.config import OPENAI_MEAN, OPENAI_STD, BlipConfig, TextConfig, VisionConfig
+from vlp.contract import unwrap_model
 from vlp.errors import CheckpointError, ConfigError
 from vlp.interop.hf import (
     ACT_TO_HF,
@@ -61,10 +62,10 @@ from vlp.interop.keymap import (
     read_json,
     refuse_foreign_directory,
     save_tensors,
-    write_json,
 )
 from vlp.models import build_model
 from vlp.models.blip import BLIP
+from vlp.store import atomic_directory, write_json
 from vlp.tokenizers import Tokenizer
 
 BERT_CLS_ID = 101  # TextConfig.bos_id when the directory carries no tokenizer
@@ -383,8 +384,6 @@ def save_hf_blip(model: nn.Module, directory: str | os.PathLike[str],
     ``architecture`` (an HF class name) writes only the parts that class holds.
     HF takes ids as given: a model with ``replace_first_token=True`` matches it on ids that
     already start with ``[ENC]`` (ITM, VQA question) or ``[DEC]`` (captions, answers)."""
-    from vlp.train.checkpoint import atomic_directory
-    from vlp.train.distributed import unwrap_model
 
     model = unwrap_model(model)
     if not isinstance(model, BLIP):

@@ -38,7 +38,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vlp import factory
 from vlp.config import OPENAI_MEAN, OPENAI_STD, Blip2Config, TextConfig, VisionConfig
+from vlp.contract import unwrap_model
 from vlp.errors import CheckpointError, ConfigError
 from vlp.interop.hf import (
     ACT_TO_HF,
@@ -58,11 +60,11 @@ from vlp.interop.keymap import (
     read_json,
     refuse_foreign_directory,
     save_tensors,
-    write_json,
 )
 from vlp.models import build_model
 from vlp.models.blip2 import BLIP2
 from vlp.models.frozen import VitFeatures
+from vlp.store import atomic_directory, write_json
 
 ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval")
 # vlp tensors HF stores with leading singleton dims
@@ -366,8 +368,6 @@ def save_hf_blip2(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write a directory the matching transformers BLIP-2 class loads with from_pretrained:
     config.json, model.safetensors, preprocessor_config.json. Atomic. Frozen parts saved by
     reference in vlp are written in full (HF keeps every weight in one directory)."""
-    from vlp.train.checkpoint import atomic_directory
-    from vlp.train.distributed import unwrap_model
 
     model = unwrap_model(model)
     if not isinstance(model, BLIP2):
@@ -420,9 +420,7 @@ def init_qformer_from_bert_(model: BLIP2, source: str | os.PathLike[str]) -> lis
             directory / CONFIG_FILE).get("model_type") == "bert":
         state = bert_state_from_hf(directory)
     else:
-        from vlp.train.checkpoint import load_pretrained
-
-        tower = getattr(load_pretrained(directory), "text_encoder", None)
+        tower = getattr(factory.load(directory), "text_encoder", None)
         if tower is None:
             raise CheckpointError(f"{directory}: neither an HF BERT directory nor a vlp model "
                                   "with a BERT-style text_encoder (BLIP)")

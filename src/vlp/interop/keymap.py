@@ -8,7 +8,6 @@ half-loaded model behind.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -19,9 +18,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from vlp.contract import unwrap_model
 from vlp.errors import CheckpointError, ConfigError
-from vlp.fileio import read_json_object
 from vlp.models.clip import CLIP
+from vlp.store import read_json_object, write_safetensors
 from vlp.tokenizers import Tokenizer, load_tokenizer
 
 Shape = tuple[int, ...]
@@ -177,51 +177,6 @@ def export_from(keymap: KeyMap, model: nn.Module) -> dict[str, Tensor]:
 
 # -- reading foreign weight files -----------------------------------------------------------------
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
-# where training checkpoints keep the weights: Lightning-style, then BLIP / LAVIS
-CHECKPOINT_ENTRIES = ("state_dict", "model")
-
-
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a ``.bin``/``.pt``/``.pth`` state dict read with
-    ``weights_only=True`` (a training checkpoint's ``state_dict`` or ``model`` entry is used);
-    wrapper prefixes ``module.``/``_orig_mod.`` are stripped."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # pickle/zip errors come in many types
-            raise CheckpointError(f"{path}: not a readable weights-only torch file "
-                                  f"({type(error).__name__}: {error})") from error
-        for entry in CHECKPOINT_ENTRIES:
-            if isinstance(state, dict) and isinstance(state.get(entry), dict):
-                state = state[entry]
-                break
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return {_strip_wrappers(k): v for k, v in state.items()}
-
-
-def _strip_wrappers(name: str) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, stripped = name[len(prefix):], True
-    return name
-
-
 # -- shared by the importers ----------------------------------------------------------------------
 
 
@@ -236,20 +191,13 @@ def read_json(path: Path) -> dict[str, Any]:
     return read_json_object(path, CheckpointError)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
 def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    """`tensors` (already CPU copies) as a safetensors file."""
+    write_safetensors(tensors, path, copy=False)
 
 
 def clip_model(model: nn.Module) -> CLIP:
     """``model`` unwrapped, checked to be a vlp CLIP (the only family these formats hold)."""
-    from vlp.train.distributed import unwrap_model
-
     model = unwrap_model(model)
     if not isinstance(model, CLIP):
         raise ConfigError(f"{type(model).__name__} cannot be exported to a CLIP format; "

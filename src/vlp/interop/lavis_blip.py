@@ -65,6 +65,7 @@ import torch
 from torch import Tensor, nn
 
 from vlp.config import BlipConfig, get_preset, list_presets, load_config
+from vlp.contract import unwrap_model
 from vlp.errors import CheckpointError, ConfigError
 from vlp.interop.hf_blip import bert_tower_pairs, linear_pairs
 from vlp.interop.keymap import (
@@ -73,13 +74,13 @@ from vlp.interop.keymap import (
     export_from,
     import_into,
     mlp_ratio,
-    read_state_dict,
     save_tensors,
 )
 from vlp.models import build_model
 from vlp.models.blip import BLIP
 from vlp.nn.momentum import ema_update_
 from vlp.nn.vision import resize_pos_embed
+from vlp.store import read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -380,8 +381,6 @@ def load_lavis_blip(path: str | os.PathLike[str], *,
 def save_lavis_blip(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write ``{'model': state_dict}`` in BLIP's layout to a ``.pth``/``.pt``/``.bin`` file (what
     BLIP's and LAVIS's ``load_checkpoint`` read), or the bare state dict to ``.safetensors``."""
-    from vlp.train.distributed import unwrap_model
-
     model = unwrap_model(model)
     if not isinstance(model, BLIP):
         raise ConfigError(f"{type(model).__name__} cannot be written in BLIP's layout; expected "

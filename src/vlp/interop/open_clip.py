@@ -43,12 +43,11 @@ from vlp.interop.keymap import (
     import_into,
     keep_loaded_logit_scale,
     read_json,
-    read_state_dict,
     refuse_foreign_directory,
     save_tensors,
-    write_json,
 )
 from vlp.models import build_model
+from vlp.store import atomic_directory, read_state_dict, write_json
 from vlp.tokenizers import Tokenizer, clip_bpe_tokenizer, load_tokenizer
 
 CONFIG_FILE = "open_clip_config.json"
@@ -401,7 +400,6 @@ def save_open_clip(model: nn.Module, directory: str | os.PathLike[str],
     (+ tokenizer files, named by ``hf_tokenizer_name``). open_clip loads it with
     ``create_model("local-dir:DIR")`` / ``get_tokenizer("local-dir:DIR")``, or, for a model
     config registered under NAME, ``create_model(NAME, pretrained=DIR/WEIGHTS_FILE)``. Atomic."""
-    from vlp.train.checkpoint import atomic_directory
 
     model = clip_model(model)
     config_json = open_clip_config_from_clip(model.config, tokenizer)

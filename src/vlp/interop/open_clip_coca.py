@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from vlp.config import OPENAI_MEAN, OPENAI_STD, CocaConfig, TextConfig, VisionConfig
+from vlp.contract import unwrap_model
 from vlp.data.transforms import INTERPOLATIONS, RESIZE_MODES
 from vlp.errors import CheckpointError, ConfigError
 from vlp.interop.keymap import (
@@ -41,10 +42,8 @@ from vlp.interop.keymap import (
     export_from,
     import_into,
     read_json,
-    read_state_dict,
     refuse_foreign_directory,
     save_tensors,
-    write_json,
 )
 from vlp.interop.open_clip import (
     CONFIG_FILE,
@@ -58,6 +57,7 @@ from vlp.interop.open_clip import (
     _vision_width,
 )
 from vlp.models.coca import CoCa, build_coca
+from vlp.store import atomic_directory, read_state_dict, write_json
 from vlp.tokenizers import Tokenizer
 
 # open_clip v3.3.0 defaults (CLIPVisionCfg, CLIPTextCfg, MultimodalCfg) for the fields read here
@@ -359,8 +359,6 @@ def load_open_clip_coca(
 def save_open_clip_coca(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write an open_clip local-dir (``open_clip_config.json`` + ``open_clip_model.safetensors``)
     that ``open_clip.create_model("local-dir:DIR")`` loads as ``CoCa``. Atomic."""
-    from vlp.train.checkpoint import atomic_directory
-    from vlp.train.distributed import unwrap_model
 
     model = unwrap_model(model)
     if not isinstance(model, CoCa):

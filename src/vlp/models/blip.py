@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.config import BlipConfig
+from vlp.contract import IMAGE_TEXT, QA, PretrainModel, partial_grad
 from vlp.errors import ConfigError
 from vlp.generate import generate as generate_tokens
 from vlp.losses import (
@@ -28,7 +29,7 @@ from vlp.losses import (
     itm_nll,
     sample_hard_negatives,
 )
-from vlp.models.base import PretrainModel, partial_grad
+from vlp.models.registry import register
 from vlp.nn import BlockCache, VisionTransformer
 from vlp.nn.bert import BertTextTransformer, LMPredictionHead
 from vlp.nn.momentum import FeatureQueue, ema_update_, momentum_copy
@@ -99,7 +100,7 @@ class BLIP(PretrainModel):
     # each training forward updates the momentum encoders and the queue (as BLIP does)
     accumulates_features = False
     # batches of "question_ids" + "answer_ids" (data kind "qa") train the VQA answer decoder
-    trains_on_vqa = True
+    batch_kinds = frozenset({IMAGE_TEXT, QA})
 
     def __init__(self, config: BlipConfig, visual: VisionTransformer,
                  text_encoder: BertTextTransformer | None,
@@ -470,6 +471,7 @@ class BLIP(PretrainModel):
         return result
 
 
+@register("blip")
 def build_blip(config: BlipConfig) -> BLIP:
     """Random-init BLIP from its config: the ViT, the text towers (shared per ``share``)."""
     text = config.text

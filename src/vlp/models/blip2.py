@@ -15,13 +15,12 @@ when the config is built; a frozen part built from the config alone is saved wit
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.config import Blip2Config
+from vlp.contract import PretrainModel, partial_grad
 from vlp.errors import CheckpointError, ConfigError
 from vlp.losses import (
     IGNORE_INDEX,
@@ -31,12 +30,12 @@ from vlp.losses import (
     sample_hard_negatives,
 )
 from vlp.models import blip2_llm
-from vlp.models.base import PretrainModel, partial_grad
 from vlp.models.frozen import FrozenImageEncoder, build_image_encoder, build_llm
+from vlp.models.registry import register
 from vlp.nn.bert import LMPredictionHead
 from vlp.nn.qformer import QFormer
+from vlp.store.tensors import WRAPPER_PREFIXES, load_weights, read_safetensors
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 VQA_PROMPT = "Question: {} Short answer:"  # zero-shot VQA (paper; LAVIS for OPT and FlanT5)
 
 
@@ -123,10 +122,7 @@ class BLIP2(PretrainModel):
         """Weights of a saved BLIP-2 (``model.safetensors``): the same stage loads strictly; a
         stage-1 file starts a stage-2 model's Q-Former and ``ln_vision`` (§3.3: stage 2 begins
         from the stage-1 Q-Former), its text parts and heads dropped, ``llm_proj`` left new."""
-        from vlp.train.checkpoint import load_weights
-        from vlp.train.state import read_safetensors
-
-        tensors = read_safetensors(Path(path))
+        tensors = read_safetensors(path)
         if self.llm is None or any(name.startswith("llm_proj.") for name in tensors):
             load_weights(self, path)
             return
@@ -366,6 +362,7 @@ def _forgive_referenced_parts(module: BLIP2, incompatible) -> None:
         incompatible.missing_keys[:] = kept
 
 
+@register("blip2")
 def build_blip2(config: Blip2Config) -> BLIP2:
     """BLIP-2 from its config: the frozen encoder (and LLM) built or loaded from their
     references, a random-init Q-Former."""

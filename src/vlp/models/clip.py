@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.config import ClipConfig
+from vlp.contract import PretrainModel, partial_grad
 from vlp.errors import ConfigError
 from vlp.losses import clip_loss, siglip_loss
-from vlp.models.base import PretrainModel, partial_grad
+from vlp.models.registry import register
 from vlp.nn import TextTransformer, VisionTransformer
 
 
@@ -81,6 +82,7 @@ class CLIP(PretrainModel):
                 "logit_scale": self.scale().detach()}
 
 
+@register("clip")
 def build_clip(config: ClipConfig) -> CLIP:
     visual = VisionTransformer(config.vision, config.embed_dim, proj_bias=config.proj_bias)
     text = TextTransformer(config.text, config.embed_dim, proj_bias=config.proj_bias)

@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.config import CocaConfig
+from vlp.contract import PretrainModel, partial_grad
 from vlp.errors import ConfigError
 from vlp.generate import generate as generate_tokens
 from vlp.losses import IGNORE_INDEX, caption_nll, clip_loss
-from vlp.models.base import PretrainModel, partial_grad
+from vlp.models.registry import register
 from vlp.nn import AttentionalPooler, BlockCache, VisionTransformer, causal_mask
 from vlp.nn.decoder import CrossDecoder
 from vlp.nn.text import ClsTextTransformer, appended_cls_mask
@@ -238,6 +239,7 @@ class CaptionDecoder:
         return logits, CaptionState(text_caches, decoder_caches, key_valid, input_ids)
 
 
+@register("coca")
 def build_coca(config: CocaConfig) -> CoCa:
     """Random-init CoCa from its config (towers, poolers, decoder built here, composed above)."""
     if config.pooler not in POOLERS:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from vlp.config import Blip2Config
 from vlp.errors import CheckpointError, ConfigError
+from vlp.models.registry import load_model_dir
 from vlp.nn import VisionTransformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -151,9 +152,7 @@ def build_image_encoder(config: Blip2Config) -> FrozenImageEncoder:
 
 
 def _vlp_visual(path: str | os.PathLike[str]) -> VisionTransformer:
-    from vlp.train.checkpoint import load_pretrained
-
-    visual = getattr(load_pretrained(path), "visual", None)
+    visual = getattr(load_model_dir(path), "visual", None)
     if not isinstance(visual, VisionTransformer):
         raise CheckpointError(f"{path}: a vlp model with a ViT `.visual` (CLIP, CoCa, BLIP) "
                               f"is needed as a BLIP-2 image encoder, got {type(visual).__name__}")

@@ -19,10 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from vlp.config import SimvlmConfig
+from vlp.contract import IMAGE_TEXT, QA, TEXT_ONLY, PretrainModel
 from vlp.errors import ConfigError
 from vlp.generate import generate as generate_tokens
 from vlp.losses import IGNORE_INDEX, caption_nll
-from vlp.models.base import PretrainModel
+from vlp.models.registry import register
 from vlp.nn.attention import prefix_target_mask
 from vlp.nn.convstem import ConvPatchEmbed
 from vlp.nn.transformer import BlockCache, Transformer, init_transformer_
@@ -105,10 +106,9 @@ def split_at(words: Tensor, lengths: Tensor, cut: Tensor, *, bos_id: int, eos_id
 
 
 class SimVLM(PretrainModel):
-    # the trainer may add text-only rows to a batch as "text_ids" (TrainConfig.text_data)
-    trains_on_text_only = True
+    # the trainer may add text-only rows to a batch as "text_ids" (TrainConfig.text_data);
     # batches of "question_ids" + "answer_ids" (data kind "qa") train VQA: answer after question
-    trains_on_vqa = True
+    batch_kinds = frozenset({IMAGE_TEXT, TEXT_ONLY, QA})
 
     def __init__(self, config: SimvlmConfig, image_embed: ConvPatchEmbed,
                  encoder: Transformer | None, decoder: Transformer) -> None:
@@ -393,6 +393,7 @@ class PrefixDecoder:
         return self.model.decode_cached(input_ids, None, state)
 
 
+@register("simvlm")
 def build_simvlm(config: SimvlmConfig) -> SimVLM:
     """Random-init SimVLM from its config: conv stem + patches, encoder and decoder stacks."""
     vision, text = config.vision, config.text

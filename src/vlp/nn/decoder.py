@@ -12,11 +12,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vlp.contract import ShardUnit
 from vlp.nn.attention import Attention, KVCache
 from vlp.nn.transformer import Block, BlockCache, Mlp
 
 
-class CrossBlock(nn.Module):
+class CrossBlock(nn.Module, ShardUnit):
     """Pre-LN cross-attention block: ``x += attn(norm1 x, norm_context(context))``;
     ``x += mlp(norm2 x)``. The context is normalised here because it comes from another tower."""
 

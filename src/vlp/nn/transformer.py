@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vlp.contract import ShardUnit
 from vlp.nn.attention import Attention, KVCache
 
 
@@ -68,7 +69,7 @@ class BlockCache(tuple):
         return self[1]
 
 
-class Block(nn.Module):
+class Block(nn.Module, ShardUnit):
     """Pre-LN block: ``x += attn(norm1 x)``; ``x += cross_attn(norm_cross x, context)`` when the
     block has a ``context_dim``; ``x += mlp(norm2 x)``."""
 

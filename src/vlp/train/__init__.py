@@ -1,31 +1,23 @@
-"""Training: optimizer and schedule, atomic resumable checkpoints, and the training loop."""
+"""Training: it receives a built model (`fit`) and never builds one; optimizer and schedule,
+atomic resumable checkpoints, the loop. `vlp.run.train` builds the model a config names and calls
+`fit`."""
 
-from vlp.train.checkpoint import (
-    find_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_pretrained,
-    load_weights,
-    save_checkpoint,
-    save_pretrained,
-)
+from vlp.contract import unwrap_model
+from vlp.store import find_checkpoint, list_checkpoints
+from vlp.train.checkpoint import load_checkpoint, save_checkpoint
 from vlp.train.config import TrainConfig
-from vlp.train.distributed import unwrap_model
 from vlp.train.optim import WarmupCosine, build_optimizer, param_groups
-from vlp.train.trainer import train
+from vlp.train.trainer import fit
 
 __all__ = [
     "TrainConfig",
     "WarmupCosine",
     "build_optimizer",
     "find_checkpoint",
+    "fit",
     "list_checkpoints",
     "load_checkpoint",
-    "load_pretrained",
-    "load_weights",
     "param_groups",
     "save_checkpoint",
-    "save_pretrained",
-    "train",
     "unwrap_model",
 ]

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from vlp.contract import PretrainModel
 from vlp.errors import ConfigError
 
 STRATEGIES = ("ddp", "fsdp")
@@ -191,26 +192,7 @@ class GatherExchange:
 # model wrapping and state
 
 
-def _shardable_blocks(model: nn.Module) -> list[nn.Module]:
-    """Transformer blocks (the units FSDP all-gathers one at a time)."""
-    from vlp.nn.decoder import CrossBlock
-    from vlp.nn.transformer import Block
-
-    return [module for module in model.modules() if isinstance(module, Block | CrossBlock)]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under DDP/FSDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def wrap_model(model: nn.Module, strategy: str, env: DistEnv, device: torch.device
+def wrap_model(model: PretrainModel, strategy: str, env: DistEnv, device: torch.device
                ) -> nn.Module:
     """DDP, or FSDP2 ``fully_shard`` per transformer block and at the root; unchanged in one
     process. The model must already be on `device` and hold identical weights on every rank."""
@@ -226,13 +208,12 @@ def wrap_model(model: nn.Module, strategy: str, env: DistEnv, device: torch.devi
     # FSDP2 cannot shard 0-d parameters (logit_scale, logit_bias): they stay replicated and
     # `sync_replicated_grads` averages their gradients
     replicated = {param for param in model.parameters() if param.ndim == 0}
-    for block in _shardable_blocks(model):
+    for block in model.shard_units():
         fully_shard(block)
     fully_shard(model, ignored_params=replicated or None)
     model._vlp_replicated = sorted(replicated, key=id)
     for method in ("features", "loss"):  # called outside forward by the accumulation path
-        if hasattr(model, method):
-            register_fsdp_forward_method(model, method)
+        register_fsdp_forward_method(model, method)
     return model
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlp.contract import unwrap_model
 from vlp.errors import ConfigError
-from vlp.train.distributed import unwrap_model
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -25,7 +25,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     Each group carries ``param_names`` so checkpoints can store optimizer state by name.
     """
     model = unwrap_model(model)  # names as the model gives them, not DDP's "module." ones
-    no_decay_names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    no_decay_names = set(model.no_weight_decay())
     decay: list[tuple[str, nn.Parameter]] = []
     no_decay: list[tuple[str, nn.Parameter]] = []
     for name, param in model.named_parameters():

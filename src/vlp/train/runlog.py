@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from vlp.errors import DataError
-from vlp.fileio import atomic_write_text
+from vlp.store.files import atomic_write_text
 from vlp.train.distributed import DistEnv, gather_objects
 
 MAX_LISTED_SKIPS = 100  # unreadable items named per epoch in the log (all are counted)

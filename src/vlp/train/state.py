@@ -11,27 +11,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from vlp.contract import unwrap_model
 from vlp.errors import CheckpointError
-from vlp.fileio import read_json_object
-from vlp.train.distributed import unwrap_model
+from vlp.store.files import read_json_object
+from vlp.store.tensors import read_safetensors
 
 OPTIMIZER_TENSORS_FILE = "optimizer.safetensors"
 OPTIMIZER_STATE_FILE = "optimizer.json"
 # optimizer options that pick an implementation, not a hyperparameter: never restored
 IMPLEMENTATION_OPTIONS = ("fused", "foreach", "capturable", "differentiable")
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,16 +24,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from vlp.config import load_config
+from vlp.contract import QA, TEXT_ONLY, Accumulated, PretrainModel
 from vlp.data import image_transform, make_loader
 from vlp.data.qa import AnswerTokenizer
 from vlp.data.text import TextBatches, TextCorpus
 from vlp.errors import ConfigError, VlpError
-from vlp.fileio import atomic_write_text
-from vlp.models import build_model
-from vlp.models.base import Accumulated
-from vlp.tokenizers import load_tokenizer
-from vlp.train.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
+from vlp.store.files import atomic_write_text
+from vlp.train.checkpoint import load_checkpoint, save_checkpoint
 from vlp.train.config import TrainConfig, check_config, text_rows
 from vlp.train.distributed import (
     GatherExchange,
@@ -53,16 +50,13 @@ from vlp.train.runlog import EpochStream, RunLog, is_finite, nonfinite_message
 from vlp.train.setup import (
     autocast,
     autocast_dtype,
-    batch_context_length,
     build_run_source,
     count_total_steps,
     find_resume_dir,
-    model_and_tokenizer,
     oom_message,
     rank_data_state,
     rng_restore,
     rng_snapshot,
-    seed_everything,
 )
 from vlp.train.state import full_model_state, full_optimizer_state, rng_state
 
@@ -92,28 +86,22 @@ def _batch_size(batch: dict[str, Any]) -> int:
 class _Trainer:
     """One run, fresh or resumed: owns the model, optimizer, loader, log and step counter."""
 
-    def __init__(self, cfg: TrainConfig, eval_fn: EvalFn | None,
-                 after_backward: AfterBackward | None) -> None:
+    def __init__(self, cfg: TrainConfig, model: PretrainModel, tokenizer: Any,
+                 eval_fn: EvalFn | None, after_backward: AfterBackward | None,
+                 build_model: Callable[[Any], PretrainModel] | None) -> None:
         self.cfg = cfg
         self.eval_fn = eval_fn
         self.after_backward = after_backward
+        self.build_model = build_model
         self.env, self.device = init_distributed(cfg.device)
         self.output_dir = Path(cfg.output_dir)
         if self.env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         barrier(self.env)
-        seed_everything(cfg.seed)
         resume_dir = find_resume_dir(cfg, self.output_dir)
         train_source = build_run_source(cfg.train_kind, cfg.train_data, cfg)
         corpus = (TextCorpus(cfg.text_data, cfg.caption_key) if cfg.text_data is not None
                   else None)
-        if resume_dir is None:
-            model, tokenizer = model_and_tokenizer(cfg, train_source, self.output_dir,
-                                                    self.env, corpus or ())
-        else:  # the checkpoint's own config and tokenizer, whatever cfg.model says
-            model = build_model(load_config(resume_dir / CONFIG_FILE))
-            tokenizer = load_tokenizer(resume_dir,
-                                       context_length=batch_context_length(model.config))
         self.raw_model, self.tokenizer = model, tokenizer
         model.to(self.device)
         if cfg.grad_checkpointing:
@@ -125,15 +113,14 @@ class _Trainer:
         rank, world = self.env.rank, self.env.world_size
         self.text_batches = None
         if corpus is not None:  # text-only rows join every micro-batch as "text_ids"
-            if not getattr(model, "trains_on_text_only", False):
+            if TEXT_ONLY not in model.batch_kinds:
                 raise ConfigError(f"train config text_data: {type(model).__name__} does not "
                                   "train on text-only rows; a family that does is simvlm")
             self.text_batches = TextBatches(corpus, tokenizer, text_rows(cfg), seed=cfg.seed,
                                             rank=rank, world_size=world)
         # VQA rows (kind "qa") fine-tune the answer decoder: question_ids + answer_ids batches
         answers = AnswerTokenizer(tokenizer, model.config)
-        if getattr(train_source, "has_answers", False) and not getattr(model, "trains_on_vqa",
-                                                                        False):
+        if train_source.has_answers and QA not in model.batch_kinds:
             raise ConfigError(f"train config train_data: {cfg.train_data} holds VQA rows but "
                               f"{type(model).__name__} does not train on them; families that "
                               "fine-tune VQA are blip and simvlm")
@@ -301,7 +288,10 @@ class _Trainer:
         state = full_model_state(self.model)  # collective
         if not self.env.is_main:
             return None
-        copy = build_model(self.raw_model.config)
+        if self.build_model is None:
+            raise ConfigError("train: evaluating an FSDP run needs build_model (how to make an "
+                              "unsharded copy of the model from its config)")
+        copy = self.build_model(self.raw_model.config)
         copy.load_state_dict(state)
         return copy.to(self.device)
 
@@ -398,13 +388,18 @@ class _Trainer:
                 "checkpoint": self.checkpoint_path, "eval": self.metrics,
                 "nonfinite_steps": self.nonfinite_total, "output_dir": str(self.output_dir)}
 
-def train(cfg: TrainConfig, eval_fn: EvalFn | None = None, *,
-          after_backward: AfterBackward | None = None) -> dict[str, Any]:
-    """Train per `cfg`; returns ``{"step", "epoch", "loss", "checkpoint", "eval",
-    "nonfinite_steps", "output_dir"}`` (``eval``: the last evaluation's metrics, {} when none
-    ran).
+def fit(cfg: TrainConfig, model: PretrainModel, tokenizer: Any, eval_fn: EvalFn | None = None, *,
+        after_backward: AfterBackward | None = None,
+        build_model: Callable[[Any], PretrainModel] | None = None) -> dict[str, Any]:
+    """Train the built `model` (and the `tokenizer` its batches are made with) per `cfg`;
+    returns ``{"step", "epoch", "loss", "checkpoint", "eval", "nonfinite_steps",
+    "output_dir"}`` (``eval``: the last evaluation's metrics, {} when none ran).
 
-    `eval_fn(model, tokenizer, step) -> metrics` runs on rank 0 in eval mode under no_grad
+    The caller makes the model (`vlp.run.train` does, through the factory) after seeding with
+    ``cfg.seed``; when ``cfg.output_dir`` holds a checkpoint to resume (``cfg.resume``), `model`
+    must have that checkpoint's config, and its weights, optimizer, schedule, RNG and loader
+    position are restored. `build_model(config)` makes an unsharded copy for evaluating an FSDP
+    run. `eval_fn(model, tokenizer, step) -> metrics` runs on rank 0 in eval mode under no_grad
     every `eval_every` steps and at the end. `after_backward(model, step)` is called once the
     step's gradients are complete, before clipping (to inspect or edit gradients). A step
     whose loss or gradient is not finite is skipped and logged (``"skipped": "nonfinite"``);
@@ -412,4 +407,4 @@ def train(cfg: TrainConfig, eval_fn: EvalFn | None = None, *,
     exactly. Under ``torchrun`` every rank calls this.
     """
     check_config(cfg)
-    return _Trainer(cfg, eval_fn, after_backward).run()
+    return _Trainer(cfg, model, tokenizer, eval_fn, after_backward, build_model).run()

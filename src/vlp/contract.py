@@ -1,0 +1,147 @@
+"""The model contract: everything train/, data/ and eval/ may ask of a model, declared in one place
+with its default, so no caller probes a model with ``getattr``/``hasattr``.
+
+Every family derives from `PretrainModel`. The trainer needs only ``forward(batch) =
+loss(features(batch))`` and the capabilities below; the split of forward into features and loss
+lets it accumulate micro-batches while batch-level terms (the contrastive loss) still see the
+whole accumulated batch, as open_clip's ``--accum-freq``: features of every micro-batch are
+computed once without gradients, then each micro-batch is recomputed with gradients and its rows
+replace the cached ones before the loss (two forwards per sample, memory of one micro-batch).
+
+Capabilities with defaults:
+
+- ``batch_kinds``: the batches a family trains on: ``"image_text"`` (every family),
+  ``"text_only"`` (rows of a text corpus mixed into each batch), ``"qa"`` (VQA fine-tuning).
+- ``accumulates_features``: False where ``features`` has side effects (momentum encoders,
+  queues); accumulated micro-batches then run independently.
+- ``no_weight_decay()``, ``set_grad_checkpointing()``, ``shard_units()`` (the modules FSDP
+  shards one at a time), ``check_tokenizer()``, ``init_from()`` (start from another
+  checkpoint's weights).
+- ``encode_image(pixels, normalize)``, ``encode_text(input_ids, attention_mask, normalize)``
+  and ``similarity(images, texts)``: how retrieval and zero-shot score a family.
+- The config side (``answer_continues_question``, ``batch_text()``) is `vlp.config.ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from vlp.errors import ConfigError
+from vlp.losses import FeatureExchange
+from vlp.store.tensors import load_weights
+
+IMAGE_TEXT, TEXT_ONLY, QA = "image_text", "text_only", "qa"
+
+
+class ShardUnit:
+    """Marker of the blocks FSDP all-gathers one at a time (the default `shard_units`)."""
+
+
+class Accumulated(NamedTuple):
+    """Cached features of every micro-batch of one update, and which one is being recomputed."""
+
+    features: list[dict[str, Tensor]]
+    index: int
+
+    @property
+    def share(self) -> float:
+        """This micro-batch's fraction of the accumulated rows."""
+        rows = [next(iter(part.values())).shape[0] for part in self.features]
+        return rows[self.index] / sum(rows)
+
+    def merge(self, current: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The accumulated batch's features with micro-batch `index`'s rows from `current`."""
+        parts = self.features
+        return {key: torch.cat([*(p[key] for p in parts[:self.index]), value,
+                                *(p[key] for p in parts[self.index + 1:])])
+                for key, value in current.items()}
+
+
+def partial_grad(value: Tensor, share: float) -> Tensor:
+    """`value` unchanged, with only `share` of its gradient passed back."""
+    if share == 1.0:
+        return value
+    detached = value.detach()
+    return detached + share * (value - detached)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP/FSDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+class PretrainModel(nn.Module):
+    """Base of the model families: ``features`` and ``loss`` are the family's, the rest shared.
+
+    ``exchange`` (set by the trainer when distributed; None in one process) tells contrastive
+    losses how to gather features across ranks.
+    """
+
+    config: Any
+    exchange: FeatureExchange | None = None
+    accumulates_features: ClassVar[bool] = True
+    batch_kinds: ClassVar[frozenset[str]] = frozenset({IMAGE_TEXT})
+
+    # -- training ----------------------------------------------------------------------------
+
+    def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-sample tensors (batch first) that `loss` needs; concatenable along dim 0."""
+        raise NotImplementedError
+
+    def loss(self, features: dict[str, Tensor], share: float = 1.0) -> dict[str, Any]:
+        """``{"loss": total, "losses": {name: detached term}, ...}`` of a batch's features.
+
+        Parameters the loss uses directly (temperature, bias) pass back only `share` of their
+        gradient (`partial_grad`): each accumulation pass computes the whole batch's loss, and
+        together the passes must count those parameters once."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Tensor],
+                accumulated: Accumulated | None = None) -> dict[str, Any]:
+        features = self.features(batch)
+        if accumulated is None:
+            return self.loss(features)
+        return self.loss(accumulated.merge(features), share=accumulated.share)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay besides biases and norms."""
+        return set()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        raise ConfigError(f"{type(self).__name__} has no gradient checkpointing")
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP shards one at a time (the root is sharded too)."""
+        return [module for module in self.modules() if isinstance(module, ShardUnit)]
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Raise ConfigError when `tokenizer` cannot feed this model's batches."""
+
+    def init_from(self, path: str | os.PathLike[str]) -> None:
+        """Start from another checkpoint's weights file: strict by default (options may differ,
+        shapes may not); families with stages override it (BLIP-2 stage 1 -> 2)."""
+        load_weights(self, path)
+
+    # -- embedding and scoring ---------------------------------------------------------------
+
+    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
+        raise ConfigError(f"{type(self).__name__} does not embed images")
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    normalize: bool = True) -> Tensor:
+        raise ConfigError(f"{type(self).__name__} does not embed texts")
+
+    def similarity(self, images: Tensor, texts: Tensor) -> Tensor:
+        """``[n_images, n_texts]`` scores of `encode_image` and `encode_text` outputs, as the
+        family ranks retrieval and zero-shot classes (cosine similarity by default)."""
+        return images @ texts.T
