@@ -443,3 +443,31 @@ def test_stage2_refuses_a_tokenizer_that_does_not_fit_the_llm(
     with pytest.raises(ConfigError, match="the LLM's tokenizer directory"):
         train(dataclasses.replace(base, model_overrides=dict(
             STAGE2_OVERRIDES, llm_config=dict(OPT, vocab_size=400))))
+
+
+def test_vlp_eval_retrieval_on_a_stage1_checkpoint_ranks_by_the_best_query(
+        tmp_path, synthetic_train_csv, one_thread, capsys):
+    """Generic retrieval asks the family how it scores: BLIP-2 takes each pair's best query
+    (the paper's ITC); the CLI's numbers equal recalls computed by hand from the embeddings."""
+    import json
+
+    from vlp.cli import main
+    from vlp.data import build_source
+    from vlp.eval.embed import embed_images, embed_texts
+
+    csv = synthetic_train_csv(16)
+    model, tokenizer = _save_stage1(tmp_path / "stage1", _captions(csv))
+    assert main(["eval", str(tmp_path / "stage1"), "--retrieval-data", str(csv)]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    groups = build_source("csv", str(csv)).groups()
+    images = embed_images(model.eval(), groups.images, progress=False).embeddings
+    assert images.ndim == 3  # one embedding per query
+    texts = embed_texts(model, tokenizer, groups.texts, progress=False)
+    scores = torch.einsum("iqd,td->itq", images, texts).amax(dim=-1)  # (N, M)
+    own = torch.tensor(groups.text_to_image)
+    i2t_top = scores.argmax(dim=1)
+    t2i_top = scores.argmax(dim=0)
+    assert metrics["i2t_r1"] == pytest.approx(
+        (own[i2t_top] == torch.arange(len(groups.images))).float().mean().item())
+    assert metrics["t2i_r1"] == pytest.approx((t2i_top == own).float().mean().item())
+    assert metrics["num_images"] == len(groups.images)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from vlp.config import get_preset
+from vlp.contract import PretrainModel
 from vlp.data.sources import CsvSource, ImageFolderSource
 from vlp.data.transforms import image_transform
 from vlp.errors import ConfigError
@@ -199,8 +200,8 @@ def _draw(path, colour, index):
     image.save(path)
 
 
-class ColourOracle(torch.nn.Module):
-    """A model on the encode_image / encode_text contract with features fixed by hand.
+class ColourOracle(PretrainModel):
+    """A model on the contract (`vlp.contract`) with features fixed by hand.
 
     An image is its mean colour minus grey; a text is the colour word it names, the same way.
     Every image then matches its own colour's texts with cosine ~1 and the others' with ~-0.5,
@@ -217,7 +218,7 @@ class ColourOracle(torch.nn.Module):
         rgb = pixels.float().mean(dim=(2, 3))  # (B, 3)
         return torch.nn.functional.normalize(rgb - rgb.mean(dim=1, keepdim=True), dim=-1)
 
-    def encode_text(self, input_ids):
+    def encode_text(self, input_ids, attention_mask=None, normalize=True):
         vectors = []
         for text in self.tokenizer.batch_decode(input_ids):
             (colour,) = [c for c in COLOURS if re.search(rf"\b{c}\b", text)]

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from vlp import factory
 from vlp.data import build_source, infer_source_kind
 from vlp.errors import ConfigError, DataError
 from vlp.eval.captioning import generate_captions, unique_images
@@ -53,16 +54,14 @@ def caption(checkpoint_or_model: str | os.PathLike[str] | nn.Module, images: Any
     atomically. A checkpoint directory brings its own tokenizer; a model needs ``tokenizer``.
     Unreadable images are skipped, counted and logged. ``kind`` / ``source_options``
     (image_key, image_root, ...) go to `vlp.data.build_source` for data files."""
-    import vlp
-
     if isinstance(checkpoint_or_model, nn.Module):
         model = checkpoint_or_model
         if tokenizer is None:
             raise ConfigError("caption(model, ...): pass tokenizer= (a checkpoint directory "
                               "brings its own)")
     else:
-        model = vlp.load(checkpoint_or_model)
-        tokenizer = tokenizer or vlp.load_tokenizer(checkpoint_or_model)
+        model = factory.load(checkpoint_or_model)
+        tokenizer = tokenizer or factory.load_tokenizer(checkpoint_or_model)
     image_list, ids = resolve_images(images, kind=kind, **source_options)
     if not image_list:
         raise DataError(f"no images to caption in {images}")

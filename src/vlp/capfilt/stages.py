@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp import factory
 from vlp.capfilt.config import CapfiltConfig
 from vlp.capfilt.units import WorkUnit, load_items
 from vlp.config import load_config
@@ -95,11 +96,9 @@ def resolve_device(device: str) -> torch.device:
 
 def load_role(cfg: CapfiltConfig, role: str) -> tuple[nn.Module, Any]:
     """The captioner or the filter with its tokenizer, in eval mode on ``cfg.device``."""
-    import vlp
-
     path = model_path(cfg, role)
-    model = vlp.load(path)
-    tokenizer = vlp.load_tokenizer(path)
+    model = factory.load(path)
+    tokenizer = factory.load_tokenizer(path)
     return model.to(resolve_device(cfg.device)).eval(), tokenizer
 
 

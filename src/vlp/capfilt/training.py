@@ -12,7 +12,9 @@ from vlp.capfilt.output import dataset_csv
 from vlp.capfilt.stages import MODELS_DIR, check_role
 from vlp.config import load_config
 from vlp.errors import CheckpointError, ConfigError
+from vlp.run import train
 from vlp.store import CONFIG_FILE, find_checkpoint
+from vlp.train import TrainConfig
 
 # role -> BLIP objectives it is fine-tuned on (§4: captioner = LM, filter = ITC + ITM)
 ROLE_OBJECTIVES = {"captioner": ("lm",), "filter": ("itc", "itm"),
@@ -35,8 +37,6 @@ def _pretrained_dir(cfg: CapfiltConfig) -> Path:
 
 
 def _train(cfg: CapfiltConfig, **fields: Any) -> dict[str, Any]:
-    from vlp.run import train
-    from vlp.train import TrainConfig
 
     fields.setdefault("weight_decay", 0.05)
     return train(TrainConfig(seed=cfg.seed, num_workers=cfg.num_workers, device=cfg.device,

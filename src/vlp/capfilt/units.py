@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vlp.capfilt.config import CapfiltConfig
 from vlp.data import build_source, infer_source_kind
-from vlp.data.sources import jsonl_rows
+from vlp.data.records import jsonl_rows
 from vlp.data.webdataset import expand_urls, scan_shard, tar_sample_fields
 from vlp.errors import ConfigError, DataError
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from vlp.data.pipeline import open_image
-from vlp.data.sources import _resolve_image_path, jsonl_rows
+from vlp.data.records import jsonl_rows, resolve_image_path
 from vlp.data.transforms import image_transform
 from vlp.errors import DataError
 
@@ -50,7 +50,7 @@ def read_qa_jsonl(path: str | os.PathLike[str],
         if not row.get("image") or not row.get("question") or not answers:
             raise DataError(f"{where}: a QA row needs 'image', 'question' and 'answer' (a "
                             f"string) or 'answers' (a list); got keys {sorted(row)}")
-        records.append(QARecord(_resolve_image_path(root, row["image"]), row["question"],
+        records.append(QARecord(resolve_image_path(root, row["image"]), row["question"],
                                 tuple(str(a) for a in answers), row.get("type")))
     if not records:
         raise DataError(f"{path}: has no QA rows")

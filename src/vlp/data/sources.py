@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from vlp.data.records import Record
+from vlp.data.qa import read_qa_jsonl, target_answer
+from vlp.data.records import Record, jsonl_rows, resolve_image_path
 from vlp.data.webdataset import WebDatasetSource
 from vlp.errors import ConfigError, DataError
 
@@ -145,12 +146,6 @@ class _TableSource(MapSource):
         return f"{type(self).__name__}({self._where!r}, {len(self)} records)"
 
 
-def _resolve_image_path(root: str, value: str | None) -> str:
-    if not value:
-        return ""
-    return value if os.path.isabs(value) else os.path.join(root, value)
-
-
 def _parse_label(value: Any, where: str, key: str) -> int:
     try:
         label = int(value)
@@ -206,7 +201,7 @@ class CsvSource(_TableSource):
             for row in reader:
                 if not row:
                     continue
-                images.append(_resolve_image_path(root, _cell(row, image_col)))
+                images.append(resolve_image_path(root, _cell(row, image_col)))
                 if text_col is not None:
                     texts.append(_cell(row, text_col))
                 if label_col is not None:
@@ -245,7 +240,7 @@ class JsonlSource(_TableSource):
                             if "question" in row else "")
                     raise DataError(f"{where}: no key {key!r} ({option}); keys present: "
                                     f"{list(row)}{hint}")
-            image = _resolve_image_path(root, _as_text(row[image_key], where, image_key))
+            image = resolve_image_path(root, _as_text(row[image_key], where, image_key))
             captions: list[str | None] = [None]
             if caption_key is not None:
                 value = row[caption_key]
@@ -262,23 +257,6 @@ class JsonlSource(_TableSource):
                     labels.append(label)
         super().__init__(str(path), images, texts if caption_key is not None else None,
                          labels if label_key is not None else None)
-
-
-def jsonl_rows(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, row)`` for each non-blank line of a JSONL file, ``where`` being
-    ``"<path>:<line>"`` for error messages; a line that is not a JSON object is a DataError."""
-    with open(path, encoding="utf-8-sig") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
 
 
 def _as_text(value: Any, where: str, key: str) -> str | None:
@@ -309,7 +287,7 @@ class CocoSource(_TableSource):
         for i, image in enumerate(data["images"]):
             if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
                 raise DataError(f"{path}: images[{i}] needs 'id' and 'file_name'")
-            file_of_image[image["id"]] = _resolve_image_path(root, image["file_name"])
+            file_of_image[image["id"]] = resolve_image_path(root, image["file_name"])
         images: list[str] = []
         texts: list[str | None] = []
         keys: list[str] = []
@@ -442,8 +420,6 @@ class QASource(MapSource):
     def __init__(self, path: str | os.PathLike[str],
                  image_root: str | os.PathLike[str] | None = None) -> None:
         # vlp.data.qa reads rows with this module's helpers
-        from vlp.data.qa import read_qa_jsonl, target_answer
-
         self.path = str(path)
         self._records = read_qa_jsonl(path, image_root)
         self._answers = [target_answer(record.answers) for record in self._records]

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from vlp.data.loader import rank_indices
 from vlp.data.pipeline import Tokenizer, derive_seed
-from vlp.data.sources import jsonl_rows
+from vlp.data.records import jsonl_rows
 from vlp.errors import ConfigError, DataError
 
 TEXT_KEYS = ("text", "caption")  # JSONL fields tried in order when no key is given

@@ -6,7 +6,7 @@ candidates scoring >= the best right one), so collapsed features score chance, n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -16,16 +16,25 @@ from vlp.data.sources import ListSource, RetrievalGroups
 from vlp.errors import DataError
 from vlp.eval.embed import embed_images, embed_texts, model_device
 
+# (image features (n, ...), text features (m, D)) -> (n, m) scores
+Similarity = Callable[[Tensor, Tensor], Tensor]
+
+
+def cosine(images: Tensor, texts: Tensor) -> Tensor:
+    """Scores of L2-normalised ``[N, D]`` and ``[M, D]`` features: their dot products."""
+    return images @ texts.T
+
 
 def _check_features(image_features: Tensor, text_features: Tensor, text_to_image: Tensor) -> None:
-    if image_features.ndim != 2 or text_features.ndim != 2:
+    # images: [N, D], or [N, Q, D] for families that score several vectors per image (BLIP-2)
+    if image_features.ndim not in (2, 3) or text_features.ndim != 2:
         raise ValueError(
-            f"features must be [N, D] and [M, D]; got {tuple(image_features.shape)} and "
-            f"{tuple(text_features.shape)}"
+            f"features must be [N, D] (or [N, Q, D]) and [M, D]; got "
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
-    if image_features.shape[1] != text_features.shape[1]:
+    if image_features.shape[-1] != text_features.shape[1]:
         raise ValueError(
-            f"image and text features differ in width: {image_features.shape[1]} vs "
+            f"image and text features differ in width: {image_features.shape[-1]} vs "
             f"{text_features.shape[1]}"
         )
     if text_to_image.shape != (text_features.shape[0],):
@@ -46,16 +55,17 @@ def _check_features(image_features: Tensor, text_features: Tensor, text_to_image
 
 @torch.no_grad()
 def image_to_text_ranks(
-    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, chunk_size: int = 1024
+    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, chunk_size: int = 1024,
+    similarity: Similarity = cosine,
 ) -> Tensor:
     """[N] rank (1 = best) of each image's best-scoring own caption among all M texts."""
     text_to_image = text_to_image.to(image_features.device)
-    text_features_t = text_features.float().T  # (D, M)
+    text_features = text_features.float()
     ranks = []
     for start in range(0, image_features.shape[0], chunk_size):
         image_chunk = image_features[start : start + chunk_size].float()
-        similarity = image_chunk @ text_features_t  # (c, M)
-        ranks.append(_image_ranks(similarity, text_to_image, start))
+        scores = similarity(image_chunk, text_features)  # (c, M)
+        ranks.append(_image_ranks(scores, text_to_image, start))
     return torch.cat(ranks).cpu()
 
 
@@ -77,17 +87,18 @@ def _text_ranks(scores: Tensor, own_image: Tensor) -> Tensor:
 
 @torch.no_grad()
 def text_to_image_ranks(
-    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, chunk_size: int = 1024
+    image_features: Tensor, text_features: Tensor, text_to_image: Tensor, chunk_size: int = 1024,
+    similarity: Similarity = cosine,
 ) -> Tensor:
     """[M] rank (1 = best) of each caption's own image among all N images."""
     text_to_image = text_to_image.to(text_features.device)
-    image_features_t = image_features.float().T  # (D, N)
+    image_features = image_features.float()
     ranks = []
     for start in range(0, text_features.shape[0], chunk_size):
         text_chunk = text_features[start : start + chunk_size].float()
-        similarity = text_chunk @ image_features_t  # (c, N)
+        scores = similarity(image_features, text_chunk).T  # (c, N)
         own_image = text_to_image[start : start + text_chunk.shape[0], None]  # (c, 1)
-        ranks.append(_text_ranks(similarity, own_image))
+        ranks.append(_text_ranks(scores, own_image))
     return torch.cat(ranks).cpu()
 
 
@@ -104,17 +115,21 @@ def retrieval_metrics(
     text_to_image: Tensor,
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int = 1024,
+    similarity: Similarity = cosine,
 ) -> dict[str, float]:
     """Recall@k, mean and median rank for image->text (``i2t_*``) and text->image (``t2i_*``).
 
     ``text_to_image[m]`` is the image index of caption m; an image is a hit at k when ANY of
     its captions is in its top k. Recalls are fractions in [0, 1]; ``rsum`` is their sum over
     both directions. Similarities are computed ``chunk_size`` rows at a time, so memory is
-    O(chunk_size * max(N, M)), never O(N * M).
+    O(chunk_size * max(N, M)), never O(N * M). `similarity` scores features as the model's
+    family does (`PretrainModel.similarity`; cosine by default).
     """
     _check_features(image_features, text_features, text_to_image)
-    i2t = image_to_text_ranks(image_features, text_features, text_to_image, chunk_size)
-    t2i = text_to_image_ranks(image_features, text_features, text_to_image, chunk_size)
+    i2t = image_to_text_ranks(image_features, text_features, text_to_image, chunk_size,
+                              similarity)
+    t2i = text_to_image_ranks(image_features, text_features, text_to_image, chunk_size,
+                              similarity)
     metrics = {**_rank_summary("i2t", i2t, ks), **_rank_summary("t2i", t2i, ks)}
     metrics["rsum"] = sum(metrics[f"{direction}_r{k}"] for direction in ("i2t", "t2i") for k in ks)
     metrics["num_images"] = image_features.shape[0]
@@ -191,6 +206,7 @@ def retrieval_eval(
         text_features.to(device),
         text_to_kept[text_to_kept >= 0].to(device),
         ks=ks,
+        similarity=model.similarity,
     )
     metrics["num_skipped"] = len(embedded.skipped)
     return metrics

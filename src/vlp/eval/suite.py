@@ -10,8 +10,11 @@ from typing import Any
 from torch import nn
 
 from vlp.data import build_source
+from vlp.data.qa import read_qa_jsonl
 from vlp.errors import ConfigError
+from vlp.eval.captioning import caption_eval
 from vlp.eval.retrieval import retrieval_eval
+from vlp.eval.vqa import vqa_eval
 from vlp.eval.zeroshot import zeroshot_eval
 
 
@@ -67,7 +70,6 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec) -> dict[str, floa
             metrics.update(retrieval_eval(model, tokenizer, source, batch_size=spec.batch_size,
                                           num_workers=spec.num_workers, progress=spec.progress))
     if spec.caption_data:
-        from vlp.eval.captioning import caption_eval
 
         options = {k: v for k, v in spec.retrieval_options.items() if v is not None}
         source = build_source(spec.retrieval_kind, spec.caption_data, **options)
@@ -77,8 +79,6 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec) -> dict[str, floa
                               progress=spec.progress)
         metrics.update({f"caption_{k}": v for k, v in scores.items()})
     if spec.vqa_data:
-        from vlp.data.qa import read_qa_jsonl
-        from vlp.eval.vqa import vqa_eval
 
         image_root = spec.retrieval_options.get("image_root")
         metrics.update(vqa_eval(model, tokenizer, read_qa_jsonl(spec.vqa_data, image_root),

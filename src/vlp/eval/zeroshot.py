@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.data.sources import ImageFolderSource
+from vlp.data.synthetic_world import ZEROSHOT_TEMPLATES
 from vlp.errors import ConfigError, DataError
 from vlp.eval.embed import embed_images, embed_texts
 
@@ -27,11 +28,7 @@ GENERIC_TEMPLATES = (
 
 
 def default_templates() -> list[str]:
-    """The synthetic dataset's templates when that module is present, else a generic set."""
-    try:
-        from vlp.data.synthetic_world import ZEROSHOT_TEMPLATES
-    except ImportError:
-        return list(GENERIC_TEMPLATES)
+    """The synthetic world's templates (`vlp.data.synthetic_world`)."""
     return list(ZEROSHOT_TEMPLATES)
 
 

@@ -50,7 +50,12 @@ from vlp.interop.hf import (
     activation_from_hf,
     read_hf_weights,
 )
-from vlp.interop.hf_blip import _vision_pairs, hf_blip_preprocessor_config, linear_pairs
+from vlp.interop.hf_blip import (
+    _vision_pairs,
+    bert_tower_pairs,
+    hf_blip_preprocessor_config,
+    linear_pairs,
+)
 from vlp.interop.keymap import (
     ImportedModel,
     KeyMap,
@@ -64,6 +69,7 @@ from vlp.interop.keymap import (
 from vlp.models import build_model
 from vlp.models.blip2 import BLIP2
 from vlp.models.frozen import VitFeatures
+from vlp.nn.qformer import load_bert_
 from vlp.store import atomic_directory, write_json
 
 ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval")
@@ -389,7 +395,6 @@ def save_hf_blip2(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
 def bert_state_from_hf(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """An HF BERT directory (BertModel, BertForMaskedLM, ...) as a vlp `BertTextTransformer`
     state dict (the layout `vlp.nn.qformer.load_bert_` reads)."""
-    from vlp.interop.hf_blip import bert_tower_pairs
 
     directory = Path(path)
     hf_config = read_json(directory / CONFIG_FILE)
@@ -413,7 +418,6 @@ def init_qformer_from_bert_(model: BLIP2, source: str | os.PathLike[str]) -> lis
     pre-trained weights of BERT-base, whereas the cross-attention layers are randomly
     initialized"): from a vlp BLIP directory's text encoder or an HF BERT directory. Returns
     the Q-Former tensor names that were set."""
-    from vlp.nn.qformer import load_bert_
 
     directory = Path(source)
     if (directory / CONFIG_FILE).is_file() and read_json(

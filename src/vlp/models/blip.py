@@ -31,37 +31,11 @@ from vlp.losses import (
 )
 from vlp.models.registry import register
 from vlp.nn import BlockCache, VisionTransformer
-from vlp.nn.bert import BertTextTransformer, LMPredictionHead
+from vlp.nn.bert import SHARES, BertTextTransformer, LMPredictionHead, share_text_towers_
 from vlp.nn.momentum import FeatureQueue, ema_update_, momentum_copy
 
-SHARES = ("all_but_sa", "all", "none")
 OBJECTIVES = ("itc", "itm", "lm")
 QUESTION_MASKS = ("always", "teacher_forcing", "never")
-# per decoder block: the encoder modules it reuses under each sharing mode; BLIP ties every
-# weight whose path lacks "/attention", so self-attention and its post-LN stay separate
-SHARED_BLOCK_MODULES = {
-    "all_but_sa": ("cross_attn", "norm_cross", "mlp", "norm2"),
-    "all": ("attn", "norm1", "cross_attn", "norm_cross", "mlp", "norm2"),
-    "none": (),
-}
-
-
-def share_text_towers_(decoder: BertTextTransformer, encoder: BertTextTransformer,
-                       share: str) -> None:
-    """Make ``decoder`` reuse ``encoder``'s modules as ``share`` says (embeddings too unless
-    "none"); shared parameters are one tensor, so they train as one."""
-    if share not in SHARES:
-        raise ConfigError(f"blip.share {share!r}; expected one of {list(SHARES)}")
-    if share == "none":
-        return
-    decoder.token_embed = encoder.token_embed
-    decoder.pos_embed = encoder.pos_embed
-    decoder.embed_norm = encoder.embed_norm
-    for decoder_block, encoder_block in zip(decoder.blocks, encoder.blocks, strict=True):
-        for name in SHARED_BLOCK_MODULES[share]:
-            setattr(decoder_block, name, getattr(encoder_block, name))
-
-
 class DecodeState(NamedTuple):
     caches: list[BlockCache]  # decoder self- and cross-attention caches, batch-first
     context_mask: Tensor | None  # (B, S) keys of the cross-attended context each row may see

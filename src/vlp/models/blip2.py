@@ -180,8 +180,13 @@ class BLIP2(PretrainModel):
     def itc_similarity(self, pixels: Tensor, input_ids: Tensor,
                        attention_mask: Tensor | None = None) -> Tensor:
         """``(B_images, B_texts)``: the highest query-text cosine, without temperature."""
-        image, text = self.encode_image(pixels), self.encode_text(input_ids, attention_mask)
-        return torch.einsum("iqd,td->itq", image, text).amax(dim=-1)
+        return self.similarity(self.encode_image(pixels),
+                               self.encode_text(input_ids, attention_mask))
+
+    def similarity(self, images: Tensor, texts: Tensor) -> Tensor:
+        """``(N, Q, D)`` query embeddings and ``(M, D)`` text embeddings -> ``(N, M)``: each
+        pair scores its best query (the paper's ITC)."""
+        return torch.einsum("iqd,td->itq", images, texts).amax(dim=-1)
 
     def itm_logits_from_features(self, image: Tensor, input_ids: Tensor,
                                  attention_mask: Tensor | None = None) -> Tensor:

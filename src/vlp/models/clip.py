@@ -47,8 +47,8 @@ class CLIP(PretrainModel):
         features = self.visual(pixels)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, input_ids: Tensor, normalize: bool = True,
-                    attention_mask: Tensor | None = None) -> Tensor:
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    normalize: bool = True) -> Tensor:
         """``(B, L) -> (B, embed_dim)``, L2-normalised unless ``normalize=False``."""
         features = self.text(input_ids, attention_mask)
         return F.normalize(features, dim=-1) if normalize else features

@@ -132,9 +132,11 @@ class CoCa(PretrainModel):
         L = input_ids.shape[1] + 1
         return (causal_mask(L, L, input_ids.device)[None] & keys[:, None, :])[:, None]
 
-    def encode_text(self, input_ids: Tensor, normalize: bool = True) -> Tensor:
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                    normalize: bool = True) -> Tensor:
         """``(B, L) -> (B, embed_dim)`` from the appended CLS, L2-normalised unless
-        ``normalize=False``."""
+        ``normalize=False``. The mask comes from the ids (``config.text_mask``: pad ids or the
+        first eos, as open_clip's CoCa), so `attention_mask` is not read."""
         embedding = self.text(input_ids, self.text_mask(input_ids))
         return F.normalize(embedding, dim=-1) if normalize else embedding
 

@@ -199,3 +199,30 @@ class LMPredictionHead(nn.Module):
     def forward(self, states: Tensor, embedding: Tensor) -> Tensor:
         """``(B, T, width)`` states and the ``(vocab, width)`` embedding -> ``(B, T, vocab)``."""
         return F.linear(self.norm(self.act(self.dense(states))), embedding, self.bias)
+
+
+# BLIP's encoder/decoder sharing (Table 3): "all_but_sa", and the ablations "all" and "none"
+SHARES = ("all_but_sa", "all", "none")
+# per decoder block: the encoder modules it reuses under each sharing mode; BLIP ties every
+# weight whose path lacks "/attention", so self-attention and its post-LN stay separate
+SHARED_BLOCK_MODULES = {
+    "all_but_sa": ("cross_attn", "norm_cross", "mlp", "norm2"),
+    "all": ("attn", "norm1", "cross_attn", "norm_cross", "mlp", "norm2"),
+    "none": (),
+}
+
+
+def share_text_towers_(decoder: BertTextTransformer, encoder: BertTextTransformer,
+                       share: str) -> None:
+    """Make ``decoder`` reuse ``encoder``'s modules as ``share`` says (embeddings too unless
+    "none"); shared parameters are one tensor, so they train as one."""
+    if share not in SHARES:
+        raise ConfigError(f"blip.share {share!r}; expected one of {list(SHARES)}")
+    if share == "none":
+        return
+    decoder.token_embed = encoder.token_embed
+    decoder.pos_embed = encoder.pos_embed
+    decoder.embed_norm = encoder.embed_norm
+    for decoder_block, encoder_block in zip(decoder.blocks, encoder.blocks, strict=True):
+        for name in SHARED_BLOCK_MODULES[share]:
+            setattr(decoder_block, name, getattr(encoder_block, name))
