@@ -457,7 +457,8 @@ def test_vlp_eval_retrieval_on_a_stage1_checkpoint_ranks_by_the_best_query(
 
     csv = synthetic_train_csv(16)
     model, tokenizer = _save_stage1(tmp_path / "stage1", _captions(csv))
-    assert main(["eval", str(tmp_path / "stage1"), "--retrieval-data", str(csv)]) == 0
+    assert main(["eval", str(tmp_path / "stage1"), "--retrieval-data", str(csv),
+                 "--itm-k", "4"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     groups = build_source("csv", str(csv)).groups()
     images = embed_images(model.eval(), groups.images, progress=False).embeddings
@@ -471,3 +472,7 @@ def test_vlp_eval_retrieval_on_a_stage1_checkpoint_ranks_by_the_best_query(
         (own[i2t_top] == torch.arange(len(groups.images))).float().mean().item())
     assert metrics["t2i_r1"] == pytest.approx((t2i_top == own).float().mean().item())
     assert metrics["num_images"] == len(groups.images)
+    # ITM re-ranks each query's top 4 by the match logit plus the ITC score: a hit at 1 after
+    # re-ranking is a hit within the ITC top 4
+    assert metrics["k_test"] == 4
+    assert 0 <= metrics["itm_i2t_r1"] <= metrics["i2t_r5"] and "itm_t2i_r1" in metrics

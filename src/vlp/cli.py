@@ -209,7 +209,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from vlp.demo import DemoConfig, demo
+    from vlp.recipes import DemoConfig, demo
 
     cfg = DemoConfig(out=args.out, n_train=args.train, n_test=args.test, steps=args.steps,
                      batch_size=args.batch_size, seed=args.seed, num_workers=args.num_workers,

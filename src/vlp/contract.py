@@ -17,8 +17,12 @@ Capabilities with defaults:
 - ``no_weight_decay()``, ``set_grad_checkpointing()``, ``shard_units()`` (the modules FSDP
   shards one at a time), ``check_tokenizer()``, ``init_from()`` (start from another
   checkpoint's weights).
+- ``tasks()``: what the model can serve (``"embed"``, ``"caption"``, ``"vqa"``, ``"itm"``), from
+  the parts it was built with; ``require(task)`` turns a missing one into a one-line error.
 - ``encode_image(pixels, normalize)``, ``encode_text(input_ids, attention_mask, normalize)``
-  and ``similarity(images, texts)``: how retrieval and zero-shot score a family.
+  and ``similarity(images, texts)``: how retrieval and zero-shot score a family;
+  ``itm_image(pixels)`` and ``itm_match(features, input_ids, attention_mask)``: how ITM
+  re-ranking scores a pair.
 - The config side (``answer_continues_question``, ``batch_text()``) is `vlp.config.ModelConfig`.
 """
 
@@ -34,7 +38,9 @@ from vlp.errors import ConfigError
 from vlp.losses import FeatureExchange
 from vlp.store.tensors import load_weights
 
-IMAGE_TEXT, TEXT_ONLY, QA = "image_text", "text_only", "qa"
+IMAGE_TEXT, TEXT_ONLY, QA = "image_text", "text_only", "qa"  # batch kinds
+# what a model can serve: encode_image/encode_text (+ similarity), generate, answer, itm_*
+EMBED, CAPTION, VQA, ITM = "embed", "caption", "vqa", "itm"
 
 
 class ShardUnit:
@@ -132,6 +138,19 @@ class PretrainModel(nn.Module):
         shapes may not); families with stages override it (BLIP-2 stage 1 -> 2)."""
         load_weights(self, path)
 
+    # -- what the model serves ----------------------------------------------------------------
+
+    def tasks(self) -> frozenset[str]:
+        """The tasks this model can serve, among EMBED, CAPTION, VQA and ITM."""
+        return frozenset()
+
+    def require(self, task: str, where: str) -> None:
+        """ConfigError naming `where` unless the model serves `task`."""
+        if task not in self.tasks():
+            have = sorted(self.tasks()) or "none"
+            raise ConfigError(f"{where}: {type(self).__name__} ({self.config.family}) cannot "
+                              f"serve {task!r}; it serves {have}")
+
     # -- embedding and scoring ---------------------------------------------------------------
 
     def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
@@ -145,3 +164,12 @@ class PretrainModel(nn.Module):
         """``[n_images, n_texts]`` scores of `encode_image` and `encode_text` outputs, as the
         family ranks retrieval and zero-shot classes (cosine similarity by default)."""
         return images @ texts.T
+
+    def itm_image(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """``(encode_image embeddings, the per-image features itm_match reads)``."""
+        raise ConfigError(f"{type(self).__name__} has no image-text matching head")
+
+    def itm_match(self, features: Tensor, input_ids: Tensor,
+                  attention_mask: Tensor | None = None) -> Tensor:
+        """``(P,)`` match logits of image features ``(P, ...)`` (from `itm_image`) with texts."""
+        raise ConfigError(f"{type(self).__name__} has no image-text matching head")

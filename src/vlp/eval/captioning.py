@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from vlp.contract import CAPTION
 from vlp.data.transforms import image_transform
 from vlp.errors import ConfigError, DataError
 from vlp.eval.embed import ImageInput, _collate_pixels, _PixelsDataset, inference, model_device
@@ -280,8 +281,7 @@ def generate_captions(model: nn.Module, tokenizer: Any, images: Sequence[ImageIn
     """One caption per image (paths or encoded bytes) with ``model.generate``; unreadable images
     are skipped and listed. With a ``prompt``, decoding starts from bos + prompt and the caption
     is the continuation only (the prompt is not repeated)."""
-    if not hasattr(model, "generate"):
-        raise ConfigError(f"{type(model).__name__} has no text decoder to generate captions")
+    model.require(CAPTION, "captioning")
     images = list(images)
     ids = [str(i) for i in ids] if ids is not None else [
         f"#{i}" if isinstance(x, bytes) else str(x) for i, x in enumerate(images)]

@@ -61,11 +61,6 @@ def _finish(features: Tensor) -> Tensor:
     return F.normalize(features.float(), dim=-1).cpu()
 
 
-def _context_length(model: nn.Module) -> int | None:
-    text_config = getattr(getattr(model, "config", None), "text", None)
-    return getattr(text_config, "context_length", None)
-
-
 def embed_texts(
     model: nn.Module,
     tokenizer: Callable[..., Tensor],
@@ -78,7 +73,7 @@ def embed_texts(
     texts = list(texts)
     if not texts:
         raise DataError("no texts to embed")
-    context_length = _context_length(model)
+    context_length = model.config.text.context_length
     chunks = []
     with inference(model) as device:
         starts = range(0, len(texts), batch_size)

@@ -1,6 +1,8 @@
-"""BLIP retrieval: ITC ranks every candidate, ITM re-scores the top ``k_test`` (BLIP §5.1).
+"""BLIP and BLIP-2 retrieval: ITC ranks every candidate, ITM re-scores the top ``k_test``
+(BLIP §5.1; BLIP-2 ranks by its best query first). The model contract says how
+(`PretrainModel.similarity`, ``itm_image``, ``itm_match``).
 
-The re-ranked score of a candidate in the ITC top-k is its ITM match logit plus its ITC cosine
+The re-ranked score of a candidate in the ITC top-k is its ITM match logit plus its ITC score
 (``itm_logits[:, 1] + cosine``, no temperature, as BLIP's ``evaluation`` in
 ``train_retrieval.py``); candidates outside the top-k score ``-inf``, so R@k for k <= k_test
 is exact and the rest of the ranking only says "not found".
@@ -12,11 +14,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from vlp.contract import ITM, PretrainModel
 from vlp.data.transforms import image_transform
 from vlp.errors import ConfigError, DataError
 from vlp.eval.embed import _collate_pixels, _PixelsDataset, inference
@@ -63,9 +65,10 @@ def itm_rerank_scores(itc_similarity: Tensor, image_tokens: Tensor, input_ids: T
     return i2t, t2i
 
 
-def _encode_images(model: nn.Module, images: list, batch_size: int, num_workers: int,
+def _encode_images(model: PretrainModel, images: list, batch_size: int, num_workers: int,
                    progress: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(ITC embeddings (K, D), image tokens (K, S, D), kept indices (K,)) of readable images."""
+    """(ITC embeddings (K, ...), ITM features (K, ...), kept indices (K,)) of readable
+    images, as the model's `itm_image` gives them."""
     dataset = _PixelsDataset(images, image_transform(model, train=False))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate_pixels)
@@ -75,9 +78,9 @@ def _encode_images(model: nn.Module, images: list, batch_size: int, num_workers:
                                        disable=not progress):
             if pixels is None:
                 continue
-            image_tokens = model.image_tokens(pixels.to(device)).float()
-            embeddings.append(F.normalize(model.vision_proj(image_tokens[:, 0]), dim=-1))
-            tokens.append(image_tokens)
+            embedding, features = model.itm_image(pixels.to(device))
+            embeddings.append(embedding.float())
+            tokens.append(features.float())
             kept.append(indices)
     if not kept:
         raise DataError(f"retrieval eval: none of the {len(images)} images could be read")
@@ -90,9 +93,7 @@ def itm_rerank_eval(model: nn.Module, tokenizer: Any, source: Any, *, k_test: in
     """Retrieval of a BLIP model over a caption source, ITC alone (``i2t_r1``, ... as
     `retrieval_eval`) and ITC + ITM re-ranking of the top ``k_test`` (``itm_i2t_r1``, ...).
     Every image's tokens are held in memory, as BLIP's own evaluation does."""
-    if getattr(model, "itm_head", None) is None:
-        raise ConfigError(f"ITM re-ranking needs a model with an ITM head; "
-                          f"{type(model).__name__} has none")
+    model.require(ITM, "ITM re-ranking")
     groups = retrieval_groups(source)
     if not groups.texts:
         raise DataError(f"retrieval eval: {source!r} has no captioned images")
@@ -111,11 +112,11 @@ def itm_rerank_eval(model: nn.Module, tokenizer: Any, source: Any, *, k_test: in
         text_embeddings = torch.cat([
             model.encode_text(input_ids[s:s + batch_size], attention_mask[s:s + batch_size])
             for s in range(0, len(captions), batch_size)]).float()
-        similarity = image_embeddings @ text_embeddings.T  # (N, M) cosines
+        similarity = model.similarity(image_embeddings, text_embeddings)  # (N, M) ITC
         metrics = score_retrieval_metrics(similarity, similarity.T, text_to_image, ks)
         i2t, t2i = itm_rerank_scores(
             similarity, image_tokens, input_ids, attention_mask,
-            lambda tokens, ids, mask: model.itm_logits_from_tokens(tokens, ids, mask)[:, 1],
+            model.itm_match,
             k_test, batch_size=batch_size, progress=progress)
     reranked = score_retrieval_metrics(i2t, t2i, text_to_image, ks)
     metrics.update({f"itm_{k}": v for k, v in reranked.items()

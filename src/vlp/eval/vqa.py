@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vlp.contract import VQA
 from vlp.data.qa import AnswerTokenizer, QARecord, qa_loader
 from vlp.errors import ConfigError, DataError
 from vlp.eval.embed import inference
@@ -134,8 +135,7 @@ def answer_questions(model: nn.Module, tokenizer: Any, records: Sequence[QARecor
     tokenised as the model reads answers (`vlp.data.qa.AnswerTokenizer`)."""
     if mode not in VQA_MODES:
         raise ConfigError(f"VQA mode {mode!r}; expected one of {list(VQA_MODES)}")
-    if not hasattr(model, "answer"):
-        raise ConfigError(f"{type(model).__name__} cannot answer questions (no VQA decoder)")
+    model.require(VQA, "VQA")
     if mode == "rank" and not candidates:
         raise ConfigError("VQA mode 'rank' needs a list of candidate answers")
     context_length = model.config.text.context_length

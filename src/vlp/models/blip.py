@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.config import BlipConfig
-from vlp.contract import IMAGE_TEXT, QA, PretrainModel, partial_grad
+from vlp.contract import CAPTION, EMBED, IMAGE_TEXT, ITM, QA, VQA, PretrainModel, partial_grad
 from vlp.errors import ConfigError
 from vlp.generate import generate as generate_tokens
 from vlp.losses import (
@@ -122,6 +122,16 @@ class BLIP(PretrainModel):
 
     # -- parts ----------------------------------------------------------------------------------
 
+    def tasks(self) -> frozenset[str]:
+        tasks = set()
+        if self.itm_head is not None and self.text_encoder is not None:
+            tasks |= {EMBED, ITM}
+        if self.text_decoder is not None:
+            tasks.add(CAPTION)
+            if self.text_encoder is not None:
+                tasks.add(VQA)
+        return frozenset(tasks)
+
     def _require(self, part: str, what: str) -> None:
         if getattr(self, part) is None:
             field = "retrieval_heads" if part == "itm_head" else part
@@ -189,6 +199,16 @@ class BLIP(PretrainModel):
                    attention_mask: Tensor | None = None) -> Tensor:
         """``(B, 2)`` match logits of image i with text i (index 1 = match)."""
         return self.itm_logits_from_tokens(self.image_tokens(pixels), input_ids, attention_mask)
+
+    def itm_image(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """ITC embeddings from the class token, and the image tokens ITM cross-attends to."""
+        self._require("itm_head", "itm_image")
+        tokens = self.image_tokens(pixels)
+        return F.normalize(self.vision_proj(tokens[:, 0]), dim=-1), tokens
+
+    def itm_match(self, features: Tensor, input_ids: Tensor,
+                  attention_mask: Tensor | None = None) -> Tensor:
+        return self.itm_logits_from_tokens(features, input_ids, attention_mask)[:, 1]
 
     def itm_logits_from_tokens(self, image_tokens: Tensor, input_ids: Tensor,
                                attention_mask: Tensor | None = None) -> Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.config import Blip2Config
-from vlp.contract import PretrainModel, partial_grad
+from vlp.contract import CAPTION, EMBED, ITM, VQA, PretrainModel, partial_grad
 from vlp.errors import CheckpointError, ConfigError
 from vlp.losses import (
     IGNORE_INDEX,
@@ -145,6 +145,10 @@ class BLIP2(PretrainModel):
             raise ConfigError("blip2: gradient checkpointing is not implemented for the "
                               "Q-Former (the frozen parts keep no activations for backward)")
 
+    def tasks(self) -> frozenset[str]:
+        tasks = {EMBED, ITM} if self.itm_head is not None else set()
+        return frozenset(tasks | ({CAPTION, VQA} if self.llm is not None else set()))
+
     def _require(self, part: str, what: str) -> None:
         if getattr(self, part) is None:
             fields = {"itm_head": "retrieval_heads", "lm_head": "lm_head", "llm": "llm"}
@@ -194,6 +198,17 @@ class BLIP2(PretrainModel):
         self._require("itm_head", "itm_logits")
         queries = self.qformer(image, input_ids, attention_mask, kind="bidirectional")
         return self.itm_head(queries.query_states).mean(dim=1)
+
+    def itm_image(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-query ITC embeddings, and the frozen encoder's features the Q-Former reads."""
+        self._require("itm_head", "itm_image")
+        features = self.image_features(pixels)
+        queries = self.qformer.query_states(features)[0]
+        return F.normalize(self.vision_proj(queries), dim=-1), features
+
+    def itm_match(self, features: Tensor, input_ids: Tensor,
+                  attention_mask: Tensor | None = None) -> Tensor:
+        return self.itm_logits_from_features(features, input_ids, attention_mask)[:, 1]
 
     def itm_logits(self, pixels: Tensor, input_ids: Tensor,
                    attention_mask: Tensor | None = None) -> Tensor:

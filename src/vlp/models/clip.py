@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.config import ClipConfig
-from vlp.contract import PretrainModel, partial_grad
+from vlp.contract import EMBED, PretrainModel, partial_grad
 from vlp.errors import ConfigError
 from vlp.losses import clip_loss, siglip_loss
 from vlp.models.registry import register
@@ -41,6 +41,9 @@ class CLIP(PretrainModel):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.transformer.grad_checkpointing = enable
         self.text.transformer.grad_checkpointing = enable
+
+    def tasks(self) -> frozenset[str]:
+        return frozenset({EMBED})
 
     def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
         """``(B, 3, H, W) -> (B, embed_dim)``, L2-normalised unless ``normalize=False``."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.config import CocaConfig
-from vlp.contract import PretrainModel, partial_grad
+from vlp.contract import CAPTION, EMBED, PretrainModel, partial_grad
 from vlp.errors import ConfigError
 from vlp.generate import generate as generate_tokens
 from vlp.losses import IGNORE_INDEX, caption_nll, clip_loss
@@ -108,6 +108,9 @@ class CoCa(PretrainModel):
             contrastive = self.pool_norm(self.contrastive_pooler(tokens))[:, 0]
             caption = self.pool_norm(self.pooler(tokens))
         return CocaImageOutput(self.image_proj(contrastive), caption)
+
+    def tasks(self) -> frozenset[str]:
+        return frozenset({EMBED, CAPTION})
 
     def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
         """``(B, 3, H, W) -> (B, embed_dim)``, L2-normalised unless ``normalize=False``."""

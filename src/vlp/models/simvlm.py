@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from vlp.config import SimvlmConfig
-from vlp.contract import IMAGE_TEXT, QA, TEXT_ONLY, PretrainModel
+from vlp.contract import CAPTION, IMAGE_TEXT, QA, TEXT_ONLY, VQA, PretrainModel
 from vlp.errors import ConfigError
 from vlp.generate import generate as generate_tokens
 from vlp.losses import IGNORE_INDEX, caption_nll
@@ -138,6 +138,9 @@ class SimVLM(PretrainModel):
             if stack is not None:
                 init_transformer_(stack)
         nn.init.normal_(self.lm_head.weight, std=self.config.vision.width**-0.5)
+
+    def tasks(self) -> frozenset[str]:
+        return frozenset({CAPTION, VQA})
 
     def no_weight_decay(self) -> set[str]:
         return {"prefix_pos", "target_pos"} | {f"image_embed.{n}"

@@ -32,11 +32,18 @@ from tqdm.auto import tqdm
 import vlp
 from vlp.data import build_source
 from vlp.data.qa import QARecord, read_qa_jsonl
-from vlp.data.synthetic import write_dataset
 from vlp.data.transforms import image_transform
 from vlp.eval.captioning import caption_metrics, generate_captions
 from vlp.eval.vqa import accuracy_by_type, accuracy_summary, majority_baselines
 from vlp.models.blip2 import VQA_PROMPT
+from vlp.recipes.common import (
+    DemoConfig,
+    clear_previous_run,
+    learning_rate,
+    r4,
+    resolve_settings,
+    write_demo_data,
+)
 from vlp.run import train
 from vlp.tokenizers import Tokenizer, train_tokenizer
 from vlp.train import TrainConfig
@@ -44,7 +51,6 @@ from vlp.train.optim import WarmupCosine, build_optimizer
 
 BLIP2_DEFAULTS = {"n_train": 3000, "n_test": 300, "vit_steps": 800, "lm_steps": 800,
                   "stage1_steps": 1000, "stage2_steps": 3000, "batch_size": 64}  # ~20 min CPU
-N_VAL = 200  # captioning references: the val split's images, 5 captions each
 LM_VOCAB = 1024
 LM_SHAPE = {"n_embd": 128, "n_layer": 3, "n_head": 4, "n_positions": 128}
 LM_DOC_TOKENS = 96  # longest LM training document
@@ -192,6 +198,15 @@ def _train(out: Path, settings: dict[str, int], steps: int, lr: float, seed: int
         progress=progress, **fields))
 
 
+def blip2_recipe(cfg: DemoConfig) -> dict[str, Any]:
+    """`vlp demo --family blip2`: ``cfg``'s settings over `BLIP2_DEFAULTS` (``cfg.steps`` sets
+    stage 2's), fresh runs."""
+    settings = resolve_settings(cfg, BLIP2_DEFAULTS, {"stage2_steps": "steps"})
+    clear_previous_run(Path(cfg.out), "vit", "stage1", "stage2")
+    return blip2_demo(Path(cfg.out), settings, lr=learning_rate(cfg), seed=cfg.seed,
+                      num_workers=cfg.num_workers, progress=cfg.progress)
+
+
 def blip2_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num_workers: int,
                progress: bool) -> dict[str, Any]:
     """The BLIP-2 demo's stages; ``settings`` holds `BLIP2_DEFAULTS`' keys."""
@@ -199,8 +214,7 @@ def blip2_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num
     data_dir = out / "data"
     train_csv = data_dir / "train.csv"
     print(f"[1/6] writing the synthetic dataset to {data_dir}", flush=True)
-    write_dataset(data_dir, formats=("csv",), n_train=settings["n_train"], n_val=N_VAL,
-                  n_test=settings["n_test"], seed=seed, progress=progress)
+    write_demo_data(data_dir, settings, seed=seed, progress=progress)
     timings: dict[str, float] = {}
 
     def lap(name: str, since: float) -> float:
@@ -247,7 +261,6 @@ def blip2_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num
 
     trainable, frozen = _count(model)
     stage1_model = vlp.load(stage1["checkpoint"])
-    r4 = lambda value: round(float(value), 4)  # noqa: E731
     summary = {
         "family": "blip2",
         "vqa_accuracy": r4(with_image["vqa_accuracy"]),

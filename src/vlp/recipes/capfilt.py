@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,13 @@ from vlp.capfilt import CapfiltConfig, capfilt
 from vlp.capfilt.output import dataset_csv
 from vlp.capfilt.training import pretrain
 from vlp.data.synthetic import write_dataset
-from vlp.demo_blip import CAPTIONS_PER_IMAGE
+from vlp.recipes.common import (
+    CAPTIONS_PER_IMAGE,
+    DemoConfig,
+    evaluate_demo_model,
+    r4,
+    resolve_settings,
+)
 from vlp.run import train
 from vlp.train import TrainConfig
 
@@ -43,6 +50,22 @@ ITM_THRESHOLD = 0.5  # CapfiltConfig's default, BLIP's: keep a caption when P(ma
 DOWNSTREAM_MODEL = "clip-tiny"
 DOWNSTREAM_LR = 1e-3
 RUNS = (("a", "noisy web data"), ("b", "bootstrapped (CapFilt)"), ("c", "clean web data"))
+
+
+def capfilt_recipe(cfg: DemoConfig) -> dict[str, Any]:
+    """`vlp demo --family capfilt`: ``cfg``'s settings over `CAPFILT_DEFAULTS` (``cfg.n_train``
+    sets the web images), fresh runs and stage outputs."""
+    settings = resolve_settings(cfg, CAPFILT_DEFAULTS, {"n_web": "n_train"})
+    _clear_capfilt_run(Path(cfg.out))
+    return capfilt_demo(Path(cfg.out), settings, seed=cfg.seed, num_workers=cfg.num_workers,
+                        progress=cfg.progress)
+
+
+def _clear_capfilt_run(out: Path) -> None:
+    """The CapFilt demo's runs and stage outputs resume when present, so a rerun removes them."""
+    for name in ("blip", "capfilt", "downstream"):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
 
 
 def _joined_csv(path: Path, tables: list[Path]) -> str:
@@ -68,8 +91,6 @@ def _count_rows(table: str | Path) -> int:
 def capfilt_demo(out: Path, settings: dict[str, int], *, seed: int, num_workers: int,
                  progress: bool) -> dict[str, Any]:
     """The CapFilt demo's stages; ``settings`` holds `CAPFILT_DEFAULTS`' keys."""
-    from vlp.demo import evaluate_demo_model
-
     start = time.time()
     web, clean_web, human = out / "web", out / "web_clean", out / "human"
     print(f"[1/4] writing the synthetic world: {settings['n_web']} web images "
@@ -128,12 +149,11 @@ def capfilt_demo(out: Path, settings: dict[str, int], *, seed: int, num_workers:
     runs["b"]["noise_rate"] = report["noise_rate_after"]  # of the kept original captions
     runs["c"]["noise_rate"] = 0.0
 
-    r4 = lambda value: None if value is None else round(float(value), 4)  # noqa: E731
     summary = {
         "family": "capfilt",
-        **{key: r4(report[key]) for key in ("noise_rate_before", "noise_rate_after",
-                                             "filter_precision", "filter_recall",
-                                             "share_original_kept", "share_synthetic_kept")},
+        **{key: _r4_or_none(report[key])
+           for key in ("noise_rate_before", "noise_rate_after", "filter_precision",
+                       "filter_recall", "share_original_kept", "share_synthetic_kept")},
         "kept_original": report["kept_original"], "kept_synthetic": report["kept_synthetic"],
         "runs": runs,
         "b_beats_a_i2t_r1": runs["b"]["i2t_r1"] > runs["a"]["i2t_r1"],
@@ -146,6 +166,10 @@ def capfilt_demo(out: Path, settings: dict[str, int], *, seed: int, num_workers:
     }
     print(format_table(summary), flush=True)
     return summary
+
+
+def _r4_or_none(value: float | None) -> float | None:
+    return None if value is None else r4(value)  # None: no caption dropped / kept
 
 
 def _percent(value: float | None) -> str:

@@ -24,25 +24,39 @@ from torch import nn
 import vlp
 from vlp.data import build_source
 from vlp.data.qa import QARecord, read_qa_jsonl
-from vlp.data.synthetic import write_dataset
 from vlp.data.synthetic_text import write_text_corpus
 from vlp.eval.captioning import caption_eval, generate_captions
 from vlp.eval.vqa import accuracy_by_type, majority_baselines, vqa_eval
 from vlp.models import build_model
+from vlp.recipes.common import (
+    CAPTION_MAX_NEW_TOKENS,
+    DemoConfig,
+    clear_previous_run,
+    learning_rate,
+    r4,
+    resolve_settings,
+    write_demo_data,
+)
 from vlp.run import train
 from vlp.train import TrainConfig
 
 SIMVLM_DEFAULTS = {"n_train": 4000, "n_test": 500, "steps": 1400, "batch_size": 64,
                    "n_text_scenes": 4000}
-N_VAL = 200  # captioning references: the val split's images, 5 captions each
 TEXT_RATIO = 0.5  # share of each batch that is text-only
 # share of the corpus's questions also written alone ("<question> <answer>"): zero-shot, the
 # question opens the text prefix right after the image, a form the described lines never show
 BARE_SHARE = 0.3
 CAPTION_PROMPT = "a picture of"
-CAPTION_MAX_NEW_TOKENS = 24
 VQA_MAX_NEW_TOKENS = 5
 VQA_EVAL_QUESTIONS = 1000  # the first questions of test_qa.jsonl (grouped by image)
+
+
+def simvlm_recipe(cfg: DemoConfig) -> dict[str, Any]:
+    """`vlp demo --family simvlm`: ``cfg``'s settings over `SIMVLM_DEFAULTS`, fresh runs."""
+    settings = resolve_settings(cfg, SIMVLM_DEFAULTS)
+    clear_previous_run(Path(cfg.out), "with_text", "without_text")
+    return simvlm_demo(Path(cfg.out), settings, lr=learning_rate(cfg), seed=cfg.seed,
+                       num_workers=cfg.num_workers, progress=cfg.progress)
 
 
 def pretrain(out: Path, data_dir: Path, settings: dict[str, int], *, text_data: Path | None,
@@ -110,8 +124,7 @@ def simvlm_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, nu
     data_dir = out / "data"
     print(f"[1/4] writing the synthetic dataset and its text-only corpus to {data_dir}",
           flush=True)
-    write_dataset(data_dir, formats=("csv",), n_train=settings["n_train"], n_val=N_VAL,
-                  n_test=settings["n_test"], seed=seed, progress=progress)
+    write_demo_data(data_dir, settings, seed=seed, progress=progress)
     corpus = data_dir / "text_corpus.txt"
     n_lines = write_text_corpus(corpus, settings["n_text_scenes"], seed=seed,
                                 bare_share=BARE_SHARE)
@@ -147,7 +160,6 @@ def simvlm_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, nu
               for name, m in models.items()}
     baselines = majority_baselines(train_qa, test_qa)
 
-    r4 = lambda value: round(float(value), 4)  # noqa: E731
     main = scores["with_text"]
     summary = {
         "family": "simvlm",

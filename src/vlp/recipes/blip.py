@@ -16,22 +16,37 @@ import torch
 import vlp
 from vlp.data import build_source
 from vlp.data.qa import read_qa_jsonl
-from vlp.data.synthetic import write_dataset
 from vlp.eval.captioning import caption_eval
 from vlp.eval.rerank import itm_rerank_eval
 from vlp.eval.vqa import accuracy_by_type, majority_baselines, vqa_eval
 from vlp.models import build_model
+from vlp.recipes.common import (
+    CAPTION_MAX_NEW_TOKENS,
+    CAPTIONS_PER_IMAGE,
+    DemoConfig,
+    clear_previous_run,
+    learning_rate,
+    r4,
+    resolve_settings,
+    write_demo_data,
+)
 from vlp.run import train
 from vlp.train import TrainConfig
 
 BLIP_DEFAULTS = {"n_train": 5000, "n_test": 1000, "steps": 1500, "batch_size": 64,
                  "vqa_steps": 300}
-CAPTIONS_PER_IMAGE = 5  # the synthetic world's training captions per image
-N_VAL = 200  # captioning references: the val split's images, 5 captions each
+BLIP_LR = 5e-4  # peak learning rate of the pretraining
 K_TEST = 16  # ITC candidates the ITM head re-scores per query
 VQA_LR = 5e-4
 VQA_EVAL_QUESTIONS = 2000  # the first questions of test_qa.jsonl (grouped by image)
-CAPTION_MAX_NEW_TOKENS = 24
+
+
+def blip_recipe(cfg: DemoConfig) -> dict[str, Any]:
+    """`vlp demo --family blip`: ``cfg``'s settings over `BLIP_DEFAULTS`, a fresh run."""
+    settings = resolve_settings(cfg, BLIP_DEFAULTS)
+    clear_previous_run(Path(cfg.out))
+    return blip_demo(Path(cfg.out), settings, lr=learning_rate(cfg, BLIP_LR), seed=cfg.seed,
+                     num_workers=cfg.num_workers, progress=cfg.progress)
 
 
 def blip_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num_workers: int,
@@ -40,8 +55,7 @@ def blip_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num_
     start = time.time()
     data_dir = out / "data"
     print(f"[1/4] writing the synthetic dataset to {data_dir}", flush=True)
-    write_dataset(data_dir, formats=("csv",), n_train=settings["n_train"], n_val=N_VAL,
-                  n_test=settings["n_test"], seed=seed, progress=progress)
+    write_demo_data(data_dir, settings, seed=seed, progress=progress)
     steps = settings["steps"]
     # BLIP ramps the distillation weight up over the first epoch
     epoch_steps = settings["n_train"] * CAPTIONS_PER_IMAGE // settings["batch_size"]
@@ -86,7 +100,6 @@ def blip_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num_
                       num_workers=num_workers, progress=progress)
     baselines = majority_baselines(train_qa, test_qa)
 
-    r4 = lambda value: round(float(value), 4)  # noqa: E731
     summary = {
         "family": "blip",
         "i2t_r1_itc": r4(retrieval["i2t_r1"]), "t2i_r1_itc": r4(retrieval["t2i_r1"]),
