@@ -130,6 +130,19 @@ def generate(
                              top_k=top_k, top_p=top_p, generator=generator, **shared)
 
 
+def new_token_budget(max_new_tokens: int | None, context_length: int, used: int = 0) -> int:
+    """The number of tokens to generate: `max_new_tokens` (default: all the room left), checked
+    to fit the `context_length - used` positions a prompt of `used` tokens leaves."""
+    room = context_length - used
+    if max_new_tokens is None:
+        return room
+    if not 1 <= max_new_tokens <= room:
+        prompt = f"prompt of {used} tokens leaves room for" if used else "expected"
+        raise ConfigError(f"max_new_tokens={max_new_tokens}: {prompt} 1..{room} "
+                          f"(text.context_length {context_length})")
+    return max_new_tokens
+
+
 def _check_arguments(prompt_ids: Tensor, max_new_tokens: int, min_new_tokens: int,
                      num_beams: int, do_sample: bool, temperature: float, top_k: int | None,
                      top_p: float | None, repetition_penalty: float) -> None:

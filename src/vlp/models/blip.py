@@ -21,6 +21,7 @@ from vlp.config import BlipConfig
 from vlp.contract import CAPTION, EMBED, IMAGE_TEXT, ITM, QA, VQA, PretrainModel, partial_grad
 from vlp.errors import ConfigError
 from vlp.generate import generate as generate_tokens
+from vlp.generate import new_token_budget
 from vlp.losses import (
     IGNORE_INDEX,
     caption_nll,
@@ -239,13 +240,8 @@ class BLIP(PretrainModel):
         text = self.config.text
         prompt_ids = prompt_ids.clone()
         prompt_ids[:, 0] = self.config.dec_id  # generation always starts with [DEC]
-        room = text.context_length - prompt_ids.shape[1]
-        if max_new_tokens is None:
-            max_new_tokens = room
-        if not 1 <= max_new_tokens <= room:
-            raise ConfigError(f"max_new_tokens={max_new_tokens}: prompt of "
-                              f"{prompt_ids.shape[1]} tokens leaves room for 1..{room} "
-                              f"(text.context_length {text.context_length})")
+        max_new_tokens = new_token_budget(max_new_tokens, text.context_length,
+                                          prompt_ids.shape[1])
         was_training = self.training
         self.eval()
         try:

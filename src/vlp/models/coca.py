@@ -20,6 +20,7 @@ from vlp.config import CocaConfig
 from vlp.contract import CAPTION, EMBED, PretrainModel, partial_grad
 from vlp.errors import ConfigError
 from vlp.generate import generate as generate_tokens
+from vlp.generate import new_token_budget
 from vlp.losses import IGNORE_INDEX, caption_nll, clip_loss
 from vlp.models.registry import register
 from vlp.nn import AttentionalPooler, BlockCache, VisionTransformer, causal_mask
@@ -186,13 +187,8 @@ class CoCa(PretrainModel):
         if prompt_ids is None:
             prompt_ids = torch.full((pixels.shape[0], 1), text.bos_id, dtype=torch.long,
                                     device=pixels.device)
-        room = text.context_length - prompt_ids.shape[1]
-        if max_new_tokens is None:
-            max_new_tokens = room
-        if not 1 <= max_new_tokens <= room:
-            raise ConfigError(f"max_new_tokens={max_new_tokens}: prompt of "
-                              f"{prompt_ids.shape[1]} tokens leaves room for 1..{room} "
-                              f"(text.context_length {text.context_length})")
+        max_new_tokens = new_token_budget(max_new_tokens, text.context_length,
+                                          prompt_ids.shape[1])
         was_training = self.training
         self.eval()
         try:

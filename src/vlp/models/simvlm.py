@@ -22,6 +22,7 @@ from vlp.config import SimvlmConfig
 from vlp.contract import CAPTION, IMAGE_TEXT, QA, TEXT_ONLY, VQA, PretrainModel
 from vlp.errors import ConfigError
 from vlp.generate import generate as generate_tokens
+from vlp.generate import new_token_budget
 from vlp.losses import IGNORE_INDEX, caption_nll
 from vlp.models.registry import register
 from vlp.nn.attention import prefix_target_mask
@@ -314,11 +315,7 @@ class SimVLM(PretrainModel):
     def _generate(self, pixels: Tensor, prefix_ids: Tensor, prefix_valid: Tensor,
                   max_new_tokens: int | None, kwargs: dict) -> Tensor:
         text = self.config.text
-        if max_new_tokens is None:
-            max_new_tokens = text.context_length
-        if not 1 <= max_new_tokens <= text.context_length:
-            raise ConfigError(f"max_new_tokens={max_new_tokens}: expected 1..{text.context_length}"
-                              f" (text.context_length)")
+        max_new_tokens = new_token_budget(max_new_tokens, text.context_length)
         was_training = self.training
         self.eval()
         try:
