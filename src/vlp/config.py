@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,7 @@ class ClipConfig(ModelConfig):
     loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip" (pairwise sigmoid)
     init_logit_scale: float = 2.6592  # ln(1/0.07); SigLIP uses ln(10)
     init_logit_bias: float | None = None  # SigLIP: -10
-    max_logit_scale: float = 4.6052  # ln(100): CLIP clips the temperature so logits scale <= 100
+    max_logit_scale: float = math.log(100)  # CLIP clips the temperature so logits scale <= 100
     proj_bias: bool = False
 
 
@@ -110,7 +111,7 @@ class CocaConfig(ModelConfig):
     contrastive_weight: float = 1.0  # lambda_Con of the paper
     label_smoothing: float = 0.0  # caption cross-entropy
     init_logit_scale: float = 2.6592  # ln(1/0.07)
-    max_logit_scale: float = 4.6052  # ln(100)
+    max_logit_scale: float = math.log(100)
     # "cls": only the appended CLS ignores padding (after the first eos); open_clip quirks for
     # parity: "pad_id" masks keys equal to pad_id in every row, "pad_id_legacy" (open_clip's
     # default) shifts that key validity right by one position

@@ -16,7 +16,8 @@ Capabilities with defaults:
   queues); accumulated micro-batches then run independently.
 - ``no_weight_decay()``, ``set_grad_checkpointing()``, ``shard_units()`` (the modules FSDP
   shards one at a time), ``check_tokenizer()``, ``init_from()`` (start from another
-  checkpoint's weights).
+  checkpoint's weights), ``after_optimizer_step()`` (keep parameters within their bounds: the
+  temperature is clamped there, never inside the forward pass, so its gradient never dies).
 - ``tasks()``: what the model can serve (``"embed"``, ``"caption"``, ``"vqa"``, ``"itm"``), from
   the parts it was built with; ``require(task)`` turns a missing one into a one-line error.
 - ``encode_image(pixels, normalize)``, ``encode_text(input_ids, attention_mask, normalize)``
@@ -129,6 +130,10 @@ class PretrainModel(nn.Module):
     def shard_units(self) -> list[nn.Module]:
         """The modules FSDP shards one at a time (the root is sharded too)."""
         return [module for module in self.modules() if isinstance(module, ShardUnit)]
+
+    def after_optimizer_step(self) -> None:
+        """Called by the trainer after every optimizer step that was taken: clamp parameters
+        that must stay within bounds (CLIP's logit scale, BLIP's temperature)."""
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Raise ConfigError when `tokenizer` cannot feed this model's batches."""

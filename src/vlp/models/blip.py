@@ -149,9 +149,16 @@ class BLIP(PretrainModel):
         return input_ids
 
     def scale(self) -> Tensor:
-        """ITC logit multiplier 1 / temp, with temp clamped to [min_temp, max_temp] (§3.2)."""
+        """ITC logit multiplier 1 / temp. The temperature is kept within [min_temp, max_temp]
+        in place, without gradient, after each optimizer step (`after_optimizer_step`; BLIP
+        clamps it so before each forward), never inside the loss."""
         self._require("itm_head", "the ITC temperature")
-        return 1.0 / self.temp.clamp(self.config.min_temp, self.config.max_temp)
+        return 1.0 / self.temp
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.temp is not None:
+            self.temp.clamp_(self.config.min_temp, self.config.max_temp)
 
     def image_tokens(self, pixels: Tensor) -> Tensor:
         """``(B, 3, H, W) -> (B, 1 + patches, vision width)`` after the ViT's final norm."""

@@ -93,8 +93,14 @@ class CoCa(PretrainModel):
         self.decoder.grad_checkpointing = enable
 
     def scale(self) -> Tensor:
-        """The logit multiplier exp(logit_scale), clamped at exp(max_logit_scale)."""
-        return self.logit_scale.clamp(max=self.config.max_logit_scale).exp()
+        """The logit multiplier exp(logit_scale). The parameter is kept within
+        [0, max_logit_scale] after each optimizer step (`after_optimizer_step`), as open_clip
+        does, so the loss keeps a gradient with respect to it even past the bound."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.logit_scale.clamp_(0, self.config.max_logit_scale)
 
     # -- image side ------------------------------------------------------------------------------
 

@@ -241,9 +241,11 @@ class _Trainer:
         if self.scaler is not None:
             if finite:
                 self.scaler.step(self.optimizer)
+                self.raw_model.after_optimizer_step()
             self.scaler.update()  # an overflow lowers the scale
         elif finite:
             self.optimizer.step()
+            self.raw_model.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # a skipped step still spends its batch and its schedule slot
         self.step += 1
