@@ -281,12 +281,12 @@ def test_capfilt_demo_compares_three_pretraining_sets_with_one_recipe(tmp_path, 
     """The demo's loop at a toy budget: BLIP pretrain -> finetune -> caption -> filter ->
     write, then one recipe (model, steps, tokenizer) on noisy, bootstrapped and clean data.
     The learning bars (noise cut to a third, (b) above (a)) need the demo's budget."""
-    import vlp.demo_capfilt
-    from vlp.demo import DemoConfig, demo
-    from vlp.demo_capfilt import CAPFILT_DEFAULTS, capfilt_demo, format_table
+    import vlp.recipes.capfilt
+    from vlp.recipes import DemoConfig, demo
+    from vlp.recipes.capfilt import CAPFILT_DEFAULTS, capfilt_demo, format_table
 
     # a 3-step BLIP's ITM rejects every caption; keep them all so (b) has data to train on
-    monkeypatch.setattr(vlp.demo_capfilt, "ITM_THRESHOLD", 0.0)
+    monkeypatch.setattr(vlp.recipes.capfilt, "ITM_THRESHOLD", 0.0)
 
     settings = {**CAPFILT_DEFAULTS, "n_web": 50, "n_clean": 16, "n_test": 24, "blip_steps": 3,
                 "finetune_steps": 2, "steps": 3, "batch_size": 16}

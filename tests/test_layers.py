@@ -66,11 +66,9 @@ def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
 
 
 def _part(module: str) -> str:
-    """The layer unit of a module: its first name below vlp (demo modules are recipes)."""
+    """The layer unit of a module: its first name below vlp."""
     parts = module.split(".")
-    if len(parts) == 1:
-        return "vlp"
-    return "recipes" if parts[1].startswith("demo") else parts[1]
+    return "vlp" if len(parts) == 1 else parts[1]
 
 
 @pytest.fixture(scope="module")

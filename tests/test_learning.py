@@ -3,7 +3,7 @@ loader and trainer, then held-out zero-shot classification and retrieval far abo
 
 import pytest
 
-from vlp.demo import DemoConfig, demo
+from vlp.recipes import DemoConfig, demo
 
 
 @pytest.mark.slow
@@ -26,8 +26,8 @@ def test_coca_tiny_learns_to_caption_the_synthetic_world(tmp_path):
     import torch
 
     import vlp
-    from vlp.demo import evaluate_demo_model
     from vlp.models import build_model
+    from vlp.recipes import evaluate_demo_model
 
     result = demo(DemoConfig(out=str(tmp_path / "demo"), family="coca", n_train=1000, n_test=200,
                              steps=220, batch_size=64, num_workers=0, progress=False))
@@ -74,7 +74,7 @@ def test_blip_tiny_retrieves_captions_and_answers_the_synthetic_world(tmp_path):
 def test_simvlm_tiny_captions_and_answers_zero_shot(tmp_path, one_thread):
     from pathlib import Path
 
-    from vlp.demo_simvlm import simvlm_demo
+    from vlp.recipes.simvlm import simvlm_demo
 
     # PrefixLM pretraining on image-text pairs + the text-only corpus, then zero-shot use;
     # the ablation without text-only data is the demo's (it doubles the time)
@@ -100,7 +100,7 @@ def test_simvlm_tiny_captions_and_answers_zero_shot(tmp_path, one_thread):
 def test_blip2_recipe_answers_held_out_questions_zero_shot(tmp_path, one_thread):
     from pathlib import Path
 
-    from vlp.demo_blip2 import blip2_demo
+    from vlp.recipes.blip2 import blip2_demo
 
     # the whole recipe at a reduced budget: frozen clip-tiny ViT, a GPT-2 trained on text
     # alone, stage 1, stage 2 on captions only, then VQA with no QA pair ever seen with an image
