@@ -3,8 +3,18 @@
 `vlp.data.synthetic` (the built-in dataset) is imported on its own, to keep this import light.
 """
 
+from vlp.data.images import (
+    ImageBatch,
+    ImageDataset,
+    ImageGroups,
+    collate_images,
+    group_images,
+    image_batches,
+    images_in_directory,
+    open_image,
+)
 from vlp.data.loader import Loader, make_loader
-from vlp.data.pipeline import SKIP_REASONS, derive_seed, open_image
+from vlp.data.pipeline import SKIP_REASONS, derive_seed
 from vlp.data.records import Record
 from vlp.data.sources import (
     SOURCE_KINDS,
@@ -26,7 +36,10 @@ __all__ = [
     "SOURCE_KINDS",
     "CocoSource",
     "CsvSource",
+    "ImageBatch",
+    "ImageDataset",
     "ImageFolderSource",
+    "ImageGroups",
     "ImageTransform",
     "JsonlSource",
     "ListSource",
@@ -36,10 +49,14 @@ __all__ = [
     "RetrievalGroups",
     "WebDatasetSource",
     "build_source",
+    "collate_images",
     "derive_seed",
     "expand_braces",
     "expand_urls",
+    "group_images",
+    "image_batches",
     "image_transform",
+    "images_in_directory",
     "infer_source_kind",
     "make_loader",
     "open_image",

@@ -9,15 +9,14 @@ entries ride inside each batch for the `Loader` to pop.
 from __future__ import annotations
 
 import hashlib
-import io
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 
+from vlp.data.images import open_image
 from vlp.data.records import Record
 
 Batch = dict[str, Any]
@@ -34,22 +33,6 @@ def derive_seed(*parts: int) -> int:
     """A 63-bit seed mixed from integers; equal parts give equal seeds on every platform."""
     data = b"".join(int(part).to_bytes(8, "little", signed=True) for part in parts)
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
-
-
-def open_image(image: str | bytes) -> Image.Image | str:
-    """The decoded RGB image, or the skip reason ("missing_image" / "corrupt_image")."""
-    if not image:
-        return "missing_image"
-    stream = io.BytesIO(image) if isinstance(image, bytes) else image
-    try:
-        with Image.open(stream) as opened:
-            if opened.mode == "P" and "transparency" in opened.info:
-                return opened.convert("RGBA").convert("RGB")
-            return opened.convert("RGB")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return "missing_image"
-    except Exception:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
-        return "corrupt_image"
 
 
 @dataclass(frozen=True, slots=True)

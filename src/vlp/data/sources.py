@@ -20,12 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from vlp.data.images import IMAGE_EXTENSIONS
 from vlp.data.qa import read_qa_jsonl, target_answer
 from vlp.data.records import Record, jsonl_rows, resolve_image_path
 from vlp.data.webdataset import WebDatasetSource
 from vlp.errors import ConfigError, DataError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass

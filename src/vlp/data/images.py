@@ -1,0 +1,219 @@
+"""The one input path for images at inference: decode, transform, batch, and set aside the
+images that cannot be read.
+
+Embedding, captioning, ITM re-ranking, VQA eval and CapFilt all read pixels through
+`ImageDataset` + `collate_images` (or `image_batches`, the DataLoader over both), so an
+unreadable image is treated the same everywhere: it is skipped, counted and named by the caller
+(its position comes back in `ImageBatch.unreadable`, with the reason), never raised mid-run.
+
+`group_images` is the one rule for "the unique images of a source": a path is one image by its
+string, encoded bytes (WebDataset) are one image by their content hash, kept in first-seen
+order; an image is named by its path, or by the key of the record that brought its bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from vlp.errors import DataError
+
+ImageInput = str | Path | bytes
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def open_image(image: ImageInput) -> Image.Image | str:
+    """The decoded RGB image, or the skip reason ("missing_image" / "corrupt_image")."""
+    if not image:
+        return "missing_image"
+    stream = io.BytesIO(image) if isinstance(image, bytes) else image
+    try:
+        with Image.open(stream) as opened:
+            if opened.mode == "P" and "transparency" in opened.info:
+                return opened.convert("RGBA").convert("RGB")
+            return opened.convert("RGB")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return "missing_image"
+    except Exception:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
+        return "corrupt_image"
+
+
+def images_in_directory(directory: str | Path) -> list[Path]:
+    """Every image file under ``directory`` (recursively), sorted by path."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: not a directory of images")
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+# -- the unique images of a source ----------------------------------------------------------------
+
+def image_identity(image: ImageInput) -> str | bytes:
+    """What makes two images the same one: a path's string, or encoded bytes' content hash."""
+    return hashlib.sha1(image).digest() if isinstance(image, bytes) else str(image)
+
+
+def _image_id(image: ImageInput, key: Any, position: int) -> str:
+    if not isinstance(image, bytes):
+        return str(image)
+    return str(key) if key is not None else f"#{position}"
+
+
+def list_ids(images: Sequence[ImageInput]) -> list[str]:
+    """Names of a plain list of images: each path as itself, encoded bytes by position (``#i``)."""
+    return [_image_id(image, None, i) for i, image in enumerate(images)]
+
+
+@dataclass
+class ImageGroups:
+    """The unique images of a source with their captions.
+
+    ``ids[i]`` names ``images[i]`` (its path, or the key of the record that brought its bytes);
+    ``text_to_image[t]`` is the image of caption ``texts[t]``. Missing or empty captions are
+    left out (an image may then have none: see `captioned`).
+    """
+
+    images: list[ImageInput] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    text_to_image: list[int] = field(default_factory=list)
+
+    @property
+    def image_to_texts(self) -> list[list[int]]:
+        """Caption indices of each image, in caption order."""
+        result: list[list[int]] = [[] for _ in self.images]
+        for text_index, image_index in enumerate(self.text_to_image):
+            result[image_index].append(text_index)
+        return result
+
+    def references(self) -> list[list[str]]:
+        """The captions of each image, in caption order."""
+        return [[self.texts[t] for t in texts] for texts in self.image_to_texts]
+
+    def captioned(self) -> ImageGroups:
+        """The same groups without the images that have no caption (renumbered, order kept)."""
+        has_text = set(self.text_to_image)
+        kept = [i for i in range(len(self.images)) if i in has_text]
+        new_index = {old: new for new, old in enumerate(kept)}
+        return ImageGroups([self.images[i] for i in kept], [self.ids[i] for i in kept],
+                           list(self.texts), [new_index[i] for i in self.text_to_image])
+
+
+def group_images(records: Iterable[Any]) -> ImageGroups:
+    """The unique images of ``records`` (a source, or any records with ``image`` and, where
+    present, ``text`` and ``key``) in first-seen order, each with its non-empty captions."""
+    groups = ImageGroups()
+    position: dict[str | bytes, int] = {}
+    for record in records:
+        image = record.image
+        identity = image_identity(image)
+        if identity not in position:
+            position[identity] = len(groups.images)
+            groups.images.append(image)
+            groups.ids.append(_image_id(image, getattr(record, "key", None),
+                                        len(groups.images) - 1))
+        text = getattr(record, "text", None)
+        if text is not None and text.strip():
+            groups.texts.append(text)
+            groups.text_to_image.append(position[identity])
+    return groups
+
+
+def unique_images(records: Iterable[Any]) -> tuple[list[ImageInput], list[str]]:
+    """(images, ids) of the unique images of ``records`` (`group_images`' rule)."""
+    groups = group_images(records)
+    return groups.images, groups.ids
+
+
+def image_inputs(images: Any) -> tuple[list[ImageInput], list[str]]:
+    """(images, ids) from a directory (its image files, sorted), records of a source (their
+    unique images) or a plain list of paths / encoded bytes (as given, named by `list_ids`)."""
+    if isinstance(images, str | Path):
+        paths = [str(p) for p in images_in_directory(images)]
+        return paths, list(paths)
+    items = list(images)
+    if items and hasattr(items[0], "image"):  # records of a vlp.data source
+        return unique_images(items)
+    return items, list_ids(items)
+
+
+# -- decoding and batching ------------------------------------------------------------------------
+
+class ImageItem(NamedTuple):
+    index: int  # position in the dataset
+    pixels: Tensor | None  # None: the image could not be read
+    reason: str | None  # why not ("missing_image" / "corrupt_image"), else None
+    extra: Any = None  # what rides along with the image (e.g. a question), if anything
+
+
+class ImageBatch(NamedTuple):
+    indices: Tensor  # [K] long: dataset positions of the readable items
+    pixels: Tensor | None  # [K, 3, H, W]; None when no item of the batch could be read
+    extras: list  # [K] the readable items' extras
+    unreadable: list[int]  # dataset positions of the items whose image could not be read
+    reasons: list[str]  # why, one per entry of ``unreadable``
+
+
+class ImageDataset(Dataset):
+    """Decodes and transforms one image per item; an unreadable image gives ``None`` pixels and
+    its reason. ``extras[i]`` (optional) rides along with image ``i``."""
+
+    def __init__(self, images: Sequence[ImageInput], transform: Callable[[Image.Image], Tensor],
+                 extras: Sequence[Any] | None = None) -> None:
+        if extras is not None and len(extras) != len(images):
+            raise DataError(f"ImageDataset: {len(extras)} extras for {len(images)} images")
+        self.images = list(images)
+        self.transform = transform
+        self.extras = list(extras) if extras is not None else None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> ImageItem:
+        extra = self.extras[index] if self.extras is not None else None
+        image = open_image(self.images[index])
+        if isinstance(image, str):
+            return ImageItem(index, None, image, extra)
+        return ImageItem(index, self.transform(image), None, extra)
+
+
+def collate_images(items: Sequence[ImageItem]) -> ImageBatch:
+    """Stack the readable items' pixels; list the unreadable ones apart."""
+    readable = [item for item in items if item.pixels is not None]
+    unreadable = [item for item in items if item.pixels is None]
+    return ImageBatch(
+        indices=torch.tensor([item.index for item in readable], dtype=torch.long),
+        pixels=torch.stack([item.pixels for item in readable]) if readable else None,
+        extras=[item.extra for item in readable],
+        unreadable=[item.index for item in unreadable],
+        reasons=[item.reason for item in unreadable],
+    )
+
+
+def image_batches(images: Sequence[ImageInput], transform: Callable[[Image.Image], Tensor], *,
+                  batch_size: int, extras: Sequence[Any] | None = None, num_workers: int = 0,
+                  shuffle: bool = False, drop_last: bool = False, seed: int = 0,
+                  pin_memory: bool = False,
+                  collate: Callable[[list[ImageItem]], Any] = collate_images) -> DataLoader:
+    """A DataLoader of `ImageBatch` (or what ``collate`` makes of the items) over ``images``,
+    in order unless ``shuffle`` (then seeded by ``seed``)."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(ImageDataset(images, transform, extras), batch_size=batch_size,
+                      shuffle=shuffle, drop_last=drop_last, generator=generator,
+                      num_workers=num_workers, collate_fn=collate, pin_memory=pin_memory)
+
+
+def read_images(images: Sequence[ImageInput],
+                transform: Callable[[Image.Image], Tensor]) -> ImageBatch:
+    """One `ImageBatch` of ``images``, decoded here (no DataLoader): for a batch in hand."""
+    dataset = ImageDataset(images, transform)
+    return collate_images([dataset[i] for i in range(len(dataset))])
