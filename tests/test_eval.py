@@ -400,5 +400,9 @@ def test_retrieval_eval_drops_captions_of_unreadable_images(clip_and_tokenizer, 
 def test_a_stream_of_records_groups_like_its_map_source(captions_csv):
     source = CsvSource(captions_csv)
     streamed = retrieval_groups(iter(list(source)))
-    assert streamed == source.groups()
+    grouped = source.groups()
+    assert (streamed.images, streamed.texts, streamed.text_to_image) == \
+        (grouped.images, grouped.texts, grouped.text_to_image)
+    assert streamed == retrieval_groups(source)
+    assert streamed.ids == [str(image) for image in streamed.images]
     assert streamed.text_to_image == [0, 0, 1, 1, 2, 2, 3, 3]

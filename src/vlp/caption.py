@@ -12,9 +12,9 @@ from torch import nn
 
 from vlp import factory
 from vlp.data import build_source, infer_source_kind
+from vlp.data.images import ImageInput, image_inputs, images_in_directory
 from vlp.errors import ConfigError, DataError
-from vlp.eval.captioning import generate_captions, unique_images
-from vlp.eval.embed import ImageInput, images_in_directory
+from vlp.eval.captioning import generate_captions
 from vlp.store.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -39,10 +39,7 @@ def resolve_images(images: Any, *, kind: str = "auto",
         images = build_source(kind, path, **source_options)
     elif source_options:
         raise ConfigError(f"source options {sorted(source_options)} need images given as a path")
-    items = list(images)
-    if items and hasattr(items[0], "image"):  # records of a vlp.data source
-        return unique_images(items)
-    return items, [f"#{i}" if isinstance(x, bytes) else str(x) for i, x in enumerate(items)]
+    return image_inputs(images)
 
 
 def caption(checkpoint_or_model: str | os.PathLike[str] | nn.Module, images: Any,

@@ -9,7 +9,6 @@ is left out of the results (with a warning) when pycocoevalcap or Java is missin
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import shutil
@@ -20,13 +19,13 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vlp.contract import CAPTION
+from vlp.data.images import ImageInput, group_images, image_batches, list_ids
 from vlp.data.transforms import image_transform
 from vlp.errors import ConfigError, DataError
-from vlp.eval.embed import ImageInput, _collate_pixels, _PixelsDataset, inference, model_device
+from vlp.eval.embed import inference, model_device
 
 BLEU_ORDER = 4
 CIDER_SIGMA = 6.0  # CIDEr-D's Gaussian length penalty
@@ -247,23 +246,7 @@ class GeneratedCaptions(NamedTuple):
     pairs: list[tuple[str, str]]  # (image id, caption) of every readable image, input order
     indices: list[int]  # position in the input list of each captioned image
     skipped: list[str]  # ids of the images that could not be read
-
-
-def unique_images(records: Any) -> tuple[list[ImageInput], list[str]]:
-    """(images, ids) of the distinct images of a source, first-seen order. Paths are their own
-    ids; encoded images (WebDataset) are told apart by content and named by record key."""
-    images: list[ImageInput] = []
-    ids: list[str] = []
-    seen: set = set()
-    for record in records:
-        image = record.image
-        marker = hashlib.sha1(image).digest() if isinstance(image, bytes) else str(image)
-        if marker in seen:
-            continue
-        seen.add(marker)
-        images.append(image)
-        ids.append(str(record.key) if isinstance(image, bytes) else str(image))
-    return images, ids
+    reasons: list[str]  # why each of ``skipped`` could not be read ("corrupt_image", ...)
 
 
 def _prompt_ids(tokenizer: Any, prompt: str | None, batch: int) -> torch.Tensor | None:
@@ -278,86 +261,65 @@ def generate_captions(model: nn.Module, tokenizer: Any, images: Sequence[ImageIn
                       max_new_tokens: int = 20, num_beams: int = 3, prompt: str | None = None,
                       num_workers: int = 0, progress: bool = True,
                       **generate_kwargs: Any) -> GeneratedCaptions:
-    """One caption per image (paths or encoded bytes) with ``model.generate``; unreadable images
-    are skipped and listed. With a ``prompt``, decoding starts from bos + prompt and the caption
-    is the continuation only (the prompt is not repeated)."""
+    """One caption per image (paths or encoded bytes) with ``model.generate``; images are read
+    through `vlp.data.images.image_batches`, so unreadable ones are skipped and listed. With a
+    ``prompt``, decoding starts from bos + prompt and the caption is the continuation only (the
+    prompt is not repeated)."""
     model.require(CAPTION, "captioning")
     images = list(images)
-    ids = [str(i) for i in ids] if ids is not None else [
-        f"#{i}" if isinstance(x, bytes) else str(x) for i, x in enumerate(images)]
+    ids = [str(i) for i in ids] if ids is not None else list_ids(images)
     if len(ids) != len(images):
         raise ConfigError(f"generate_captions: {len(images)} images but {len(ids)} ids")
     if not images:
         raise DataError("no images to caption")
-    dataset = _PixelsDataset(images, image_transform(model, train=False))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate_pixels,
-                        pin_memory=model_device(model).type == "cuda")
+    loader = image_batches(images, image_transform(model, train=False), batch_size=batch_size,
+                           num_workers=num_workers,
+                           pin_memory=model_device(model).type == "cuda")
     pairs: list[tuple[str, str]] = []
     kept: list[int] = []
     unreadable: list[int] = []
+    reasons: list[str] = []
     with inference(model) as device:
-        for indices, pixels, bad in tqdm(loader, desc="captions", leave=False,
-                                         disable=not progress):
-            unreadable.extend(bad)
-            if pixels is None:
+        for batch in tqdm(loader, desc="captions", leave=False, disable=not progress):
+            unreadable.extend(batch.unreadable)
+            reasons.extend(batch.reasons)
+            if batch.pixels is None:
                 continue
-            prompt_ids = _prompt_ids(tokenizer, prompt, pixels.shape[0])
-            tokens = model.generate(pixels.to(device, non_blocking=True),
+            prompt_ids = _prompt_ids(tokenizer, prompt, batch.pixels.shape[0])
+            tokens = model.generate(batch.pixels.to(device, non_blocking=True),
                                     prompt_ids=None if prompt_ids is None else
                                     prompt_ids.to(device),
                                     max_new_tokens=max_new_tokens, num_beams=num_beams,
                                     **generate_kwargs)
             texts = tokenizer.batch_decode(tokens.cpu())
-            for index, text in zip(indices.tolist(), texts):
+            for index, text in zip(batch.indices.tolist(), texts):
                 pairs.append((ids[index], text.strip()))
                 kept.append(index)
-    return GeneratedCaptions(pairs, kept, [ids[i] for i in unreadable])
-
-
-def caption_groups(source: Any) -> tuple[list[ImageInput], list[str], list[list[str]]]:
-    """(images, ids, references per image) of a caption source; empty captions are left out."""
-    images: list[ImageInput] = []
-    ids: list[str] = []
-    references: list[list[str]] = []
-    position: dict = {}
-    for record in source:
-        if record.text is None or not record.text.strip():
-            continue
-        image = record.image
-        marker = hashlib.sha1(image).digest() if isinstance(image, bytes) else str(image)
-        if marker not in position:
-            position[marker] = len(images)
-            images.append(image)
-            ids.append(str(record.key) if isinstance(image, bytes) else str(image))
-            references.append([])
-        references[position[marker]].append(record.text)
-    return images, ids, references
+    return GeneratedCaptions(pairs, kept, [ids[i] for i in unreadable], reasons)
 
 
 def caption_eval(model: nn.Module, tokenizer: Any, source: Any, *, batch_size: int = 32,
                  max_new_tokens: int = 20, num_beams: int = 3, prompt: str | None = None,
                  num_workers: int = 0, progress: bool = True,
-                 backend: str = "auto") -> dict[str, float]:
-    """Caption each unique image of a caption source once and score it against all its
-    references: `caption_metrics` keys plus ``num_images`` (scored) and ``num_skipped``."""
-    if hasattr(source, "groups"):
-        groups = source.groups()
-        images = groups.images
-        ids = [f"#{i}" if isinstance(x, bytes) else str(x) for i, x in enumerate(images)]
-        references = [[groups.texts[t] for t in texts] for texts in groups.image_to_texts]
-    else:  # a stream (WebDataset): one member set per (image, caption)
-        images, ids, references = caption_groups(source)
-    if not images:
+                 backend: str = "auto") -> dict[str, Any]:
+    """Caption each unique image of a caption source once (`vlp.data.images.group_images`)
+    and score it against all its references: `caption_metrics` keys plus ``num_images``
+    (scored), ``num_skipped`` and ``skipped`` (the ids of the images that could not be read)."""
+    groups = group_images(source).captioned()
+    if not groups.images:
         raise DataError(f"caption eval: {source!r} has no captioned images")
-    generated = generate_captions(model, tokenizer, images, ids, batch_size=batch_size,
-                                  max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                  prompt=prompt, num_workers=num_workers, progress=progress)
+    references = groups.references()
+    generated = generate_captions(model, tokenizer, groups.images, groups.ids,
+                                  batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                  num_beams=num_beams, prompt=prompt, num_workers=num_workers,
+                                  progress=progress)
     if not generated.pairs:
-        raise DataError(f"caption eval: none of the {len(images)} images could be read")
+        raise DataError(f"caption eval: none of the {len(groups.images)} images could be read "
+                        f"(first: {generated.skipped[0]})")
     candidates = {index: text for index, (_, text) in zip(generated.indices, generated.pairs)}
-    metrics = caption_metrics({i: references[i] for i in candidates}, candidates,
-                              backend=backend)
+    metrics: dict[str, Any] = caption_metrics({i: references[i] for i in candidates},
+                                              candidates, backend=backend)
     metrics["num_images"] = len(candidates)
     metrics["num_skipped"] = len(generated.skipped)
+    metrics["skipped"] = generated.skipped
     return metrics

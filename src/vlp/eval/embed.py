@@ -1,14 +1,16 @@
 """Images and texts to embeddings through any model's ``encode_image`` / ``encode_text``.
 
 Zero-shot, retrieval and ``vlp embed`` all encode through here, so eval mode, inference
-mode, autocast, batching and the handling of unreadable images are decided in one place.
+mode, autocast and batching are decided in one place; images are read through
+`vlp.data.images`, the input path captioning, re-ranking and VQA share (unreadable images
+skipped and named).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,16 +21,12 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from vlp.data.pipeline import open_image
-from vlp.data.sources import IMAGE_EXTENSIONS
+from vlp.data.images import image_batches, image_inputs
 from vlp.data.transforms import image_transform
 from vlp.errors import ConfigError, DataError
 from vlp.store.files import atomic_write, atomic_write_text
-
-ImageInput = str | Path | bytes
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -94,69 +92,11 @@ class ImageEmbeddings(NamedTuple):
     skipped: list[str]  # ids of the inputs that could not be read, in input order
 
 
-class _PixelsDataset(Dataset):
-    """Decodes and transforms one image per item; an unreadable image gives ``None`` pixels."""
-
-    def __init__(self, images: list[ImageInput], transform: Callable[[Image.Image], Tensor]):
-        self.images = images
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[int, Tensor | None]:
-        image = open_image(self.images[index])
-        if isinstance(image, str):  # the skip reason: missing or corrupt
-            return index, None
-        return index, self.transform(image)
-
-
-def _collate_pixels(items: list[tuple[int, Tensor | None]]) -> tuple[Tensor, Tensor | None, list]:
-    readable = [(index, pixels) for index, pixels in items if pixels is not None]
-    unreadable = [index for index, pixels in items if pixels is None]
-    indices = torch.tensor([index for index, _ in readable], dtype=torch.long)
-    pixels = torch.stack([p for _, p in readable]) if readable else None
-    return indices, pixels, unreadable
-
-
-def images_in_directory(directory: str | Path) -> list[Path]:
-    """Every image file under ``directory`` (recursively), sorted by path."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise DataError(f"{directory}: not a directory of images")
-    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def _image_inputs(images: Any) -> tuple[list[ImageInput], list[str]]:
-    """(images, ids) from a directory, a list of paths/bytes, or a source of records."""
-    if isinstance(images, str | Path):
-        paths = [str(p) for p in images_in_directory(images)]
-        return paths, list(paths)
-    items = list(images)
-    if items and hasattr(items[0], "image"):  # records of a vlp.data source
-        return _unique_record_images(items)
-    return items, [f"#{i}" if isinstance(x, bytes) else str(x) for i, x in enumerate(items)]
-
-
-def _unique_record_images(records: Iterable[Any]) -> tuple[list[ImageInput], list[str]]:
-    # caption sources repeat an image once per caption; embed each path once, first-seen order
-    images, ids, seen = [], [], set()
-    for record in records:
-        image = record.image
-        if isinstance(image, bytes):
-            images.append(image)
-            ids.append(str(record.key))
-        elif str(image) not in seen:
-            seen.add(str(image))
-            images.append(image)
-            ids.append(str(image))
-    return images, ids
-
-
 def embed_images(
     model: nn.Module,
     images: Any,
     *,
+    ids: Sequence[str] | None = None,
     transform: Callable[[Image.Image], Tensor] | None = None,
     batch_size: int = 256,
     num_workers: int = 0,
@@ -164,30 +104,34 @@ def embed_images(
 ) -> ImageEmbeddings:
     """Embed a directory, a list of paths / encoded bytes, or a ``vlp.data`` source.
 
-    Sources are reduced to their unique images (a stream is read into memory once). Unreadable
-    images are skipped and listed in ``skipped``, so one broken file never ends a long run;
-    ``indices`` maps rows back to inputs. ``transform`` defaults to the model's eval preprocessing.
+    Sources are reduced to their unique images (`vlp.data.images.group_images`; a stream is
+    read into memory once). Images are read through `vlp.data.images.image_batches`: unreadable
+    ones are skipped and listed in ``skipped``, so one broken file never ends a long run;
+    ``indices`` maps rows back to inputs. ``ids`` names a list of images (default: each path
+    as itself, encoded bytes as ``#i``). ``transform`` defaults to the model's eval
+    preprocessing.
     """
-    image_list, ids = _image_inputs(images)
+    image_list, default_ids = image_inputs(images)
+    if ids is None:
+        ids = default_ids
+    elif isinstance(images, str | Path) or len(ids) != len(image_list):
+        raise ConfigError(f"embed_images: ids name a list of images; got {len(ids)} ids for "
+                          f"{len(image_list)} images")
+    ids = [str(i) for i in ids]
     if not image_list:
         where = f" in {images}" if isinstance(images, str | Path) else ""
         raise DataError(f"no images to embed{where}")
-    dataset = _PixelsDataset(image_list, transform or image_transform(model, train=False))
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_collate_pixels,
-        pin_memory=model_device(model).type == "cuda",
-    )
+    loader = image_batches(image_list, transform or image_transform(model, train=False),
+                           batch_size=batch_size, num_workers=num_workers,
+                           pin_memory=model_device(model).type == "cuda")
     chunks, kept, unreadable = [], [], []
     with inference(model) as device:
-        for indices, pixels, bad in tqdm(loader, desc="images", leave=False, disable=not progress):
-            unreadable.extend(bad)
-            if pixels is not None:
-                chunks.append(_finish(model.encode_image(pixels.to(device, non_blocking=True))))
-                kept.append(indices)
+        for batch in tqdm(loader, desc="images", leave=False, disable=not progress):
+            unreadable.extend(batch.unreadable)
+            if batch.pixels is not None:
+                pixels = batch.pixels.to(device, non_blocking=True)
+                chunks.append(_finish(model.encode_image(pixels)))
+                kept.append(batch.indices)
     if not chunks:
         raise DataError(f"none of the {len(image_list)} images could be read (first: {ids[0]})")
     indices = torch.cat(kept)

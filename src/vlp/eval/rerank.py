@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vlp.contract import ITM, PretrainModel
+from vlp.data.images import image_batches
 from vlp.data.transforms import image_transform
 from vlp.errors import ConfigError, DataError
-from vlp.eval.embed import _collate_pixels, _PixelsDataset, inference
-from vlp.eval.retrieval import retrieval_groups, score_retrieval_metrics
+from vlp.eval.embed import inference, model_device
+from vlp.eval.retrieval import keep_readable, retrieval_groups, score_retrieval_metrics
 
 # (image_tokens (P, S, D), input_ids (P, L), attention_mask (P, L)) -> (P,) match logits
 MatchFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -66,44 +66,42 @@ def itm_rerank_scores(itc_similarity: Tensor, image_tokens: Tensor, input_ids: T
 
 
 def _encode_images(model: PretrainModel, images: list, batch_size: int, num_workers: int,
-                   progress: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(ITC embeddings (K, ...), ITM features (K, ...), kept indices (K,)) of readable
-    images, as the model's `itm_image` gives them."""
-    dataset = _PixelsDataset(images, image_transform(model, train=False))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate_pixels)
-    embeddings, tokens, kept = [], [], []
+                   progress: bool) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """(ITC embeddings (K, ...), ITM features (K, ...), kept indices (K,), unreadable
+    positions) of the images, read through `vlp.data.images.image_batches`, as the model's
+    `itm_image` gives them."""
+    loader = image_batches(images, image_transform(model, train=False), batch_size=batch_size,
+                           num_workers=num_workers,
+                           pin_memory=model_device(model).type == "cuda")
+    embeddings, tokens, kept, unreadable = [], [], [], []
     with inference(model) as device:
-        for indices, pixels, _ in tqdm(loader, desc="images", leave=False,
-                                       disable=not progress):
-            if pixels is None:
+        for batch in tqdm(loader, desc="images", leave=False, disable=not progress):
+            unreadable.extend(batch.unreadable)
+            if batch.pixels is None:
                 continue
-            embedding, features = model.itm_image(pixels.to(device))
+            embedding, features = model.itm_image(batch.pixels.to(device, non_blocking=True))
             embeddings.append(embedding.float())
             tokens.append(features.float())
-            kept.append(indices)
+            kept.append(batch.indices)
     if not kept:
         raise DataError(f"retrieval eval: none of the {len(images)} images could be read")
-    return torch.cat(embeddings), torch.cat(tokens), torch.cat(kept)
+    return torch.cat(embeddings), torch.cat(tokens), torch.cat(kept), unreadable
 
 
 def itm_rerank_eval(model: nn.Module, tokenizer: Any, source: Any, *, k_test: int = 128,
                     batch_size: int = 128, num_workers: int = 0,
-                    ks: Sequence[int] = (1, 5, 10), progress: bool = True) -> dict[str, float]:
+                    ks: Sequence[int] = (1, 5, 10), progress: bool = True) -> dict[str, Any]:
     """Retrieval of a BLIP model over a caption source, ITC alone (``i2t_r1``, ... as
     `retrieval_eval`) and ITC + ITM re-ranking of the top ``k_test`` (``itm_i2t_r1``, ...).
-    Every image's tokens are held in memory, as BLIP's own evaluation does."""
+    Every image's tokens are held in memory, as BLIP's own evaluation does. Unreadable images
+    are skipped with their captions: ``num_skipped`` and ``skipped`` (their ids)."""
     model.require(ITM, "ITM re-ranking")
     groups = retrieval_groups(source)
     if not groups.texts:
         raise DataError(f"retrieval eval: {source!r} has no captioned images")
-    image_embeddings, image_tokens, kept = _encode_images(model, groups.images, batch_size,
-                                                          num_workers, progress)
-    new_index = torch.full((len(groups.images),), -1, dtype=torch.long)
-    new_index[kept] = torch.arange(len(kept))
-    text_to_image = new_index[torch.tensor(groups.text_to_image, dtype=torch.long)]
-    captions = [c for c, i in zip(groups.texts, text_to_image.tolist()) if i >= 0]
-    text_to_image = text_to_image[text_to_image >= 0]
+    image_embeddings, image_tokens, kept, unreadable = _encode_images(
+        model, groups.images, batch_size, num_workers, progress)
+    captions, text_to_image = keep_readable(groups, kept)
     pad_id = model.config.text.pad_id
     with inference(model) as device:
         input_ids = tokenizer(captions, context_length=model.config.text.context_length)
@@ -113,7 +111,8 @@ def itm_rerank_eval(model: nn.Module, tokenizer: Any, source: Any, *, k_test: in
             model.encode_text(input_ids[s:s + batch_size], attention_mask[s:s + batch_size])
             for s in range(0, len(captions), batch_size)]).float()
         similarity = model.similarity(image_embeddings, text_embeddings)  # (N, M) ITC
-        metrics = score_retrieval_metrics(similarity, similarity.T, text_to_image, ks)
+        metrics: dict[str, Any] = score_retrieval_metrics(similarity, similarity.T,
+                                                          text_to_image, ks)
         i2t, t2i = itm_rerank_scores(
             similarity, image_tokens, input_ids, attention_mask,
             model.itm_match,
@@ -122,5 +121,6 @@ def itm_rerank_eval(model: nn.Module, tokenizer: Any, source: Any, *, k_test: in
     metrics.update({f"itm_{k}": v for k, v in reranked.items()
                     if k not in ("num_images", "num_texts")})
     metrics["k_test"] = k_test
-    metrics["num_skipped"] = len(groups.images) - len(kept)
+    metrics["num_skipped"] = len(unreadable)
+    metrics["skipped"] = [groups.ids[i] for i in unreadable]
     return metrics

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vlp.data.sources import ListSource, RetrievalGroups
+from vlp.data.images import ImageGroups, group_images
 from vlp.errors import DataError
 from vlp.eval.embed import embed_images, embed_texts, model_device
 
@@ -159,16 +159,22 @@ def score_retrieval_metrics(
     return metrics
 
 
-def retrieval_groups(source: Any) -> RetrievalGroups:
-    """Unique images, all captions and ``text_to_image`` of a caption source.
+def retrieval_groups(source: Any) -> ImageGroups:
+    """Unique images (`vlp.data.images.group_images`: first-seen order, paths by string, encoded
+    bytes by content), every non-empty caption and ``text_to_image`` of a caption source; images
+    without a caption are left out. A stream such as WebDataset is read once."""
+    return group_images(source).captioned()
 
-    Map sources group themselves (``source.groups()``, COCO in its JSON's image order); a
-    stream such as WebDataset is read once and grouped the same way.
-    """
-    if hasattr(source, "groups"):
-        return source.groups()
-    records = list(source)
-    return ListSource([r.image for r in records], [r.text for r in records]).groups()
+
+def keep_readable(groups: ImageGroups, kept: Tensor) -> tuple[list[str], Tensor]:
+    """The captions of the images at ``kept`` (positions in ``groups.images``, in the order
+    their features were computed) and each one's row among them; the captions of the other
+    (unreadable) images are dropped."""
+    new_index = torch.full((len(groups.images),), -1, dtype=torch.long)
+    new_index[kept] = torch.arange(len(kept))
+    text_to_kept = new_index[torch.tensor(groups.text_to_image, dtype=torch.long)]
+    captions = [c for c, i in zip(groups.texts, text_to_kept.tolist()) if i >= 0]
+    return captions, text_to_kept[text_to_kept >= 0]
 
 
 def retrieval_eval(
@@ -180,33 +186,28 @@ def retrieval_eval(
     *,
     ks: Sequence[int] = (1, 5, 10),
     progress: bool = True,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Image<->text retrieval over a caption source: each unique image once, every caption.
 
-    Returns the keys of ``retrieval_metrics`` plus ``num_skipped`` (unreadable images, whose
-    captions are dropped too).
+    Returns the keys of ``retrieval_metrics`` plus ``num_skipped`` and ``skipped`` (the ids of
+    the images that could not be read; their captions are dropped too).
     """
     groups = retrieval_groups(source)
     if not groups.texts:
         raise DataError(f"retrieval eval: {source!r} has no captioned images")
-    images, captions = groups.images, groups.texts
-    text_to_image = torch.tensor(groups.text_to_image, dtype=torch.long)
-    embedded = embed_images(model, images, batch_size=batch_size, num_workers=num_workers,
-                            progress=progress)
-    # renumber images after skipping unreadable ones; captions of skipped images go too
-    new_index = torch.full((len(images),), -1, dtype=torch.long)
-    new_index[embedded.indices] = torch.arange(len(embedded.indices))
-    text_to_kept = new_index[text_to_image]
-    kept_captions = [c for c, i in zip(captions, text_to_kept.tolist()) if i >= 0]
-    text_features = embed_texts(model, tokenizer, kept_captions, batch_size=batch_size,
+    embedded = embed_images(model, groups.images, ids=groups.ids, batch_size=batch_size,
+                            num_workers=num_workers, progress=progress)
+    captions, text_to_image = keep_readable(groups, embedded.indices)
+    text_features = embed_texts(model, tokenizer, captions, batch_size=batch_size,
                                 progress=progress)
     device = model_device(model)
-    metrics = retrieval_metrics(
+    metrics: dict[str, Any] = retrieval_metrics(
         embedded.embeddings.to(device),
         text_features.to(device),
-        text_to_kept[text_to_kept >= 0].to(device),
+        text_to_image.to(device),
         ks=ks,
         similarity=model.similarity,
     )
     metrics["num_skipped"] = len(embedded.skipped)
+    metrics["skipped"] = embedded.skipped
     return metrics
