@@ -5,7 +5,9 @@ A batch is ``{"pixels", "question_ids", "question_mask", "answer_ids", "answer_m
 question and answer are each bos + tokens + eos, right-padded (BLIP puts [ENC] / [DEC] in
 the bos slot); the answer is `target_answer` of the reference answers, tokenised by
 `AnswerTokenizer` as the model reads answers. `vlp train --train-kind qa` (`QASource`) batches
-the same way.
+the same way. `qa_loader` reads images through `vlp.data.images` (the inference input path):
+its batches also name the rows they hold (``index``) and the questions whose image could not be
+read (``unreadable``, ``reasons``), which are skipped, never raised.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from vlp.data.pipeline import open_image
+from vlp.data.images import ImageItem, collate_images, image_batches
 from vlp.data.records import jsonl_rows, resolve_image_path
 from vlp.data.transforms import image_transform
 from vlp.errors import DataError
@@ -55,25 +57,6 @@ def read_qa_jsonl(path: str | os.PathLike[str],
     if not records:
         raise DataError(f"{path}: has no QA rows")
     return records
-
-
-class QADataset(Dataset):
-    """``(pixels, question, answer)`` per question; ``train`` uses the training transform."""
-
-    def __init__(self, records: list[QARecord], config: Any, train: bool = False) -> None:
-        self.records = list(records)
-        self.transform = image_transform(config, train)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, str, str]:
-        record = self.records[index]
-        image = open_image(record.image)
-        if isinstance(image, str):
-            raise DataError(f"{record.image}: {image.replace('_', ' ')} (QA question "
-                            f"{record.question!r})")
-        return self.transform(image), record.question, target_answer(record.answers)
 
 
 def target_answer(answers: tuple[str, ...]) -> str:
@@ -124,19 +107,41 @@ class QACollate:
         width = max(1, int(mask.sum(1).max()))
         return ids[:, :width], mask[:, :width]
 
-    def __call__(self, items: list[tuple[Tensor, str, str]]) -> dict[str, Tensor]:
-        question_ids, question_mask = self._tokens(self.tokenizer,
-                                                   [question for _, question, _ in items])
-        answer_ids, answer_mask = self._tokens(self.answers, [answer for _, _, answer in items])
-        return {"pixels": torch.stack([pixels for pixels, _, _ in items]),
-                "question_ids": question_ids, "question_mask": question_mask,
+    def texts(self, questions: list[str], answers: list[str]) -> dict[str, Tensor]:
+        """``question_ids`` / ``question_mask`` / ``answer_ids`` / ``answer_mask``."""
+        question_ids, question_mask = self._tokens(self.tokenizer, questions)
+        answer_ids, answer_mask = self._tokens(self.answers, answers)
+        return {"question_ids": question_ids, "question_mask": question_mask,
                 "answer_ids": answer_ids, "answer_mask": answer_mask}
+
+    def __call__(self, items: list[tuple[Tensor, str, str]]) -> dict[str, Tensor]:
+        return {"pixels": torch.stack([pixels for pixels, _, _ in items]),
+                **self.texts([question for _, question, _ in items],
+                             [answer for _, _, answer in items])}
+
+    def image_items(self, items: list[ImageItem]) -> dict[str, Any]:
+        """`vlp.data.images.collate_images` over items whose extra is (question, answer),
+        the readable ones tokenised as `__call__` does; ``index`` holds the positions of the
+        batch's rows, ``unreadable`` / ``reasons`` the questions whose image could not be
+        read (with no readable row, ``pixels`` is None and there are no token keys)."""
+        images = collate_images(items)
+        batch: dict[str, Any] = {"pixels": images.pixels, "index": images.indices,
+                                 "unreadable": images.unreadable, "reasons": images.reasons}
+        if images.pixels is not None:
+            batch.update(self.texts([question for question, _ in images.extras],
+                                    [answer for _, answer in images.extras]))
+        return batch
 
 
 def qa_loader(records: list[QARecord], config: Any, tokenizer: Any, *, batch_size: int,
               train: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:
-    """Batches of QA pairs for a model ``config`` (shuffled, seeded, full batches if train)."""
-    generator = torch.Generator().manual_seed(seed) if train else None
-    return DataLoader(QADataset(records, config, train), batch_size=batch_size, shuffle=train,
-                      drop_last=train, generator=generator, num_workers=num_workers,
-                      collate_fn=QACollate(tokenizer, config))
+    """Batches of QA pairs for a model ``config`` (shuffled, seeded, full batches if train),
+    read through `vlp.data.images.image_batches`: a question whose image cannot be read is
+    left out of its batch and listed in ``unreadable`` (see `QACollate.image_items`)."""
+    records = list(records)
+    return image_batches([record.image for record in records], image_transform(config, train),
+                         extras=[(record.question, target_answer(record.answers))
+                                 for record in records],
+                         batch_size=batch_size, shuffle=train, drop_last=train, seed=seed,
+                         num_workers=num_workers,
+                         collate=QACollate(tokenizer, config).image_items)

@@ -17,6 +17,8 @@ from vlp.eval.retrieval import retrieval_eval
 from vlp.eval.vqa import vqa_eval
 from vlp.eval.zeroshot import zeroshot_eval
 
+VQA_PREFIXED = ("num_skipped", "skipped")  # vqa_eval keys merged as vqa_num_skipped, ...
+
 
 @dataclass
 class EvalSpec:
@@ -45,9 +47,11 @@ class EvalSpec:
                     or self.vqa_data)
 
 
-def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec) -> dict[str, float]:
+def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:
     """The metrics of every benchmark ``spec`` names, merged into one flat dict (captioning
-    keys prefixed ``caption_``, VQA keys start with ``vqa_``)."""
+    keys prefixed ``caption_``, VQA keys start with ``vqa_``, but for ``num_questions``).
+    Unreadable images are skipped by each benchmark and named: ``skipped`` (retrieval),
+    ``caption_skipped``, ``vqa_skipped``, with their counts ``num_skipped``, ...)."""
     if spec.vqa_mode == "rank" and spec.vqa_data and not spec.vqa_candidates:
         raise ConfigError("VQA mode 'rank' needs candidate answers (vqa_candidates)")
     metrics: dict[str, float] = {}
@@ -81,8 +85,10 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec) -> dict[str, floa
     if spec.vqa_data:
 
         image_root = spec.retrieval_options.get("image_root")
-        metrics.update(vqa_eval(model, tokenizer, read_qa_jsonl(spec.vqa_data, image_root),
-                                mode=spec.vqa_mode, candidates=spec.vqa_candidates,
-                                batch_size=min(spec.batch_size, 64), num_beams=spec.num_beams,
-                                num_workers=spec.num_workers, progress=spec.progress))
+        scores = vqa_eval(model, tokenizer, read_qa_jsonl(spec.vqa_data, image_root),
+                          mode=spec.vqa_mode, candidates=spec.vqa_candidates,
+                          batch_size=min(spec.batch_size, 64), num_beams=spec.num_beams,
+                          num_workers=spec.num_workers, progress=spec.progress)
+        # its skip count would overwrite retrieval's under the same name
+        metrics.update({f"vqa_{k}" if k in VQA_PREFIXED else k: v for k, v in scores.items()})
     return metrics

@@ -128,20 +128,23 @@ def majority_baselines(train: Sequence[QARecord], test: Sequence[QARecord]
 def answer_questions(model: nn.Module, tokenizer: Any, records: Sequence[QARecord], *,
                      mode: str = "generate", candidates: Sequence[str] | None = None,
                      batch_size: int = 64, num_beams: int = 3, max_new_tokens: int = 10,
-                     num_workers: int = 0, progress: bool = True) -> list[str]:
-    """One answer per question: ``"generate"`` decodes open-ended (BLIP: beam 3, max 10
-    tokens); ``"rank"`` returns the candidate whose full answer sequence is most likely under
-    the answer decoder (BLIP's rank inference, scoring every candidate), each candidate
-    tokenised as the model reads answers (`vlp.data.qa.AnswerTokenizer`)."""
+                     num_workers: int = 0, progress: bool = True) -> list[str | None]:
+    """One answer per question, None where its image cannot be read (images come through
+    `vlp.data.qa.qa_loader`, so an unreadable one is skipped, never raised): ``"generate"``
+    decodes open-ended (BLIP: beam 3, max 10 tokens); ``"rank"`` returns the candidate whose
+    full answer sequence is most likely under the answer decoder (BLIP's rank inference,
+    scoring every candidate), each candidate tokenised as the model reads answers
+    (`vlp.data.qa.AnswerTokenizer`)."""
     if mode not in VQA_MODES:
         raise ConfigError(f"VQA mode {mode!r}; expected one of {list(VQA_MODES)}")
     model.require(VQA, "VQA")
     if mode == "rank" and not candidates:
         raise ConfigError("VQA mode 'rank' needs a list of candidate answers")
     context_length = model.config.text.context_length
-    loader = qa_loader(list(records), model.config, tokenizer, batch_size=batch_size,
-                       train=False, num_workers=num_workers)
-    answers: list[str] = []
+    records = list(records)
+    loader = qa_loader(records, model.config, tokenizer, batch_size=batch_size, train=False,
+                       num_workers=num_workers)
+    answers: list[str | None] = [None] * len(records)
     with inference(model) as device:
         if mode == "rank":
             candidate_ids = AnswerTokenizer(tokenizer, model.config)(
@@ -151,24 +154,40 @@ def answer_questions(model: nn.Module, tokenizer: Any, records: Sequence[QARecor
             candidate_ids = candidate_ids[:, :width].to(device)
             candidate_mask = candidate_mask[:, :width].to(device)
         for batch in tqdm(loader, desc="vqa", leave=False, disable=not progress):
+            if batch["pixels"] is None:  # no image of the batch could be read
+                continue
             pixels = batch["pixels"].to(device)
             question_ids = batch["question_ids"].to(device)
             if mode == "rank":
                 scores = model.rank_answers(pixels, question_ids, candidate_ids,
                                             candidate_mask=candidate_mask)
-                answers += [candidates[i] for i in scores.argmax(1).tolist()]
+                texts = [candidates[i] for i in scores.argmax(1).tolist()]
             else:
                 tokens = model.answer(pixels, question_ids, max_new_tokens=max_new_tokens,
                                       num_beams=num_beams)
-                answers += [text.strip() for text in tokenizer.batch_decode(tokens.cpu())]
+                texts = [text.strip() for text in tokenizer.batch_decode(tokens.cpu())]
+            for index, text in zip(batch["index"].tolist(), texts, strict=True):
+                answers[index] = text
     return answers
 
 
 def vqa_eval(model: nn.Module, tokenizer: Any, records: Sequence[QARecord], *,
              mode: str = "generate", candidates: Sequence[str] | None = None,
-             **kwargs: Any) -> dict[str, float]:
+             **kwargs: Any) -> dict[str, Any]:
     """`accuracy_summary` of the model's answers to ``records`` (``kwargs``: see
-    `answer_questions`)."""
+    `answer_questions`), over the questions it answered: a question whose image cannot be read
+    is skipped, counted in ``num_skipped`` and named in ``skipped`` (its image's path, once per
+    skipped question)."""
+    records = list(records)
     predictions = answer_questions(model, tokenizer, records, mode=mode, candidates=candidates,
                                    **kwargs)
-    return accuracy_summary(predictions, records)
+    answered = [(p, r) for p, r in zip(predictions, records) if p is not None]
+    skipped = [str(r.image) for p, r in zip(predictions, records) if p is None]
+    if records and not answered:
+        raise DataError(f"VQA eval: none of the {len(records)} questions' images could be "
+                        f"read (first: {skipped[0]})")
+    metrics: dict[str, Any] = accuracy_summary([p for p, _ in answered],
+                                               [r for _, r in answered])
+    metrics["num_skipped"] = len(skipped)
+    metrics["skipped"] = skipped
+    return metrics
