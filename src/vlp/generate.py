@@ -77,8 +77,10 @@ def filter_top_p(logits: Tensor, p: float) -> Tensor:
 
 def _process(logits: Tensor, seqs: Tensor, n_new: int, *, eos_id: int, min_new_tokens: int,
              repetition_penalty: float) -> Tensor:
-    """Logit changes every strategy shares: repetition penalty, no eos before min_new_tokens."""
-    logits = logits.float()
+    """Score changes every strategy shares: repetition penalty, no eos before min_new_tokens.
+    Greedy and sampling apply them to the raw logits, beam search to the log-probabilities
+    (normalise first, then process, as transformers' beam search that BLIP, LAVIS and BLIP-2
+    decode with), which ranks differently once a penalty is set."""
     if repetition_penalty != 1.0:
         logits = penalise_repeats(logits, seqs, repetition_penalty)
     if n_new < min_new_tokens:
@@ -99,7 +101,7 @@ def generate(
     min_new_tokens: int = 0,
     num_beams: int = 1,
     length_penalty: float = 1.0,
-    early_stopping: bool = True,
+    early_stopping: bool = False,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -112,8 +114,9 @@ def generate(
     its eos (kept) and is padded with ``pad_id`` after it; T <= ``max_new_tokens``.
 
     ``num_beams > 1``: beam search scoring finished hypotheses by sum(log p) / length **
-    ``length_penalty``; ``early_stopping`` ends a row once it has ``num_beams`` finished ones
-    (else when no running beam can beat them, as HF's heuristic). ``do_sample``: sampling from
+    ``length_penalty``; a row ends when no running beam can beat its ``num_beams`` finished
+    ones (transformers' heuristic and default, which BLIP and LAVIS use), or with
+    ``early_stopping`` as soon as it has them. ``do_sample``: sampling from
     softmax(logits / temperature) after top-k and top-p filtering, drawn with ``generator``.
     Otherwise greedy. The repetition penalty counts prompt tokens too.
     """
@@ -178,8 +181,8 @@ def _greedy_or_sample(decoder: StepDecoder, prompt_ids: Tensor, *, eos_id: int, 
     seqs = prompt_ids
     finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     for n_new in range(max_new_tokens):
-        logits = _process(logits, seqs, n_new, eos_id=eos_id, min_new_tokens=min_new_tokens,
-                          repetition_penalty=repetition_penalty)
+        logits = _process(logits.float(), seqs, n_new, eos_id=eos_id,
+                          min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
         if do_sample:
             logits = logits / temperature
             if top_k is not None:
@@ -248,8 +251,8 @@ def _beam_search(decoder: StepDecoder, prompt_ids: Tensor, *, eos_id: int, pad_i
     hypotheses = [_Hypotheses(num_beams, length_penalty) for _ in range(B)]
     done = [False] * B
     for n_new in range(max_new_tokens):
-        logprobs = _process(logits, seqs, n_new, eos_id=eos_id, min_new_tokens=min_new_tokens,
-                            repetition_penalty=repetition_penalty).log_softmax(dim=-1)
+        logprobs = _process(logits.float().log_softmax(dim=-1), seqs, n_new, eos_id=eos_id,
+                            min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty)
         vocab = logprobs.shape[-1]
         candidates = (beam_scores[:, None] + logprobs).view(B, num_beams * vocab)
         top_scores, top_index = candidates.topk(2 * num_beams, dim=1)  # enough to refill beams
@@ -274,7 +277,8 @@ def _beam_search(decoder: StepDecoder, prompt_ids: Tensor, *, eos_id: int, pad_i
                 filled += 1
                 if filled == num_beams:
                     break
-            done[b] = hypotheses[b].is_done(top_scores[b, 0].item(), n_new + 1, early_stopping)
+            # the best beam still running (not an eos just finished) bounds what can improve
+            done[b] = hypotheses[b].is_done(next_scores[b, 0].item(), n_new + 1, early_stopping)
         if all(done):
             break
         next_rows = next_rows.view(-1)
