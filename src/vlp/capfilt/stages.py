@@ -22,7 +22,8 @@ from vlp import factory
 from vlp.capfilt.config import CapfiltConfig
 from vlp.capfilt.units import WorkUnit, load_items
 from vlp.config import load_config
-from vlp.data.pipeline import derive_seed, open_image
+from vlp.data.images import read_images
+from vlp.data.pipeline import derive_seed
 from vlp.data.transforms import image_transform
 from vlp.errors import CheckpointError, ConfigError, DataError
 from vlp.eval.captioning import generate_captions
@@ -118,17 +119,10 @@ def caption_unit(cfg: CapfiltConfig, unit: WorkUnit, model: nn.Module, tokenizer
     items = load_items(cfg, unit)
     rows = [{"key": item.key, "image": item.image_ref, "original": item.captions,
              "noisy": item.noisy, "synthetic": []} for item in items]
-    readable = []
-    for row, item in zip(rows, items):
-        opened = open_image(item.image)
-        if isinstance(opened, str):
-            row["skipped"] = opened
-        else:
-            readable.append((row, item.image))
-    if not readable:
+    if not items:
         return rows
     n = cfg.num_captions
-    images = [image for _, image in readable for _ in range(n)]
+    images = [item.image for item in items for _ in range(n)]
     if cfg.sampling == "nucleus":
         generator = torch.Generator(device=resolve_device(cfg.device))
         generator.manual_seed(derive_seed(cfg.seed, unit.index))
@@ -136,12 +130,15 @@ def caption_unit(cfg: CapfiltConfig, unit: WorkUnit, model: nn.Module, tokenizer
                    "generator": generator}
     else:
         options = {"num_beams": cfg.num_beams}
+    # generate_captions reads the images (vlp.data.images): an unreadable one is skipped
     result = generate_captions(model, tokenizer, images, [str(i) for i in range(len(images))],
                                batch_size=cfg.caption_batch_size * n,
                                max_new_tokens=cfg.max_new_tokens, prompt=cfg.prompt,
                                num_workers=0, progress=False, **options)
+    for index, reason in zip(result.skipped, result.reasons):
+        rows[int(index) // n]["skipped"] = reason
     for index, text in result.pairs:
-        readable[int(index) // n][0]["synthetic"].append(text)
+        rows[int(index) // n]["synthetic"].append(text)
     return rows
 
 
@@ -157,14 +154,25 @@ def filter_settings(cfg: CapfiltConfig) -> dict[str, Any]:
 def score_pairs(model: nn.Module, tokenizer: Any, images: list[str | bytes],
                 texts: list[list[str]]) -> list[list[tuple[float, float]]]:
     """(ITM P(match), ITC cosine) of each text with its image: ``texts[i]`` are image i's.
-    Images must be readable."""
+    Images must be readable (`filter_unit` sets the others aside)."""
+    if not any(texts):
+        return [[] for _ in texts]
+    read = read_images(images, image_transform(model, train=False))
+    if read.unreadable:
+        raise DataError(f"{images[read.unreadable[0]]!r}: {read.reasons[0]}; score_pairs needs "
+                        "readable images")
+    return score_pixels(model, tokenizer, read.pixels, texts)
+
+
+@torch.no_grad()
+def score_pixels(model: nn.Module, tokenizer: Any, pixels: torch.Tensor,
+                 texts: list[list[str]]) -> list[list[tuple[float, float]]]:
+    """`score_pairs` of images already decoded: ``pixels[i]`` is image i."""
     flat = [text for group in texts for text in group]
     if not flat:
         return [[] for _ in texts]
-    transform = image_transform(model, train=False)
     with inference(model) as device:
-        pixels = torch.stack([transform(open_image(image)) for image in images]).to(device)
-        image_tokens = model.image_tokens(pixels)  # shared by ITC and every ITM pair
+        image_tokens = model.image_tokens(pixels.to(device))  # shared by ITC and every ITM pair
         image_features = F.normalize(model.vision_proj(image_tokens[:, 0]).float(), dim=-1)
         rows = torch.tensor([i for i, group in enumerate(texts) for _ in group], device=device)
         input_ids = tokenizer(flat, context_length=model.config.text.context_length).to(device)
@@ -181,10 +189,18 @@ def score_pairs(model: nn.Module, tokenizer: Any, images: list[str | bytes],
     return out
 
 
+def _set_aside(row: dict[str, Any], reason: str) -> None:
+    """An image that cannot be scored: every caption dropped, unscored, with the reason."""
+    row.setdefault("skipped", reason)
+    for caption in row["captions"]:
+        caption.update(itm=None, itc=None, kept=False)
+
+
 def filter_unit(cfg: CapfiltConfig, unit: WorkUnit, model: nn.Module, tokenizer: Any,
                 caption_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every original and synthetic caption of the unit with its ITM score, ITC similarity
-    and decision; captions of an unreadable image are dropped with its reason."""
+    and decision; captions of an unreadable image are dropped with its reason (images are read
+    through `vlp.data.images`, so one that cannot be read is set aside, never raised)."""
     images = {item.key: item.image for item in load_items(cfg, unit)}
     rows = []
     for row in caption_rows:
@@ -198,20 +214,25 @@ def filter_unit(cfg: CapfiltConfig, unit: WorkUnit, model: nn.Module, tokenizer:
     for row in rows:
         if "skipped" not in row and row["key"] in images:
             scored.append(row)
-            continue
-        row.setdefault("skipped", "missing_image")
-        for caption in row["captions"]:
-            caption.update(itm=None, itc=None, kept=False)
+        else:
+            _set_aside(row, "missing_image")
+    transform = image_transform(model, train=False)
     for start in range(0, len(scored), cfg.filter_batch_size):
         batch = scored[start:start + cfg.filter_batch_size]
         for row in batch:  # an empty caption (a captioner may stop at once) is dropped
             for caption in row["captions"]:
                 if not caption["text"].strip():
                     caption.update(itm=None, itc=None, kept=False)
-        scores = score_pairs(model, tokenizer, [images[row["key"]] for row in batch],
-                             [[c["text"] for c in row["captions"] if "kept" not in c]
-                              for row in batch])
-        for row, row_scores in zip(batch, scores):
+        read = read_images([images[row["key"]] for row in batch], transform)
+        for position, reason in zip(read.unreadable, read.reasons):
+            _set_aside(batch[position], reason)
+        readable = [batch[i] for i in read.indices.tolist()]
+        if not readable:
+            continue
+        scores = score_pixels(model, tokenizer, read.pixels,
+                              [[c["text"] for c in row["captions"] if "kept" not in c]
+                               for row in readable])
+        for row, row_scores in zip(readable, scores):
             to_score = [c for c in row["captions"] if "kept" not in c]
             for caption, (itm, itc) in zip(to_score, row_scores, strict=True):
                 kept = itm >= cfg.itm_threshold
