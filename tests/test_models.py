@@ -110,3 +110,13 @@ def test_siglip_preset_has_bias_and_sigmoid_loss():
     assert model.logit_bias is not None and math.isclose(model.logit_bias.item(), -10.0)
     out = model(_batch(model.config, batch=4))
     assert torch.isfinite(out["loss"])
+
+
+def test_blip_presets_use_the_references_text_dropout():
+    """BLIP's BERT (med_config) and BLIP-2's Q-Former drop hidden states and attention
+    probabilities with p=0.1; the CPU-sized blip-tiny recipe trains without."""
+    from vlp.config import get_preset
+
+    for name in ("blip-vit-b-16", "blip-vit-l-16", "blip2-qformer", "blip2-opt-2.7b"):
+        assert get_preset(name).text.dropout == 0.1, name
+    assert get_preset("blip-tiny").text.dropout == 0.0

@@ -128,10 +128,12 @@ class BlipConfig(ModelConfig):
     # BLIP's ViT: no pre-norm, final LN, patch conv with bias; eps 1e-6 (HF BLIP: 1e-5)
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(
         image_size=224, patch_size=16, norm_eps=1e-6, pre_norm=False, patch_bias=True))
-    # bert-base-uncased + [DEC] + [ENC]; post-LN; context_length = max positions; bos = [CLS]
+    # bert-base-uncased + [DEC] + [ENC]; post-LN; context_length = max positions; bos = [CLS];
+    # hidden and attention dropout 0.1 (BLIP's med_config / bert-base)
     text: TextConfig = field(default_factory=lambda: TextConfig(
         vocab_size=30524, context_length=512, width=768, layers=12, heads=12, act="gelu",
-        norm_eps=1e-12, causal=False, pool="first", pad_id=0, bos_id=101, eos_id=102))
+        norm_eps=1e-12, causal=False, pool="first", pad_id=0, bos_id=101, eos_id=102,
+        dropout=0.1))
     dec_id: int = 30522  # [DEC]: first token of the image-grounded decoder (LM)
     enc_id: int = 30523  # [ENC]: first token of the image-grounded encoder (ITM)
     # encoder/decoder parameter sharing: "all_but_sa" (paper: separate self-attention only),
