@@ -11,9 +11,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_interop_hf_blip import SEP, pixels, reference, texts, until_eos  # noqa: E402
 from transformers import BlipForConditionalGeneration, BlipForQuestionAnswering  # noqa: E402
 
+from test_interop_hf_blip import SEP, pixels, reference, texts, until_eos  # noqa: E402
 from vlp.interop.hf_blip import load_hf_blip  # noqa: E402
 
 MODELS = 30

@@ -11,8 +11,6 @@ encoder and decodes the answer cross-attending to the question states.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,47 +28,14 @@ from vlp.losses import (
     itm_nll,
     sample_hard_negatives,
 )
+from vlp.models.blip_decode import GroundedDecoder
 from vlp.models.registry import register
-from vlp.nn import BlockCache, VisionTransformer
+from vlp.nn import VisionTransformer
 from vlp.nn.bert import SHARES, BertTextTransformer, LMPredictionHead, share_text_towers_
 from vlp.nn.momentum import FeatureQueue, ema_update_, momentum_copy
 
 OBJECTIVES = ("itc", "itm", "lm")
 QUESTION_MASKS = ("always", "teacher_forcing", "never")
-class DecodeState(NamedTuple):
-    caches: list[BlockCache]  # decoder self- and cross-attention caches, batch-first
-    context_mask: Tensor | None  # (B, S) keys of the cross-attended context each row may see
-
-
-class GroundedDecoder:
-    """`vlp.generate.StepDecoder` over BLIP's decoder: sequences cross-attend to row ``rows``
-    of ``context`` (image tokens for captions, question states for VQA answers)."""
-
-    def __init__(self, model: BLIP, context: Tensor, context_mask: Tensor | None = None) -> None:
-        self.model = model
-        self.context = context  # (B_context, S, D)
-        self.context_mask = context_mask  # (B_context, S) or None: every key visible
-
-    def _logits(self, input_ids: Tensor, state: DecodeState | None, rows: Tensor | None
-                ) -> tuple[Tensor, DecodeState]:
-        if state is None:
-            context = self.context[rows]
-            context_mask = self.context_mask[rows] if self.context_mask is not None else None
-            caches = None
-        else:
-            context, context_mask, caches = None, state.context_mask, state.caches
-        states, caches = self.model.text_decoder.forward_cached(
-            input_ids, caches, context=context, context_mask=context_mask)
-        logits = self.model.lm_logits(states[:, -1:])[:, 0]
-        return logits, DecodeState(caches, context_mask)
-
-    def prefill(self, input_ids: Tensor, rows: Tensor) -> tuple[Tensor, DecodeState]:
-        return self._logits(input_ids, None, rows)
-
-    def step(self, input_ids: Tensor, state: DecodeState) -> tuple[Tensor, DecodeState]:
-        return self._logits(input_ids, state, None)
-
-
 class BLIP(PretrainModel):
     # each training forward updates the momentum encoders and the queue (as BLIP does)
     accumulates_features = False
