@@ -204,3 +204,30 @@ def test_caption_writes_one_line_per_image(synth_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["count"] == 24
     rows = [json.loads(line) for line in (tmp_path / "caps.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and all(set(r) == {"image", "caption"} for r in rows)
+
+
+def test_evaluation_flags_are_the_eval_spec_fields_on_eval_and_train():
+    """`vlp eval` and `vlp train` take every EvalSpec flag; training's --batch-size and the
+    evaluation's --eval-batch-size stay apart; caption decoding settings reach the spec."""
+    from vlp.cli import EVAL_NOT_FLAGS, EVAL_PREFIX, _eval_spec
+    from vlp.eval.suite import EvalSpec
+
+    for command in ("eval", "train"):
+        options = _subparser(command)._option_string_actions
+        for field in dataclasses.fields(EvalSpec):
+            if field.name in EVAL_NOT_FLAGS:
+                continue
+            flag = "--eval-batch-size" if field.name == "batch_size" else \
+                "--" + field.name.replace("_", "-")
+            assert options[flag].dest == EVAL_PREFIX + field.name, (command, flag)
+    args = build_parser().parse_args([
+        "train", "--train-data", "d.csv", "--batch-size", "8", "--eval-batch-size", "32",
+        "--caption-data", "c.csv", "--num-beams", "3", "--min-new-tokens", "5",
+        "--repetition-penalty", "1.15", "--early-stopping", "--itm-k", "16"])
+    assert config_from_args(TrainConfig, args).batch_size == 8
+    spec = _eval_spec(args, progress=False)
+    assert (spec.batch_size, spec.caption_data, spec.min_new_tokens, spec.repetition_penalty,
+            spec.early_stopping, spec.itm_k) == (32, "c.csv", 5, 1.15, True, 16)
+    defaults = _eval_spec(build_parser().parse_args(["eval", "ckpt"]), progress=True)
+    assert defaults == EvalSpec(num_workers=TrainConfig().num_workers,
+                                retrieval_options=defaults.retrieval_options)

@@ -18,26 +18,22 @@ def _print_json(data: dict[str, Any]) -> None:
     print(json.dumps(data, sort_keys=False, default=str))
 
 
+# EvalSpec fields that are not flags of their own: file lists, source columns, shared flags
+EVAL_PREFIX = "eval."  # EvalSpec's dests; vlp train has a batch_size of its own
+EVAL_NOT_FLAGS = ("classnames", "templates", "retrieval_options", "vqa_candidates",
+                  "num_workers", "progress")
+
+
 def _eval_spec(args: argparse.Namespace, progress: bool) -> Any:
     from vlp.eval.suite import EvalSpec
 
-    return EvalSpec(
-        zeroshot_data=args.zeroshot_data,
+    return config_from_args(
+        EvalSpec, args, EVAL_PREFIX,
         classnames=_read_lines(args.classnames) if args.classnames else None,
         templates=_read_lines(args.templates) if args.templates else None,
-        retrieval_data=args.retrieval_data,
-        retrieval_kind=args.retrieval_kind,
         retrieval_options={"image_key": args.image_key, "caption_key": args.caption_key,
                            "separator": args.separator, "image_root": args.image_root},
-        itm_k=getattr(args, "itm_k", None),
-        caption_data=getattr(args, "caption_data", None),
-        caption_prompt=getattr(args, "caption_prompt", None),
-        num_beams=getattr(args, "num_beams", 3),
-        vqa_data=getattr(args, "vqa_data", None),
-        vqa_mode=getattr(args, "vqa_mode", "generate"),
-        vqa_candidates=(_read_lines(args.vqa_candidates)
-                        if getattr(args, "vqa_candidates", None) else None),
-        batch_size=args.eval_batch_size,
+        vqa_candidates=_read_lines(args.vqa_candidates) if args.vqa_candidates else None,
         num_workers=args.num_workers,
         progress=progress,
     )
@@ -55,20 +51,18 @@ def _read_lines(path: str) -> list[str]:
     return lines
 
 
-def _add_eval_data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("evaluation data")
-    g.add_argument("--zeroshot-data", metavar="DIR",
-                   help="image folder (class_name/*.jpg) for zero-shot classification")
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    """Every EvalSpec flag (`vlp eval`, and `vlp train`'s evaluation while it trains)."""
+    from vlp.eval.suite import EvalSpec
+
+    add_config_args(p, EvalSpec, exclude=EVAL_NOT_FLAGS,
+                    flags={"batch_size": ("--eval-batch-size",)}, prefix=EVAL_PREFIX)
+    g = p.add_argument_group("evaluation files")
     g.add_argument("--classnames", metavar="FILE",
                    help="one class name per line (default: the folder names, '_' -> ' ')")
     g.add_argument("--templates", metavar="FILE",
                    help="one prompt template with '{}' per line (default: built-in set)")
-    g.add_argument("--retrieval-data", metavar="PATH",
-                   help="captions data for image<->text retrieval (CSV/TSV/JSONL/COCO/WDS)")
-    g.add_argument("--retrieval-kind", default="auto",
-                   choices=["auto", "csv", "tsv", "jsonl", "coco", "wds"],
-                   help="format of --retrieval-data (default: from the path)")
-    g.add_argument("--eval-batch-size", type=int, default=256, help="batch size for encoding")
+    g.add_argument("--vqa-candidates", metavar="FILE", help="one candidate answer per line")
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -302,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(tr, TrainConfig, required=("train_data",),
                     flags={"keep_last": ("--keep-last", "--keep")},
                     item_flags={"betas": ("--beta1", "--beta2")})
-    _add_eval_data_args(tr)
+    _add_eval_args(tr)
     tr.set_defaults(func=cmd_train)
 
     # eval
@@ -310,23 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Zero-shot classification, retrieval (ITM re-ranked for "
                                     "BLIP), captioning and VQA metrics.")
     ev.add_argument("checkpoint", help="checkpoint directory")
-    _add_eval_data_args(ev)
-    g = ev.add_argument_group("matching, captioning and VQA")
-    g.add_argument("--itm-k", type=int, metavar="K",
-                   help="retrieval: ITM re-rank each query's ITC top-K (models with an ITM "
-                        "head, BLIP: 256 on COCO); adds itm_i2t_r1, ...")
-    g.add_argument("--caption-data", metavar="PATH",
-                   help="captions data (CSV/TSV/JSONL/COCO/WDS): caption every image, score "
-                        "BLEU/METEOR/ROUGE-L/CIDEr against its captions")
-    g.add_argument("--caption-prompt", help="text every generated caption starts from "
-                                            "(BLIP: 'a picture of ')")
-    g.add_argument("--num-beams", type=int, default=3,
-                   help="beams for captioning and open-ended VQA (1: greedy)")
-    g.add_argument("--vqa-data", metavar="FILE",
-                   help='QA JSONL rows {"image", "question", "answer" | "answers"}: VQA accuracy')
-    g.add_argument("--vqa-mode", default="generate", choices=["generate", "rank"],
-                   help="generate: open-ended answers; rank: the likeliest of --vqa-candidates")
-    g.add_argument("--vqa-candidates", metavar="FILE", help="one candidate answer per line")
+    _add_eval_args(ev)
     _add_source_args(ev)
     ev.set_defaults(func=cmd_eval)
 

@@ -39,11 +39,13 @@ def flag_name(name: str) -> str:
 def add_config_args(parser: argparse.ArgumentParser, cls: type, *,
                     exclude: Collection[str] = (), required: Collection[str] = (),
                     flags: Mapping[str, Sequence[str]] | None = None,
-                    item_flags: Mapping[str, Sequence[str]] | None = None) -> None:
-    """Add one flag per field of the dataclass ``cls`` (its dest is the field name), but for
-    ``exclude``. ``flags`` gives a field other option strings than ``--field-name`` (aliases
-    included); ``item_flags`` adds one flag per item of a tuple field (``--beta1 X`` sets
-    ``betas[0]``); ``required`` fields must be given."""
+                    item_flags: Mapping[str, Sequence[str]] | None = None,
+                    prefix: str = "") -> None:
+    """Add one flag per field of the dataclass ``cls`` (its dest is ``prefix`` + the field
+    name), but for ``exclude``. ``flags`` gives a field other option strings than
+    ``--field-name`` (aliases included); ``item_flags`` adds one flag per item of a tuple field
+    (``--beta1 X`` sets ``betas[0]``); ``required`` fields must be given. A ``prefix`` keeps
+    two configs' fields of the same name apart on one parser."""
     flags, item_flags = dict(flags or {}), dict(item_flags or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = {*exclude, *required, *flags, *item_flags} - set(fields)
@@ -65,23 +67,25 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *,
         text = f.metadata.get("help", "").replace("%", "%%")
         if default not in (None, "", {}) and name not in required:
             text += " (default: %(default)s)" if text else "default: %(default)s"
-        group.add_argument(*flags.get(name, [flag_name(name)]), dest=name, default=default,
+        group.add_argument(*flags.get(name, [flag_name(name)]), dest=prefix + name,
+                           default=default,
                            required=name in required, help=text, **kwargs)
         for index, item in enumerate(item_flags.get(name, ())):
-            group.add_argument(item, dest=name, action=_SetItem, index=index,
+            group.add_argument(item, dest=prefix + name, action=_SetItem, index=index,
                                type=kwargs["type"], default=argparse.SUPPRESS,
                                metavar=item.lstrip("-").upper(),
                                help=f"item {index + 1} of {flag_name(name)}")
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
+def config_from_args(cls: type[T], args: argparse.Namespace, prefix: str = "",
+                     **values: Any) -> T:
     """An instance of the dataclass ``cls`` from the flags `add_config_args` added for it (the
-    parsed values of its fields); ``values`` set the rest, or override."""
+    parsed values of its fields, under ``prefix``); ``values`` set the rest, or override."""
     hints = typing.get_type_hints(cls)
     parsed = vars(args)
     for f in dataclasses.fields(cls):
-        if f.name in parsed and f.name not in values:
-            value = parsed[f.name]
+        if prefix + f.name in parsed and f.name not in values:
+            value = parsed[prefix + f.name]
             if isinstance(value, list) and typing.get_origin(_strip_none(hints[f.name])) is tuple:
                 value = tuple(value)
             values[f.name] = value

@@ -301,10 +301,12 @@ def generate_captions(model: nn.Module, tokenizer: Any, images: Sequence[ImageIn
 def caption_eval(model: nn.Module, tokenizer: Any, source: Any, *, batch_size: int = 32,
                  max_new_tokens: int = 20, num_beams: int = 3, prompt: str | None = None,
                  num_workers: int = 0, progress: bool = True,
-                 backend: str = "auto") -> dict[str, Any]:
+                 backend: str = "auto", **generate_kwargs: Any) -> dict[str, Any]:
     """Caption each unique image of a caption source once (`vlp.data.images.group_images`)
     and score it against all its references: `caption_metrics` keys plus ``num_images``
-    (scored), ``num_skipped`` and ``skipped`` (the ids of the images that could not be read)."""
+    (scored), ``num_skipped`` and ``skipped`` (the ids of the images that could not be read).
+    ``generate_kwargs`` (min_new_tokens, repetition_penalty, early_stopping, ...) go to the
+    model's ``generate``."""
     groups = group_images(source).captioned()
     if not groups.images:
         raise DataError(f"caption eval: {source!r} has no captioned images")
@@ -312,7 +314,7 @@ def caption_eval(model: nn.Module, tokenizer: Any, source: Any, *, batch_size: i
     generated = generate_captions(model, tokenizer, groups.images, groups.ids,
                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
                                   num_beams=num_beams, prompt=prompt, num_workers=num_workers,
-                                  progress=progress)
+                                  progress=progress, **generate_kwargs)
     if not generated.pairs:
         raise DataError(f"caption eval: none of the {len(groups.images)} images could be read "
                         f"(first: {generated.skipped[0]})")

@@ -9,36 +9,58 @@ from typing import Any
 
 from torch import nn
 
+from vlp.cliargs import option
 from vlp.data import build_source
 from vlp.data.qa import read_qa_jsonl
 from vlp.errors import ConfigError
 from vlp.eval.captioning import caption_eval
+from vlp.eval.rerank import itm_rerank_eval
 from vlp.eval.retrieval import retrieval_eval
-from vlp.eval.vqa import vqa_eval
+from vlp.eval.vqa import VQA_MODES, vqa_eval
 from vlp.eval.zeroshot import zeroshot_eval
 
+CAPTION_KINDS = ("auto", "csv", "tsv", "jsonl", "coco", "wds")  # sources with captions
 VQA_PREFIXED = ("num_skipped", "skipped")  # vqa_eval keys merged as vqa_num_skipped, ...
 
 
 @dataclass
 class EvalSpec:
-    """Which held-out data to score; every field may be left empty."""
+    """Which held-out data to score and how; every field may be left empty. The fields with
+    help text are `vlp eval`'s (and `vlp train`'s) flags, derived by `vlp.cliargs`."""
 
-    zeroshot_data: str | None = None  # image-folder root
+    zeroshot_data: str | None = option(None, "image folder (class_name/*.jpg) for zero-shot "
+                                       "classification", metavar="DIR",
+                                       section="evaluation data")
     classnames: list[str] | None = None  # label space; default: the folder's class names
     templates: list[str] | None = None  # prompt templates with one "{}"
-    retrieval_data: str | None = None  # captions source (csv, tsv, jsonl, coco, wds)
-    retrieval_kind: str = "auto"
-    retrieval_options: dict[str, Any] = field(default_factory=dict)  # image_key, caption_key, ...
-    itm_k: int | None = None  # retrieval: also ITM re-rank each query's ITC top-k (BLIP)
-    caption_data: str | None = None  # captions source: every image captioned, CIDEr & co.
-    caption_prompt: str | None = None  # text each generated caption starts from
-    num_beams: int = 3  # captioning and open-ended VQA
-    max_new_tokens: int = 20  # captioning
-    vqa_data: str | None = None  # QA JSONL: {"image", "question", "answer" | "answers"}
-    vqa_mode: str = "generate"  # "generate" (open-ended) or "rank" (over vqa_candidates)
+    retrieval_data: str | None = option(None, "captions data for image<->text retrieval "
+                                        "(CSV/TSV/JSONL/COCO/WDS)", metavar="PATH")
+    retrieval_kind: str = option("auto", "format of --retrieval-data and --caption-data "
+                                 "(default: from the path)", choices=CAPTION_KINDS)
+    retrieval_options: dict[str, Any] = field(default_factory=dict)  # image_key, caption_key..
+    itm_k: int | None = option(None, "retrieval: ITM re-rank each query's ITC top-K (models "
+                               "with an ITM head; BLIP: 256 on COCO); adds itm_i2t_r1, ...",
+                               metavar="K", section="matching, captioning and VQA")
+    caption_data: str | None = option(None, "captions data (CSV/TSV/JSONL/COCO/WDS): caption "
+                                      "every image, score BLEU/METEOR/ROUGE-L/CIDEr against "
+                                      "its captions", metavar="PATH")
+    caption_prompt: str | None = option(None, "text every generated caption starts from "
+                                        "(BLIP: 'a picture of ')")
+    num_beams: int = option(3, "beams for captioning and open-ended VQA (1: greedy)")
+    max_new_tokens: int = option(20, "longest generated caption, in tokens")
+    min_new_tokens: int = option(0, "shortest generated caption before eos may end it (BLIP "
+                                 "and LAVIS evaluate with a minimum length of 5)")
+    repetition_penalty: float = option(1.0, "captioning: the scores of tokens already in the "
+                                       "caption are divided by this (1: off)")
+    early_stopping: bool = option(False, "beam search: end a caption as soon as num_beams "
+                                  "hypotheses are finished, rather than when none can "
+                                  "improve (transformers' default)")
+    vqa_data: str | None = option(None, 'QA JSONL rows {"image", "question", "answer" | '
+                                  '"answers"}: VQA accuracy', metavar="FILE")
+    vqa_mode: str = option("generate", "generate: open-ended answers; rank: the likeliest of "
+                           "--vqa-candidates", choices=VQA_MODES)
     vqa_candidates: list[str] | None = None
-    batch_size: int = 256
+    batch_size: int = option(256, "batch size for encoding")
     num_workers: int = 0
     progress: bool = True
 
@@ -64,8 +86,6 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]
         options = {k: v for k, v in spec.retrieval_options.items() if v is not None}
         source = build_source(spec.retrieval_kind, spec.retrieval_data, **options)
         if spec.itm_k:
-            from vlp.eval.rerank import itm_rerank_eval
-
             metrics.update(itm_rerank_eval(model, tokenizer, source, k_test=spec.itm_k,
                                            batch_size=min(spec.batch_size, 128),
                                            num_workers=spec.num_workers,
@@ -80,7 +100,9 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]
         scores = caption_eval(model, tokenizer, source, batch_size=min(spec.batch_size, 64),
                               max_new_tokens=spec.max_new_tokens, num_beams=spec.num_beams,
                               prompt=spec.caption_prompt, num_workers=spec.num_workers,
-                              progress=spec.progress)
+                              progress=spec.progress, min_new_tokens=spec.min_new_tokens,
+                              repetition_penalty=spec.repetition_penalty,
+                              early_stopping=spec.early_stopping)
         metrics.update({f"caption_{k}": v for k, v in scores.items()})
     if spec.vqa_data:
 
