@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import vlp
 from vlp.losses import clip_loss, siglip_loss
 from vlp.train.distributed import GatherExchange
 
@@ -250,3 +253,66 @@ def test_fsdp_run_with_accumulation_resumes_exactly(data: Path, tmp_path: Path) 
         subprocess.run(["rm", "-rf", str(leftover)], check=True)
     _run([*command, "--resume", "latest"])
     assert [(r["step"], r["loss"]) for r in _log(run) if "loss" in r] == losses
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP shard units (the model contract's shard_units)
+
+
+def _units(preset: str, **changes) -> list[torch.nn.Module]:
+    import dataclasses
+
+    from vlp.config import get_preset
+    from vlp.models import build_model
+
+    return build_model(dataclasses.replace(get_preset(preset), **changes)).shard_units()
+
+
+@pytest.mark.parametrize("preset,changes", [
+    ("clip-tiny", {}), ("coca-tiny", {}), ("simvlm-tiny", {}), ("blip2-tiny", {}),
+    ("blip-tiny", {}), ("blip-tiny", {"share": "all"}), ("blip-tiny", {"share": "none"}),
+], ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(map(str, v.values())))
+def test_shard_units_never_share_a_parameter(preset: str, changes: dict) -> None:
+    """FSDP can shard a parameter once: two units that are not nested hold no common one."""
+    units = _units(preset, **changes)
+    assert units
+    params = [set(map(id, unit.parameters())) for unit in units]
+    inside = [set(map(id, unit.modules())) for unit in units]
+    for i, j in itertools.combinations(range(len(units)), 2):
+        nested = id(units[i]) in inside[j] or id(units[j]) in inside[i]
+        assert nested or not params[i] & params[j], (preset, changes, i, j)
+
+
+def test_bert_layers_and_qformer_layers_are_shard_units_where_they_can_be() -> None:
+    from vlp.nn.bert import PostNormBlock
+    from vlp.nn.qformer import QFormerLayer
+
+    def count(units, cls):
+        return sum(isinstance(unit, cls) for unit in units)
+
+    assert count(_units("blip2-tiny"), QFormerLayer) > 0
+    assert count(_units("blip-tiny", share="none"), PostNormBlock) > 0
+    # encoder and decoder share cross-attention and FFNs: their layers stay in the root unit
+    assert count(_units("blip-tiny"), PostNormBlock) == 0
+
+
+def test_fsdp_trains_blip2_stage1_with_qformer_layers_sharded(data: Path, tmp_path: Path) -> None:
+    from vlp.config import get_preset
+    from vlp.models import build_model
+    from vlp.tokenizers import train_tokenizer
+
+    captions = [line.split(",", 1)[1] for line in data.read_text().splitlines()[1:]]
+    tokenizer = train_tokenizer(captions, vocab_size=1024, context_length=32)
+    config = get_preset("blip2-tiny")
+    config.vision.layers = 2
+    torch.manual_seed(0)
+    vlp.save(build_model(config), tmp_path / "stage1", tokenizer=tokenizer)
+    run = tmp_path / "run"
+    result = _run([*TORCHRUN, "train", "--model", str(tmp_path / "stage1"), "--train-data",
+                   str(data), "--output-dir", str(run), "--strategy", "fsdp",
+                   "--batch-size", "8", "--max-steps", "2", "--lr", "1e-4", "--num-workers",
+                   "0", "--no-progress"])
+    assert result["step"] == 2
+    losses = [r["loss"] for r in _log(run) if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert vlp.load(run).config.family == "blip2"

@@ -31,7 +31,13 @@ from vlp.losses import (
 from vlp.models.blip_decode import GroundedDecoder
 from vlp.models.registry import register
 from vlp.nn import VisionTransformer
-from vlp.nn.bert import SHARES, BertTextTransformer, LMPredictionHead, share_text_towers_
+from vlp.nn.bert import (
+    SHARES,
+    BertTextTransformer,
+    LMPredictionHead,
+    PostNormBlock,
+    share_text_towers_,
+)
 from vlp.nn.momentum import FeatureQueue, ema_update_, momentum_copy
 
 OBJECTIVES = ("itc", "itm", "lm")
@@ -79,6 +85,15 @@ class BLIP(PretrainModel):
             if getattr(self, tower) is not None:
                 names |= {f"{tower}.{n}" for n in getattr(self, tower).no_weight_decay()}
         return names
+
+    def shard_units(self) -> list[nn.Module]:
+        """The ViT blocks, and with separate text towers (``share="none"``) every BERT layer;
+        towers that share modules stay whole in the root unit, since a module two layers use
+        cannot belong to two FSDP units."""
+        units = super().shard_units()
+        if self.config.share == "none":
+            units += [m for m in self.modules() if isinstance(m, PostNormBlock)]
+        return units
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.transformer.grad_checkpointing = enable

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from vlp.config import TextConfig
+from vlp.contract import ShardUnit
 from vlp.errors import ConfigError
 from vlp.nn.attention import Attention, KVCache, causal_mask
 from vlp.nn.bert import bert_init_
@@ -60,7 +61,7 @@ class QFormerOutput(NamedTuple):
     text_states: Tensor | None  # (B, T, width), None without text
 
 
-class QFormerLayer(nn.Module):
+class QFormerLayer(nn.Module, ShardUnit):
     """One Q-Former layer. Self-attention over the whole sequence; then, on the query
     positions only, cross-attention (when the layer has it) and the query FFN; the text
     positions get the text FFN."""
