@@ -8,9 +8,10 @@ weights-only torch file), so the core package works without the ``interop`` extr
 from vlp.interop.convert import FORMATS, convert, load_any, load_vlp
 from vlp.interop.hf import load_hf, save_hf
 from vlp.interop.hf_blip import load_hf_blip, save_hf_blip
-from vlp.interop.keymap import ImportedModel, KeyMap
+from vlp.interop.keymap import KeyMap
 from vlp.interop.lavis_blip import load_lavis_blip, save_lavis_blip
 from vlp.interop.open_clip import load_open_clip, save_open_clip
+from vlp.interop.skeleton import ImportedModel
 
 __all__ = [
     "FORMATS", "ImportedModel", "KeyMap", "convert", "load_any", "load_hf", "load_hf_blip",

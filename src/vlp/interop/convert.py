@@ -14,33 +14,25 @@ from pathlib import Path
 
 from vlp import factory
 from vlp.errors import ConfigError
-from vlp.interop.hf import CONFIG_FILE, load_hf, save_hf
+from vlp.interop.hf import load_hf, save_hf
 from vlp.interop.hf_blip import load_hf_blip, save_hf_blip
 from vlp.interop.hf_blip2 import load_hf_blip2, save_hf_blip2
-from vlp.interop.keymap import (
+from vlp.interop.hf_common import CONFIG_FILE
+from vlp.interop.lavis_blip import load_lavis_blip, save_lavis_blip
+from vlp.interop.open_clip import load_open_clip, save_open_clip
+from vlp.interop.skeleton import (
     ImportedModel,
     TokenizerSource,
     attach_tokenizer,
     fit_tokenizer,
     read_json,
+    read_tokenizer,
 )
-from vlp.interop.lavis_blip import load_lavis_blip, save_lavis_blip
-from vlp.interop.open_clip import load_open_clip, save_open_clip
 from vlp.models.blip import BLIP
 from vlp.models.blip2 import BLIP2
-from vlp.tokenizers import Tokenizer, clip_bpe_tokenizer, load_tokenizer
 
 FORMATS = ("hf", "lavis", "open_clip", "vlp")
 CONFIG_FORMATS = ("lavis", "open_clip")  # formats whose weights need a config= beside them
-
-
-def _read_tokenizer(source: TokenizerSource, context_length: int) -> Tokenizer:
-    if isinstance(source, Tokenizer):
-        return source
-    if isinstance(source, list | tuple):
-        vocab_file, merges_file = source
-        return clip_bpe_tokenizer(vocab_file, merges_file, context_length=context_length)
-    return load_tokenizer(source)
 
 
 def load_vlp(path: str | os.PathLike[str], *, image_size: int | None = None) -> ImportedModel:
@@ -86,7 +78,7 @@ def load_any(
     if tokenizer is None:
         return imported
     text = imported.model.config.text
-    chosen = fit_tokenizer(_read_tokenizer(tokenizer, text.context_length),
+    chosen = fit_tokenizer(read_tokenizer(tokenizer, text.context_length),
                            text.context_length, text.vocab_size, str(tokenizer))
     return ImportedModel(imported.model, chosen)
 

@@ -24,34 +24,34 @@ import os
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from vlp.config import OPENAI_MEAN, OPENAI_STD, ClipConfig, TextConfig, VisionConfig
 from vlp.errors import CheckpointError, ConfigError
-from vlp.interop.keymap import (
-    ImportedModel,
-    KeyMap,
-    attach_tokenizer,
-    clip_model,
-    export_from,
-    hf_readable,
-    import_into,
-    keep_loaded_logit_scale,
-    mlp_ratio,
-    read_json,
-    refuse_foreign_directory,
-    save_tensors,
+from vlp.interop.hf_common import (
+    PREPROCESSOR_FILE,
+    activation_problems,
+    hf_architecture,
+    hf_section,
+    hf_text_section,
+    hf_vision_section,
+    read_hf_directory,
+    read_hf_weights,
+    text_fields,
+    vision_fields,
+    write_hf_directory,
 )
-from vlp.models import build_model
-from vlp.store import atomic_directory, read_state_dict, write_json
+from vlp.interop.keymap import Fused, KeyMap, Pairs, export_from, linear_pairs
+from vlp.interop.skeleton import (
+    ImportedModel,
+    attach_tokenizer,
+    family_model,
+    hf_readable,
+    import_model,
+)
+from vlp.models.clip import CLIP
 from vlp.tokenizers import Tokenizer
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-PREPROCESSOR_FILE = "preprocessor_config.json"
-# read in this order; the first present wins (save_pretrained writes the first)
-WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
 LEGACY_ARGMAX_EOS_ID = 2  # HF CLIP pools by argmax when its config says eos_token_id == 2
 
 # HF CLIP config defaults (transformers 4.57 CLIPTextConfig / CLIPVisionConfig / CLIPConfig)
@@ -68,10 +68,6 @@ HF_VISION_DEFAULTS: dict[str, Any] = {
 HF_PROJECTION_DIM = 512
 HF_LOGIT_SCALE_INIT = 2.6592
 
-# HF hidden_act name <-> vlp activation name (only exact equivalents)
-ACT_FROM_HF = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh",
-               "relu": "relu"}
-ACT_TO_HF = {vlp: hf for hf, vlp in ACT_FROM_HF.items()}
 # PIL resample codes used by CLIPImageProcessor <-> vlp interpolation names (vlp.data.transforms)
 RESAMPLE_FROM_HF = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 RESAMPLE_TO_HF = {name: code for code, name in RESAMPLE_FROM_HF.items()}
@@ -79,17 +75,15 @@ RESAMPLE_TO_HF = {name: code for code, name in RESAMPLE_FROM_HF.items()}
 
 # -- key map --------------------------------------------------------------------------------------
 
-def _block_pairs(vlp_prefix: str, ref_prefix: str) -> list[tuple[str, str]]:
-    names = [("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
-             ("attn.proj", "self_attn.out_proj"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]
-    return [(f"{vlp_prefix}{ours}.{p}", f"{ref_prefix}{theirs}.{p}")
-            for ours, theirs in names for p in ("weight", "bias")]
-
-
-def _block_fused(vlp_prefix: str, ref_prefix: str) -> list[tuple[str, tuple[str, ...]]]:
-    return [(f"{vlp_prefix}attn.qkv.{p}",
-             tuple(f"{ref_prefix}self_attn.{x}_proj.{p}" for x in "qkv"))
-            for p in ("weight", "bias")]
+def _block_pairs(ours: str, theirs: str) -> tuple[Pairs, Fused]:
+    pairs: Pairs = []
+    for a, b in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
+                 ("attn.proj", "self_attn.out_proj"), ("mlp.fc1", "mlp.fc1"),
+                 ("mlp.fc2", "mlp.fc2")):
+        pairs += linear_pairs(ours + a, theirs + b)
+    fused = [(f"{ours}attn.qkv.{p}", tuple(f"{theirs}self_attn.{x}_proj.{p}" for x in "qkv"))
+             for p in ("weight", "bias")]
+    return pairs, fused
 
 
 def hf_key_map(config: ClipConfig) -> KeyMap:
@@ -98,25 +92,23 @@ def hf_key_map(config: ClipConfig) -> KeyMap:
         ("visual.class_token", "vision_model.embeddings.class_embedding"),
         ("visual.patch_embed.weight", "vision_model.embeddings.patch_embedding.weight"),
         ("visual.pos_embed", "vision_model.embeddings.position_embedding.weight"),
-        ("visual.norm_pre.weight", "vision_model.pre_layrnorm.weight"),
-        ("visual.norm_pre.bias", "vision_model.pre_layrnorm.bias"),
-        ("visual.norm.weight", "vision_model.post_layernorm.weight"),
-        ("visual.norm.bias", "vision_model.post_layernorm.bias"),
+        *linear_pairs("visual.norm_pre", "vision_model.pre_layrnorm"),
+        *linear_pairs("visual.norm", "vision_model.post_layernorm"),
         ("visual.head.weight", "visual_projection.weight"),
         ("text.token_embed.weight", "text_model.embeddings.token_embedding.weight"),
         ("text.pos_embed", "text_model.embeddings.position_embedding.weight"),
-        ("text.norm.weight", "text_model.final_layer_norm.weight"),
-        ("text.norm.bias", "text_model.final_layer_norm.bias"),
+        *linear_pairs("text.norm", "text_model.final_layer_norm"),
         ("text.head.weight", "text_projection.weight"),
         ("logit_scale", "logit_scale"),
     ]
-    fused = []
+    fused: Fused = []
     for tower, ref_tower, layers in (("visual", "vision_model", config.vision.layers),
                                      ("text", "text_model", config.text.layers)):
         for i in range(layers):
-            ours, theirs = f"{tower}.transformer.blocks.{i}.", f"{ref_tower}.encoder.layers.{i}."
-            pairs += _block_pairs(ours, theirs)
-            fused += _block_fused(ours, theirs)
+            block_pairs, block_fused = _block_pairs(f"{tower}.transformer.blocks.{i}.",
+                                                    f"{ref_tower}.encoder.layers.{i}.")
+            pairs += block_pairs
+            fused += block_fused
     return KeyMap(
         pairs=tuple(pairs),
         fused=tuple(fused),
@@ -128,13 +120,6 @@ def hf_key_map(config: ClipConfig) -> KeyMap:
 
 
 # -- configs --------------------------------------------------------------------------------------
-
-def activation_from_hf(name: Any, where: str) -> str:
-    if name not in ACT_FROM_HF:
-        raise CheckpointError(f"{where}: hidden_act {name!r} not supported; expected one of "
-                              f"{sorted(ACT_FROM_HF)}")
-    return ACT_FROM_HF[name]
-
 
 def _preprocessing(preprocessor: dict[str, Any], where: str) -> dict[str, Any]:
     """VisionConfig fields from a ``CLIPImageProcessor`` config (absent: OpenAI defaults)."""
@@ -163,19 +148,14 @@ def _tower(hf_config: dict[str, Any], name: str) -> dict[str, Any]:
     """One tower's settings: defaults, then ``{name}_config``, then the legacy
     ``{name}_config_dict`` (which HF lets win)."""
     defaults = HF_TEXT_DEFAULTS if name == "text" else HF_VISION_DEFAULTS
-    return {**defaults, **(hf_config.get(f"{name}_config") or {}),
-            **(hf_config.get(f"{name}_config_dict") or {})}
+    return hf_section(hf_config, f"{name}_config", defaults, f"{name}_config_dict")
 
 
-def clip_config_from_hf(hf_config: dict[str, Any], where: str = CONFIG_FILE,
+def clip_config_from_hf(hf_config: dict[str, Any], where: str = "config.json",
                         preprocessor: dict[str, Any] | None = None,
                         tokenizer: Tokenizer | None = None) -> ClipConfig:
     """vlp `ClipConfig` for an HF CLIP ``config.json`` (+ preprocessor config, tokenizer ids)."""
-    architectures = hf_config.get("architectures") or ["CLIPModel"]
-    if hf_config.get("model_type") != "clip" or "CLIPModel" not in architectures:
-        raise CheckpointError(
-            f"{where}: unknown architecture (model_type {hf_config.get('model_type')!r}, "
-            f"architectures {architectures}); expected model_type 'clip' with CLIPModel")
+    hf_architecture(hf_config, "clip", ("CLIPModel",), where, default=("CLIPModel",))
     text, vision = _tower(hf_config, "text"), _tower(hf_config, "vision")
     if vision["num_channels"] != 3:
         raise CheckpointError(f"{where}: vision_config.num_channels {vision['num_channels']}; "
@@ -189,29 +169,15 @@ def clip_config_from_hf(hf_config: dict[str, Any], where: str = CONFIG_FILE,
         bos_id, pad_id = text["bos_token_id"], text["pad_token_id"]
         # legacy configs carry a wrong eos id; CLIP's end-of-text is its highest id
         eos_id = text["vocab_size"] - 1 if legacy_argmax else text["eos_token_id"]
-    image_size, patch_size = vision["image_size"], vision["patch_size"]
-    if isinstance(image_size, list | tuple) or isinstance(patch_size, list | tuple):
-        raise CheckpointError(f"{where}: non-square image_size/patch_size not supported")
     return ClipConfig(
         embed_dim=int(hf_config.get("projection_dim", HF_PROJECTION_DIM)),
         vision=VisionConfig(
-            image_size=image_size, patch_size=patch_size, width=vision["hidden_size"],
-            layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
-            mlp_ratio=mlp_ratio(vision["hidden_size"], vision["intermediate_size"],
-                                 f"{where}: vision_config"),
-            act=activation_from_hf(vision["hidden_act"], f"{where}: vision_config"),
-            norm_eps=float(vision["layer_norm_eps"]), pre_norm=True, pool="cls",
+            **vision_fields(vision, f"{where}: vision_config"), pre_norm=True, pool="cls",
             pos_embed_antialias=False,
             **_preprocessing(preprocessor or {}, f"{where}: {PREPROCESSOR_FILE}"),
         ),
         text=TextConfig(
-            vocab_size=text["vocab_size"], context_length=text["max_position_embeddings"],
-            width=text["hidden_size"], layers=text["num_hidden_layers"],
-            heads=text["num_attention_heads"],
-            mlp_ratio=mlp_ratio(text["hidden_size"], text["intermediate_size"],
-                                 f"{where}: text_config"),
-            act=activation_from_hf(text["hidden_act"], f"{where}: text_config"),
-            norm_eps=float(text["layer_norm_eps"]), causal=True,
+            **text_fields(text, f"{where}: text_config"), causal=True,
             pool="argmax" if legacy_argmax else "eos", eos_fallback="first", mask_padding=True,
             pad_id=pad_id, bos_id=bos_id, eos_id=eos_id,
         ),
@@ -234,9 +200,7 @@ def hf_config_from_clip(config: ClipConfig) -> dict[str, Any]:
         problems.append(f"vision.pool={vision.pool!r} (HF pools the class token)")
     if not text.causal:
         problems.append("text.causal=False")
-    for tower in (vision, text):
-        if tower.act not in ACT_TO_HF:
-            problems.append(f"act={tower.act!r}")
+    problems += activation_problems(vision, text)
     if text.pool == "eos" and text.eos_id == LEGACY_ARGMAX_EOS_ID:
         problems.append("text.pool='eos' with eos_id 2 (HF reads eos_token_id 2 as argmax)")
     if text.pool not in ("eos", "argmax"):
@@ -256,22 +220,11 @@ def hf_config_from_clip(config: ClipConfig) -> dict[str, Any]:
         "logit_scale_init_value": config.init_logit_scale,
         "initializer_factor": 1.0,
         "torch_dtype": "float32",
-        "text_config": {
-            "model_type": "clip_text_model", **common,
-            "vocab_size": text.vocab_size, "hidden_size": text.width,
-            "intermediate_size": int(text.width * text.mlp_ratio),
-            "num_hidden_layers": text.layers, "num_attention_heads": text.heads,
-            "max_position_embeddings": text.context_length, "hidden_act": ACT_TO_HF[text.act],
-            "layer_norm_eps": text.norm_eps, "pad_token_id": text.pad_id,
-            "bos_token_id": text.bos_id, "eos_token_id": eos_token_id,
-        },
-        "vision_config": {
-            "model_type": "clip_vision_model", **common,
-            "hidden_size": vision.width, "intermediate_size": int(vision.width * vision.mlp_ratio),
-            "num_hidden_layers": vision.layers, "num_attention_heads": vision.heads,
-            "num_channels": 3, "image_size": vision.image_size, "patch_size": vision.patch_size,
-            "hidden_act": ACT_TO_HF[vision.act], "layer_norm_eps": vision.norm_eps,
-        },
+        "text_config": hf_text_section(
+            text, "clip_text_model", **common, pad_token_id=text.pad_id,
+            bos_token_id=text.bos_id, eos_token_id=eos_token_id),
+        "vision_config": hf_vision_section(vision, "clip_vision_model", **common,
+                                           num_channels=3),
     }
 
 
@@ -299,24 +252,6 @@ def hf_preprocessor_config(vision: VisionConfig) -> dict[str, Any]:
 
 # -- directories ----------------------------------------------------------------------------------
 
-def read_hf_weights(directory: Path) -> tuple[dict[str, Tensor], str]:
-    """State dict of an HF model directory (single file or sharded) and a name for errors."""
-    for name in WEIGHTS_FILES:
-        path = directory / name
-        if not path.is_file():
-            continue
-        if not name.endswith(".index.json"):
-            return read_state_dict(path), str(path)
-        weight_map = read_json(path).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{path}: no 'weight_map' object")
-        state: dict[str, Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(read_state_dict(directory / shard))
-        return state, str(path)
-    raise CheckpointError(f"{directory}: no weights file; expected one of {list(WEIGHTS_FILES)}")
-
-
 def load_hf(path: str | os.PathLike[str], *, image_size: int | None = None) -> ImportedModel:
     """A vlp CLIP from an HF ``CLIPModel`` directory, with its tokenizer (tokenizer.json or
     vocab.json + merges.txt in the same directory; None when absent) and preprocessing.
@@ -324,40 +259,24 @@ def load_hf(path: str | os.PathLike[str], *, image_size: int | None = None) -> I
     ``image_size`` serves another input size by interpolating the position embeddings as HF's
     ``interpolate_pos_encoding=True`` does.
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: HF model directory not found")
-    hf_config = read_json(directory / CONFIG_FILE)
-    preprocessor_path = directory / PREPROCESSOR_FILE
-    preprocessor = read_json(preprocessor_path) if preprocessor_path.is_file() else None
-    text = _tower(hf_config, "text")
-    tokenizer = attach_tokenizer(directory, int(text["max_position_embeddings"]),
+    hf = read_hf_directory(path)
+    text = _tower(hf.config, "text")
+    tokenizer = attach_tokenizer(hf.path, int(text["max_position_embeddings"]),
                                  int(text["vocab_size"]))
-    config = clip_config_from_hf(hf_config, str(directory / CONFIG_FILE), preprocessor, tokenizer)
-    state, source = read_hf_weights(directory)
-    model = build_model(config)
-    import_into(hf_key_map(config), state, model, source)
-    keep_loaded_logit_scale(model)
-    if image_size is not None and image_size != config.vision.image_size:
-        model.visual.set_image_size(image_size)
-    return ImportedModel(model.eval(), tokenizer)
+    config = clip_config_from_hf(hf.config, hf.where, hf.preprocessor, tokenizer)
+    state, source = read_hf_weights(hf.path)
+    model = import_model(config, state, source, hf_key_map(config),
+                         image_size=image_size, unclamped_logit_scale=True)
+    return ImportedModel(model, tokenizer)
 
 
 def save_hf(model: nn.Module, directory: str | os.PathLike[str],
             tokenizer: Tokenizer | None = None) -> Path:
     """Write a directory ``transformers.CLIPModel.from_pretrained`` loads: config.json,
     model.safetensors, preprocessor_config.json and the tokenizer files. Atomic."""
-
-    model = clip_model(model)
+    model = family_model(model, CLIP, "HF CLIPModel")
     hf_config = hf_config_from_clip(model.config)
     preprocessor = hf_preprocessor_config(model.config.vision)
     tensors = export_from(hf_key_map(model.config), model)
-    directory = Path(directory)
-    refuse_foreign_directory(directory, CONFIG_FILE)
-    with atomic_directory(directory) as staging:
-        write_json(staging / CONFIG_FILE, hf_config)
-        save_tensors(tensors, staging / WEIGHTS_FILE)
-        write_json(staging / PREPROCESSOR_FILE, preprocessor)
-        if tokenizer is not None:
-            hf_readable(tokenizer).save(staging)
-    return directory
+    return write_hf_directory(directory, hf_config, tensors, preprocessor,
+                              None if tokenizer is None else hf_readable(tokenizer))

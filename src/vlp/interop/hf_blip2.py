@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,44 +40,35 @@ import torch
 from torch import Tensor, nn
 
 from vlp import factory
-from vlp.config import OPENAI_MEAN, OPENAI_STD, Blip2Config, TextConfig, VisionConfig
-from vlp.contract import unwrap_model
+from vlp.config import Blip2Config, TextConfig, VisionConfig
 from vlp.errors import CheckpointError, ConfigError
-from vlp.interop.hf import (
-    ACT_TO_HF,
+from vlp.interop.hf_common import (
+    BLIP_VISION_PADDED,
     CONFIG_FILE,
-    PREPROCESSOR_FILE,
-    WEIGHTS_FILE,
-    activation_from_hf,
-    read_hf_weights,
-)
-from vlp.interop.hf_blip import (
-    _vision_pairs,
+    activation_problems,
+    bert_attention,
+    bert_ffn,
     bert_tower_pairs,
-    hf_blip_preprocessor_config,
-    linear_pairs,
+    blip_image_processor,
+    blip_preprocessing,
+    blip_vision_pairs,
+    hf_architecture,
+    hf_section,
+    hf_text_section,
+    hf_vision_section,
+    read_hf_directory,
+    read_hf_weights,
+    text_fields,
+    vision_fields,
+    write_hf_directory,
 )
-from vlp.interop.keymap import (
-    ImportedModel,
-    KeyMap,
-    export_from,
-    import_into,
-    mlp_ratio,
-    read_json,
-    refuse_foreign_directory,
-    save_tensors,
-)
-from vlp.models import build_model
+from vlp.interop.keymap import Fused, KeyMap, Pairs, Tie, export_from, linear_pairs
+from vlp.interop.skeleton import ImportedModel, family_model, import_model, read_json
 from vlp.models.blip2 import BLIP2
 from vlp.models.frozen import VitFeatures
 from vlp.nn.qformer import load_bert_
-from vlp.store import atomic_directory, write_json
 
 ARCHITECTURES = ("Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval")
-# vlp tensors HF stores with leading singleton dims
-RESHAPED = {"visual.tower.class_token": "vision_model.embeddings.class_embedding",
-            "visual.tower.pos_embed": "vision_model.embeddings.position_embedding",
-            "qformer.query_tokens": "query_tokens"}
 # HF config defaults (transformers 4.57 Blip2QFormerConfig / Blip2VisionConfig)
 HF_QFORMER_DEFAULTS: dict[str, Any] = {
     "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
@@ -90,54 +82,27 @@ HF_VISION_DEFAULTS: dict[str, Any] = {
     "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "hidden_act": "gelu",
     "layer_norm_eps": 1e-6, "qkv_bias": True,
 }
+LLM_PREFIX = "language_model."
 
 
 # -- key map --------------------------------------------------------------------------------------
 
-def _qformer_pairs(config: Blip2Config) -> tuple[list[tuple[str, str]],
-                                                 list[tuple[str, tuple[str, ...]]]]:
+def _qformer_pairs(config: Blip2Config) -> tuple[Pairs, Fused]:
     pairs = [("qformer.query_tokens", "query_tokens")]
     pairs += linear_pairs("qformer.embed_norm", "qformer.layernorm")
     if config.text_parts:
         pairs += [("qformer.token_embed.weight", "embeddings.word_embeddings.weight"),
                   ("qformer.pos_embed", "embeddings.position_embeddings.weight")]
-    fused = []
+    fused: Fused = []
     for i in range(config.text.layers):
         o, t = f"qformer.blocks.{i}.", f"qformer.encoder.layer.{i}."
-        names = [("attn.proj", "attention.output.dense"),
-                 ("norm1", "attention.output.LayerNorm"),
-                 ("mlp_query.fc1", "intermediate_query.dense"),
-                 ("mlp_query.fc2", "output_query.dense"),
-                 ("norm2_query", "output_query.LayerNorm")]
-        if config.text_parts:
-            names += [("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"),
-                      ("norm2", "output.LayerNorm")]
         cross = i % config.cross_attention_freq == 0
-        if cross:
-            names += [("cross_attn.q", "crossattention.attention.query"),
-                      ("cross_attn.proj", "crossattention.output.dense"),
-                      ("norm_cross", "crossattention.output.LayerNorm")]
-        for a, b in names:
-            pairs += linear_pairs(o + a, t + b)
-        for p in ("weight", "bias"):
-            fused.append((f"{o}attn.qkv.{p}", tuple(f"{t}attention.attention.{x}.{p}"
-                                                    for x in ("query", "key", "value"))))
-            if cross:
-                fused.append((f"{o}cross_attn.kv.{p}", tuple(
-                    f"{t}crossattention.attention.{x}.{p}" for x in ("key", "value"))))
+        attention_pairs, attention_fused = bert_attention(o, t, "attention", cross)
+        pairs += attention_pairs + bert_ffn(o, t, "_query")
+        if config.text_parts:
+            pairs += bert_ffn(o, t)
+        fused += attention_fused
     return pairs, fused
-
-
-def _vision_map(layers: int) -> list[tuple[str, str]]:
-    """HF BLIP's vision layout (as BLIP-2's) under vlp's frozen ``visual.tower``; HF's
-    post_layernorm is vlp's ``ln_vision``."""
-    pairs = []
-    for ours, theirs in _vision_pairs(layers):
-        if ours.startswith("visual.norm."):
-            pairs.append((ours.replace("visual.norm.", "ln_vision."), theirs))
-        else:
-            pairs.append((ours.replace("visual.", "visual.tower.", 1), theirs))
-    return pairs
 
 
 def llm_aliases(llm: nn.Module) -> dict[str, str]:
@@ -152,10 +117,12 @@ def llm_aliases(llm: nn.Module) -> dict[str, str]:
 
 
 def hf_blip2_key_map(model: BLIP2) -> KeyMap:
-    """vlp BLIP-2 <-> HF BLIP-2 state-dict names for every tensor of ``model``."""
+    """vlp BLIP-2 <-> HF BLIP-2 state-dict names for every tensor of ``model``. HF's
+    ``vision_model.post_layernorm`` is vlp's ``ln_vision`` (the ViT itself has no final norm)."""
     config = model.config
     pairs, fused = _qformer_pairs(config)
-    pairs += _vision_map(len(model.visual.tower.transformer.blocks))
+    pairs += blip_vision_pairs("visual.tower.", len(model.visual.tower.transformer.blocks))
+    pairs += linear_pairs("ln_vision", "vision_model.post_layernorm")
     vlp_only = {"temp"} if config.retrieval_heads else set()
     if config.lm_head:
         vlp_only |= {name for name in model.state_dict() if name.startswith("lm_head.")}
@@ -163,33 +130,47 @@ def hf_blip2_key_map(model: BLIP2) -> KeyMap:
         for ours, theirs in (("vision_proj", "vision_projection"),
                              ("text_proj", "text_projection"), ("itm_head", "itm_head")):
             pairs += linear_pairs(ours, theirs)
+    ties: list[Tie] = []
     if model.llm is not None:
         pairs += linear_pairs("llm_proj", "language_projection")
-        pairs += [(f"llm.{name}", f"language_model.{name}") for name in model.llm.state_dict()]
+        aliases = llm_aliases(model.llm)
+        pairs += [(f"llm.{name}", LLM_PREFIX + name) for name in model.llm.state_dict()
+                  if name not in aliases]
+        # save_pretrained leaves the tied copies out; vlp loads them with their owner
+        vlp_only |= {f"llm.{alias}" for alias in aliases}
+        ties += [Tie(LLM_PREFIX + alias, LLM_PREFIX + owner, "the LLM ties them to one tensor")
+                 for alias, owner in aliases.items()]
     return KeyMap(pairs=tuple(pairs), fused=tuple(fused), vlp_only=frozenset(vlp_only),
-                  ignored=frozenset({"embeddings.position_ids"}))
+                  padded=(*BLIP_VISION_PADDED, ("query_tokens", 3)), tied=tuple(ties),
+                  write_tied=False, ignored=frozenset({"embeddings.position_ids"}))
+
+
+@contextmanager
+def full_state(model: BLIP2) -> Iterator[BLIP2]:
+    """``model.state_dict()`` with the frozen parts it normally saves by reference."""
+    saved = model.save_references
+    model.save_references = False
+    try:
+        yield model
+    finally:
+        model.save_references = saved
+
+
+def export_hf_state(model: BLIP2) -> dict[str, Tensor]:
+    """HF state dict of ``model`` (tied LLM copies left out, as save_pretrained writes it)."""
+    with full_state(model):
+        return export_from(hf_blip2_key_map(model), model)
 
 
 # -- configs --------------------------------------------------------------------------------------
 
-def _architecture(hf_config: dict[str, Any], where: str) -> str:
-    architectures = hf_config.get("architectures") or []
-    known = [name for name in architectures if name in ARCHITECTURES]
-    if hf_config.get("model_type") != "blip-2" or len(known) != 1:
-        raise CheckpointError(
-            f"{where}: unknown architecture (model_type {hf_config.get('model_type')!r}, "
-            f"architectures {architectures}); expected model_type 'blip-2' with one of "
-            f"{list(ARCHITECTURES)}")
-    return known[0]
-
-
 def blip2_config_from_hf(hf_config: dict[str, Any], where: str = CONFIG_FILE,
                          preprocessor: dict[str, Any] | None = None) -> Blip2Config:
     """vlp `Blip2Config` for an HF BLIP-2 task model's ``config.json``."""
-    architecture = _architecture(hf_config, where)
+    architecture = hf_architecture(hf_config, "blip-2", ARCHITECTURES, where)
     retrieval = architecture == "Blip2ForImageTextRetrieval"
-    qformer = {**HF_QFORMER_DEFAULTS, **(hf_config.get("qformer_config") or {})}
-    vision = {**HF_VISION_DEFAULTS, **(hf_config.get("vision_config") or {})}
+    qformer = hf_section(hf_config, "qformer_config", HF_QFORMER_DEFAULTS)
+    vision = hf_section(hf_config, "vision_config", HF_VISION_DEFAULTS)
     problems = []
     if not vision["qkv_bias"]:
         problems.append("vision_config.qkv_bias=False")
@@ -203,7 +184,6 @@ def blip2_config_from_hf(hf_config: dict[str, Any], where: str = CONFIG_FILE,
         problems.append("non-square image_size/patch_size")
     if problems:
         raise CheckpointError(f"{where}: not supported: {'; '.join(problems)}")
-    preprocessor = preprocessor or {}
     text_config = hf_config.get("text_config")
     llm = "none"
     if not retrieval:
@@ -216,29 +196,13 @@ def blip2_config_from_hf(hf_config: dict[str, Any], where: str = CONFIG_FILE,
         num_queries=int(hf_config.get("num_query_tokens", 32)),
         cross_attention_freq=int(qformer["cross_attention_frequency"]),
         text=TextConfig(
-            vocab_size=vocab, context_length=int(qformer["max_position_embeddings"]),
-            width=qformer["hidden_size"], layers=qformer["num_hidden_layers"],
-            heads=qformer["num_attention_heads"],
-            mlp_ratio=mlp_ratio(qformer["hidden_size"], qformer["intermediate_size"],
-                                f"{where}: qformer_config"),
-            act=activation_from_hf(qformer["hidden_act"], f"{where}: qformer_config"),
-            norm_eps=float(qformer["layer_norm_eps"]), causal=False, pool="first",
+            **text_fields(qformer, f"{where}: qformer_config"), causal=False, pool="first",
             pad_id=int(qformer["pad_token_id"]), bos_id=101, eos_id=102,
             dropout=float(qformer["hidden_dropout_prob"])),
         dec_id=vocab - 1,  # LAVIS appends [DEC] last (30522 of 30523)
         text_parts=retrieval, retrieval_heads=retrieval, lm_head=False,
-        vision=VisionConfig(
-            image_size=vision["image_size"], patch_size=vision["patch_size"],
-            width=vision["hidden_size"], layers=vision["num_hidden_layers"],
-            heads=vision["num_attention_heads"],
-            mlp_ratio=mlp_ratio(vision["hidden_size"], vision["intermediate_size"],
-                                f"{where}: vision_config"),
-            act=activation_from_hf(vision["hidden_act"], f"{where}: vision_config"),
-            norm_eps=float(vision["layer_norm_eps"]), pre_norm=False, patch_bias=True,
-            pool="none",
-            mean=tuple(float(x) for x in preprocessor.get("image_mean", OPENAI_MEAN)),
-            std=tuple(float(x) for x in preprocessor.get("image_std", OPENAI_STD)),
-            resize_mode="squash", interpolation="bicubic"),
+        vision=VisionConfig(**vision_fields(vision, f"{where}: vision_config"), pre_norm=False,
+                            patch_bias=True, pool="none", **blip_preprocessing(preprocessor)),
         vision_layer=-1, ln_vision=True,
         llm=llm, llm_config=dict(text_config) if llm != "none" else None,
         hf_image_token_index=hf_config.get("image_token_index"),
@@ -269,9 +233,7 @@ def hf_config_from_blip2(model: BLIP2) -> dict[str, Any]:
         problems.append("a ViT other than BLIP-2's (pre_norm=False, patch_bias=True)")
     if not config.ln_vision:
         problems.append("ln_vision=False (HF's post_layernorm is always there)")
-    for tower in (vision, text):
-        if tower.act not in ACT_TO_HF:
-            problems.append(f"act={tower.act!r}")
+    problems += activation_problems(vision, text)
     if problems:
         raise ConfigError(f"this vlp BLIP-2 cannot be written as HF {architecture}: "
                           f"{'; '.join(problems)}")
@@ -279,25 +241,14 @@ def hf_config_from_blip2(model: BLIP2) -> dict[str, Any]:
         "architectures": [architecture], "model_type": "blip-2",
         "num_query_tokens": config.num_queries, "image_text_hidden_size": config.embed_dim,
         "image_token_index": config.hf_image_token_index, "torch_dtype": "float32",
-        "qformer_config": {
-            "model_type": "blip_2_qformer", "vocab_size": text.vocab_size,
-            "hidden_size": text.width, "num_hidden_layers": text.layers,
-            "num_attention_heads": text.heads, "intermediate_size": int(text.width
-                                                                        * text.mlp_ratio),
-            "hidden_act": ACT_TO_HF[text.act], "hidden_dropout_prob": text.dropout,
-            "attention_probs_dropout_prob": text.dropout,
-            "max_position_embeddings": text.context_length, "layer_norm_eps": text.norm_eps,
-            "pad_token_id": text.pad_id, "cross_attention_frequency": config.cross_attention_freq,
-            "encoder_hidden_size": vision.width, "use_qformer_text_input": config.text_parts,
-        },
-        "vision_config": {
-            "model_type": "blip_2_vision_model", "hidden_size": vision.width,
-            "intermediate_size": int(vision.width * vision.mlp_ratio),
-            "num_hidden_layers": len(model.visual.tower.transformer.blocks),
-            "num_attention_heads": vision.heads, "image_size": vision.image_size,
-            "patch_size": vision.patch_size, "hidden_act": ACT_TO_HF[vision.act],
-            "layer_norm_eps": vision.norm_eps, "qkv_bias": True,
-        },
+        "qformer_config": hf_text_section(
+            text, "blip_2_qformer", hidden_dropout_prob=text.dropout,
+            attention_probs_dropout_prob=text.dropout, pad_token_id=text.pad_id,
+            cross_attention_frequency=config.cross_attention_freq,
+            encoder_hidden_size=vision.width, use_qformer_text_input=config.text_parts),
+        "vision_config": hf_vision_section(
+            vision, "blip_2_vision_model", qkv_bias=True,
+            num_hidden_layers=len(model.visual.tower.transformer.blocks)),
     }
     if model.llm is not None:
         out["text_config"] = model.llm.config.to_diff_dict()
@@ -305,89 +256,25 @@ def hf_config_from_blip2(model: BLIP2) -> dict[str, Any]:
     return out
 
 
-# -- state dicts ----------------------------------------------------------------------------------
-
-@contextmanager
-def full_state(model: BLIP2):
-    """``model.state_dict()`` with the frozen parts it normally saves by reference."""
-    saved = model.save_references
-    model.save_references = False
-    try:
-        yield model
-    finally:
-        model.save_references = saved
-
-
-def _from_hf_state(state: dict[str, Tensor], model: BLIP2, source: str) -> dict[str, Tensor]:
-    """HF tensors in the key map's form: singleton dims dropped, tied LLM copies HF leaves out
-    filled in from their source tensor."""
-    state = dict(state)
-    vlp_state = model.state_dict()
-    for ours, theirs in RESHAPED.items():
-        if theirs in state and ours in vlp_state:
-            wanted = (1,) * (3 - vlp_state[ours].ndim) + tuple(vlp_state[ours].shape)
-            if tuple(state[theirs].shape) != wanted:
-                raise CheckpointError(f"{source}: key {theirs!r} has shape "
-                                      f"{tuple(state[theirs].shape)}, expected {wanted}")
-            state[theirs] = state[theirs].reshape(vlp_state[ours].shape)
-    if model.llm is not None:
-        for alias, owner in llm_aliases(model.llm).items():
-            alias_key, owner_key = f"language_model.{alias}", f"language_model.{owner}"
-            if alias_key not in state and owner_key in state:
-                state[alias_key] = state[owner_key]
-    return state
-
-
-def export_hf_state(model: BLIP2) -> dict[str, Tensor]:
-    """HF state dict of ``model`` (tied LLM copies left out, as save_pretrained writes it)."""
-    with full_state(model):
-        state = export_from(hf_blip2_key_map(model), model)
-    for theirs in RESHAPED.values():
-        if theirs in state:
-            state[theirs] = state[theirs].reshape((1,) * (3 - state[theirs].ndim)
-                                                  + tuple(state[theirs].shape)).contiguous()
-    if model.llm is not None:
-        for alias in llm_aliases(model.llm):
-            state.pop(f"language_model.{alias}", None)
-    return state
-
-
 # -- directories ----------------------------------------------------------------------------------
 
 def load_hf_blip2(path: str | os.PathLike[str]) -> ImportedModel:
     """A vlp BLIP-2 from an HF ``Blip2ForConditionalGeneration`` or
     ``Blip2ForImageTextRetrieval`` directory (tokenizer: None; use the LLM's or BERT's own)."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: HF model directory not found")
-    hf_config = read_json(directory / CONFIG_FILE)
-    preprocessor_path = directory / PREPROCESSOR_FILE
-    preprocessor = read_json(preprocessor_path) if preprocessor_path.is_file() else None
-    config = blip2_config_from_hf(hf_config, str(directory / CONFIG_FILE), preprocessor)
-    state, source = read_hf_weights(directory)
-    model = build_model(config)
-    import_into(hf_blip2_key_map(model), _from_hf_state(state, model, source), model, source)
-    return ImportedModel(model.eval(), None)
+    hf = read_hf_directory(path)
+    config = blip2_config_from_hf(hf.config, hf.where, hf.preprocessor)
+    state, source = read_hf_weights(hf.path)
+    return ImportedModel(import_model(config, state, source, hf_blip2_key_map), None)
 
 
 def save_hf_blip2(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Write a directory the matching transformers BLIP-2 class loads with from_pretrained:
     config.json, model.safetensors, preprocessor_config.json. Atomic. Frozen parts saved by
     reference in vlp are written in full (HF keeps every weight in one directory)."""
-
-    model = unwrap_model(model)
-    if not isinstance(model, BLIP2):
-        raise ConfigError(f"{type(model).__name__} cannot be exported as HF BLIP-2; expected a "
-                          "vlp BLIP2 model")
+    model = family_model(model, BLIP2, "HF BLIP-2")
     hf_config = hf_config_from_blip2(model)
-    tensors = export_hf_state(model)
-    directory = Path(directory)
-    refuse_foreign_directory(directory, CONFIG_FILE)
-    with atomic_directory(directory) as staging:
-        write_json(staging / CONFIG_FILE, hf_config)
-        save_tensors(tensors, staging / WEIGHTS_FILE)
-        write_json(staging / PREPROCESSOR_FILE, hf_blip_preprocessor_config(model.config.vision))
-    return directory
+    return write_hf_directory(directory, hf_config, export_hf_state(model),
+                              blip_image_processor(model.config.vision))
 
 
 # -- initialising a Q-Former from BERT ------------------------------------------------------------

@@ -65,40 +65,35 @@ import torch
 from torch import Tensor, nn
 
 from vlp.config import BlipConfig, get_preset, list_presets, load_config
-from vlp.contract import unwrap_model
 from vlp.errors import CheckpointError, ConfigError
-from vlp.interop.hf_blip import bert_tower_pairs, linear_pairs
-from vlp.interop.keymap import (
-    ImportedModel,
-    KeyMap,
-    export_from,
-    import_into,
-    mlp_ratio,
-    save_tensors,
-)
-from vlp.models import build_model
+from vlp.interop.hf_common import DECODER, bert_tower_pairs, blip_lm_head
+from vlp.interop.keymap import Fused, KeyMap, Pairs, export_from, linear_pairs
+from vlp.interop.skeleton import ImportedModel, family_model, import_model, mlp_ratio
 from vlp.models.blip import BLIP
 from vlp.nn.momentum import ema_update_
 from vlp.nn.vision import resize_pos_embed
-from vlp.store import read_state_dict
+from vlp.store import atomic_write, read_state_dict, write_safetensors
 
 logger = logging.getLogger(__name__)
 
-VISION, TEXT, DECODER = "visual_encoder.", "text_encoder.", "text_decoder.bert."
-LM_PREFIX = "text_decoder.cls.predictions."
+VISION, TEXT = "visual_encoder.", "text_encoder."
 VISION_BLOCK_PARTS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 # vlp momentum module -> original prefix (towers) or module name (projections)
 MOMENTUM = {"visual": "visual_encoder_m.", "text_encoder": "text_encoder_m.",
             "vision_proj": "vision_proj_m", "text_proj": "text_proj_m"}
 QUEUE = {"queue.image": "image_queue", "queue.text": "text_queue", "queue.ptr": "queue_ptr"}
 DROPPED = ("idx_queue", "ptr_queue")  # retrieval fine-tuning's image-id queue
+# tensors the file stores with leading singleton dims: ViT class token and positions, queue pointer
+PADDED = ((f"{VISION}cls_token", 3), (f"{VISION}pos_embed", 3),
+          (f"{MOMENTUM['visual']}cls_token", 3), (f"{MOMENTUM['visual']}pos_embed", 3),
+          (QUEUE["queue.ptr"], 1))
 PRESET_BY_VISION_WIDTH = {768: "blip-vit-b-16", 1024: "blip-vit-l-16"}
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
 # -- key map --------------------------------------------------------------------------------------
 
-def _vision_pairs(ours: str, theirs: str, layers: int) -> list[tuple[str, str]]:
+def _vision_pairs(ours: str, theirs: str, layers: int) -> Pairs:
     pairs = [(f"{ours}class_token", f"{theirs}cls_token"),
              (f"{ours}pos_embed", f"{theirs}pos_embed")]
     pairs += linear_pairs(f"{ours}patch_embed", f"{theirs}patch_embed.proj")
@@ -109,8 +104,7 @@ def _vision_pairs(ours: str, theirs: str, layers: int) -> list[tuple[str, str]]:
     return pairs + linear_pairs(f"{ours}norm", f"{theirs}norm")
 
 
-def _momentum_map(config: BlipConfig
-                  ) -> tuple[list[tuple[str, str]], list[tuple[str, tuple[str, ...]]]]:
+def _momentum_map(config: BlipConfig) -> tuple[Pairs, Fused]:
     pairs = _vision_pairs("momentum_encoders.visual.", MOMENTUM["visual"], config.vision.layers)
     tower, fused = bert_tower_pairs("momentum_encoders.text_encoder.", MOMENTUM["text_encoder"],
                                     config.text.layers)
@@ -123,7 +117,7 @@ def _momentum_map(config: BlipConfig
 def lavis_blip_key_map(config: BlipConfig, momentum: bool = True, queue: bool = True) -> KeyMap:
     """vlp BLIP <-> original BLIP names for ``config``. ``momentum`` / ``queue`` False: the file
     lacks them, so vlp keeps its own (``vlp_only``)."""
-    pairs, fused = _vision_pairs("visual.", VISION, config.vision.layers), []
+    pairs, fused, ties = _vision_pairs("visual.", VISION, config.vision.layers), [], ()
     ignored = set(DROPPED)
     towers = [("text_encoder.", TEXT, config.text_encoder),
               ("text_decoder.", DECODER, config.text_decoder)]
@@ -133,9 +127,8 @@ def lavis_blip_key_map(config: BlipConfig, momentum: bool = True, queue: bool = 
             pairs, fused = pairs + tower_pairs, fused + tower_fused
             ignored.add(f"{theirs}embeddings.position_ids")
     if config.text_decoder:
-        pairs += linear_pairs("lm_head.dense", LM_PREFIX + "transform.dense")
-        pairs += linear_pairs("lm_head.norm", LM_PREFIX + "transform.LayerNorm")
-        pairs.append(("lm_head.bias", LM_PREFIX + "bias"))
+        head_pairs, ties = blip_lm_head()  # BLIP's files store the tied copies too
+        pairs += head_pairs
     vlp_only = set()
     if config.retrieval_heads:
         for name in ("vision_proj", "text_proj", "itm_head"):
@@ -153,7 +146,7 @@ def lavis_blip_key_map(config: BlipConfig, momentum: bool = True, queue: bool = 
             pairs += list(QUEUE.items())
         else:
             vlp_only |= set(QUEUE)
-    return KeyMap(pairs=tuple(pairs), fused=tuple(fused),
+    return KeyMap(pairs=tuple(pairs), fused=tuple(fused), padded=PADDED, tied=ties,
                   transposed=frozenset({QUEUE["queue.image"], QUEUE["queue.text"]}),
                   scalars=frozenset({"temp", QUEUE["queue.ptr"]}),
                   integers=frozenset({QUEUE["queue.ptr"]}), ignored=frozenset(ignored),
@@ -289,29 +282,19 @@ def blip_config_from_lavis(state: dict[str, Tensor], base: BlipConfig, source: s
 # -- state dicts ----------------------------------------------------------------------------------
 
 def _prepare(state: dict[str, Tensor], config: BlipConfig, source: str) -> dict[str, Tensor]:
-    """The file's tensors in the key map's form: singleton dims dropped, positions resampled to
-    the config's grid, tied LM aliases checked and dropped, unused momentum/queue dropped."""
+    """The file's tensors with the position grids resampled to the config's (the momentum
+    encoder's must have the main one's shape) and unused momentum/queue tensors dropped."""
     state = dict(state)
-    width, grid = config.vision.width, config.vision.image_size // config.vision.patch_size
-    stored = {"cls_token": (1, 1, width), "pos_embed": tuple(state[VISION + "pos_embed"].shape)}
-    for prefix in (VISION, MOMENTUM["visual"]):
-        for name, wanted in stored.items():
-            key = prefix + name
-            if key not in state:
-                continue
-            tensor = state[key]
-            if tuple(tensor.shape) != wanted:
-                raise CheckpointError(f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
-                                      f"expected {wanted}")
-            state[key] = tensor[0, 0] if name == "cls_token" else resize_pos_embed(tensor[0], grid)
-    if config.text_decoder:
-        embeddings = DECODER + "embeddings.word_embeddings.weight"
-        for alias, tied in ((LM_PREFIX + "decoder.weight", embeddings),
-                            (LM_PREFIX + "decoder.bias", LM_PREFIX + "bias")):
-            if alias in state and tied in state and not _equal(state, alias, tied):
-                raise CheckpointError(f"{source}: {alias!r} differs from {tied!r}; vlp BLIP ties "
-                                      "the LM decoder to the word embeddings")
-            state.pop(alias, None)
+    grid = config.vision.image_size // config.vision.patch_size
+    stored = tuple(state[VISION + "pos_embed"].shape)
+    for key in (VISION + "pos_embed", MOMENTUM["visual"] + "pos_embed"):
+        if key not in state:
+            continue
+        tensor = state[key]
+        if tuple(tensor.shape) != stored:
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(tensor.shape)}, "
+                                  f"expected {stored}")
+        state[key] = resize_pos_embed(tensor[0], grid)[None]
     unused = [k for k in DROPPED if k in state]
     if config.queue_size == 0:
         prefixes = (*MOMENTUM.values(), *QUEUE.values())
@@ -336,18 +319,7 @@ def export_lavis_state(model: BLIP) -> dict[str, Tensor]:
     if problems:
         raise ConfigError(f"this vlp BLIP cannot be written in BLIP's layout: "
                           f"{'; '.join(problems)}")
-    state = export_from(lavis_blip_key_map(config), model)
-    for prefix in (VISION, MOMENTUM["visual"]):
-        if prefix + "cls_token" in state:
-            state[prefix + "cls_token"] = state[prefix + "cls_token"].reshape(1, 1, -1)
-            state[prefix + "pos_embed"] = state[prefix + "pos_embed"][None]
-    if QUEUE["queue.ptr"] in state:
-        state[QUEUE["queue.ptr"]] = state[QUEUE["queue.ptr"]].reshape(1)
-    if config.text_decoder:
-        state[LM_PREFIX + "decoder.weight"] = state[
-            DECODER + "embeddings.word_embeddings.weight"].clone()
-        state[LM_PREFIX + "decoder.bias"] = state[LM_PREFIX + "bias"].clone()
-    return state
+    return export_from(lavis_blip_key_map(config), model)
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -366,8 +338,8 @@ def load_lavis_blip(path: str | os.PathLike[str], *,
     state = _prepare(state, blip_config, source)
     momentum = MOMENTUM["visual"] + "cls_token" in state
     queue = QUEUE["queue.image"] in state
-    model = build_model(blip_config)
-    import_into(lavis_blip_key_map(blip_config, momentum, queue), state, model, source)
+    key_map = lavis_blip_key_map(blip_config, momentum, queue)
+    model = import_model(blip_config, state, source, key_map)
     if model.momentum_encoders is not None and not momentum:
         logger.warning("%s: no momentum weights (*_m); copied from the model as BLIP "
                        "initialises them", source)
@@ -375,16 +347,13 @@ def load_lavis_blip(path: str | os.PathLike[str], *,
             ema_update_(twin, getattr(model, name), 0.0)  # BLIP's copy_params
     if model.momentum_encoders is not None and not queue:
         logger.warning("%s: no image_queue/text_queue; the queue starts random", source)
-    return ImportedModel(model.eval(), None)
+    return ImportedModel(model, None)
 
 
 def save_lavis_blip(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write ``{'model': state_dict}`` in BLIP's layout to a ``.pth``/``.pt``/``.bin`` file (what
     BLIP's and LAVIS's ``load_checkpoint`` read), or the bare state dict to ``.safetensors``."""
-    model = unwrap_model(model)
-    if not isinstance(model, BLIP):
-        raise ConfigError(f"{type(model).__name__} cannot be written in BLIP's layout; expected "
-                          "a vlp BLIP model")
+    model = family_model(model, BLIP, "BLIP's layout")
     path = Path(path)
     if path.suffix not in (*TORCH_SUFFIXES, ".safetensors"):
         raise ConfigError(f"{path}: BLIP checkpoint file name must end in one of "
@@ -393,10 +362,8 @@ def save_lavis_blip(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         raise CheckpointError(f"{path}: is a directory; expected a file name")
     state = export_lavis_state(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".safetensors":
-        save_tensors(state, staging)
+        atomic_write(path, lambda temp: write_safetensors(state, temp, copy=False))
     else:
-        torch.save({"model": state}, staging)
-    os.replace(staging, path)
+        atomic_write(path, lambda temp: torch.save({"model": state}, temp))
     return path
