@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -195,3 +196,41 @@ def test_trimming_trailing_padding_keeps_pooled_output():
     torch.testing.assert_close(tower(ids), full, atol=1e-6, rtol=1e-6)
     no_eos = torch.tensor([[1, 7, 8, 9] + [0] * 8])  # no eos: nothing is padding
     assert tower.trim_padding(no_eos)[0].shape == (1, 12)
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
+    from vlp.nn.transformer import DropPath
+
+    layer = DropPath(0.3).train()
+    torch.manual_seed(0)
+    out = layer(torch.ones(20000, 4, 3))
+    dropped = (out == 0).all(dim=(1, 2))
+    kept = torch.isclose(out, torch.full_like(out, 1 / 0.7))
+    assert ((out == 0) | kept).all() and (kept.all(dim=(1, 2)) | dropped).all()  # per sample
+    assert abs(dropped.float().mean().item() - 0.3) < 0.02
+    assert abs(out.mean().item() - 1.0) < 0.03
+    layer.eval()
+    x = torch.randn(5, 4, 3)
+    assert torch.equal(layer(x), x)
+    with pytest.raises(ConfigError, match="drop_path"):
+        DropPath(1.0)
+
+
+def test_drop_path_rises_over_the_stack_and_only_acts_in_training():
+    from vlp.config import VisionConfig
+    from vlp.nn import VisionTransformer
+    from vlp.nn.transformer import DropPath
+
+    config = VisionConfig(image_size=32, patch_size=16, width=32, layers=4, heads=2,
+                          drop_path=0.3)
+    vit = VisionTransformer(config, output_dim=8)
+    rates = [block.drop_path.p if isinstance(block.drop_path, DropPath) else 0.0
+             for block in vit.transformer.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    plain = VisionTransformer(dataclasses.replace(config, drop_path=0.0), output_dim=8)
+    plain.load_state_dict(vit.state_dict())  # no parameters of its own
+    pixels = torch.randn(6, 3, 32, 32)
+    torch.testing.assert_close(vit.eval()(pixels), plain.eval()(pixels))
+    vit.train(), plain.train()
+    torch.manual_seed(1)
+    assert not torch.allclose(vit(pixels), plain(pixels))

@@ -34,6 +34,9 @@ class VisionConfig:
     pool: str = "cls"  # "cls", "mean" or "none"
     patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped in training
     dropout: float = 0.0
+    # stochastic depth: the last block's drop-path rate, 0 at the first (BLIP's VQA ViT and
+    # SimVLM fine-tuning: 0.1)
+    drop_path: float = 0.0
     mean: tuple[float, float, float] = OPENAI_MEAN  # image normalisation of the preprocessing
     std: tuple[float, float, float] = OPENAI_STD
     resize_mode: str = "shortest"  # eval resize: "shortest" side then center crop, or "squash"
@@ -60,6 +63,7 @@ class TextConfig:
     bos_id: int = 1
     eos_id: int = 2
     dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth of pre-LN text blocks (last block's rate)
 
 
 class ModelConfig:

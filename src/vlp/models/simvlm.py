@@ -417,9 +417,10 @@ def build_simvlm(config: SimvlmConfig) -> SimVLM:
     if config.decoder_only:
         encoder = None
         decoder = Transformer(vision.width, vision.layers + text.layers, vision.heads,
-                              causal=False, **shape)
+                              causal=False, drop_path=vision.drop_path, **shape)
     else:
-        encoder = Transformer(vision.width, vision.layers, vision.heads, causal=False, **shape)
+        encoder = Transformer(vision.width, vision.layers, vision.heads, causal=False,
+                              drop_path=vision.drop_path, **shape)
         decoder = Transformer(vision.width, text.layers, vision.heads, causal=True,
-                              context_dim=vision.width, **shape)
+                              context_dim=vision.width, drop_path=text.drop_path, **shape)
     return SimVLM(config, image_embed, encoder, decoder)

@@ -24,7 +24,8 @@ class TextTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.empty(config.context_length, width))
         self.transformer = Transformer(width, config.layers, config.heads, causal=config.causal,
                                        mlp_ratio=config.mlp_ratio, act=config.act,
-                                       norm_eps=config.norm_eps, dropout=config.dropout)
+                                       norm_eps=config.norm_eps, dropout=config.dropout,
+                                       drop_path=config.drop_path)
         self.norm = nn.LayerNorm(width, eps=config.norm_eps)
         self.head = (nn.Linear(width, output_dim, bias=proj_bias) if output_dim is not None
                      else nn.Identity())
@@ -136,7 +137,8 @@ class ClsTextTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.empty(width))
         self.transformer = Transformer(width, config.layers, config.heads, causal=True,
                                        mlp_ratio=config.mlp_ratio, act=config.act,
-                                       norm_eps=config.norm_eps, dropout=config.dropout)
+                                       norm_eps=config.norm_eps, dropout=config.dropout,
+                                       drop_path=config.drop_path)
         self.norm = nn.LayerNorm(width, eps=config.norm_eps)
         self.head = nn.Linear(width, output_dim, bias=proj_bias)
         self.init_weights()

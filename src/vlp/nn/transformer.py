@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vlp.contract import ShardUnit
+from vlp.errors import ConfigError
 from vlp.nn.attention import Attention, KVCache
 
 
@@ -43,6 +44,29 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016, arXiv 1603.09382): in training each sample's
+    residual branch is dropped with probability ``p``, the kept ones scaled by 1 / (1 - p)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ConfigError(f"drop_path {p}: expected a probability in [0, 1)")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+def drop_path_rates(rate: float, layers: int) -> list[float]:
+    """Per-block drop-path rates rising linearly from 0 to ``rate`` over the stack (as the
+    ViT/DeiT recipes BLIP starts from)."""
+    return [rate * i / (layers - 1) if layers > 1 else rate for i in range(layers)]
 
 
 class LayerScale(nn.Module):
@@ -86,6 +110,7 @@ class Block(nn.Module, ShardUnit):
         attn_dropout: float = 0.0,
         layer_scale: float | None = None,
         qkv_bias: bool = True,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
@@ -104,6 +129,7 @@ class Block(nn.Module, ShardUnit):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
 
     def forward(
         self,
@@ -113,10 +139,12 @@ class Block(nn.Module, ShardUnit):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.drop(self.ls1(self.attn(self.norm1(x), mask=mask, is_causal=is_causal)))
+        branch = self.drop(self.ls1(self.attn(self.norm1(x), mask=mask, is_causal=is_causal)))
+        x = x + self.drop_path(branch)
         if self.cross_attn is not None:
-            x = x + self.drop(self.cross_attn(self.norm_cross(x), context, mask=context_mask))
-        x = x + self.drop(self.ls2(self.mlp(self.norm2(x))))
+            branch = self.drop(self.cross_attn(self.norm_cross(x), context, mask=context_mask))
+            x = x + self.drop_path(branch)
+        x = x + self.drop_path(self.drop(self.ls2(self.mlp(self.norm2(x)))))
         return x
 
     def forward_cached(
@@ -185,14 +213,16 @@ class Transformer(nn.Module):
         context_dim: int | None = None,
         dropout: float = 0.0,
         layer_scale: float | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.causal = causal
         self.grad_checkpointing = False
         self.blocks = nn.ModuleList(
             Block(dim, heads, mlp_ratio=mlp_ratio, act=act, norm_eps=norm_eps,
-                  context_dim=context_dim, dropout=dropout, layer_scale=layer_scale)
-            for _ in range(layers)
+                  context_dim=context_dim, dropout=dropout, layer_scale=layer_scale,
+                  drop_path=rate)
+            for rate in drop_path_rates(drop_path, layers)
         )
 
     def forward(

@@ -75,7 +75,8 @@ class VisionTransformer(nn.Module):
                          else nn.Identity())
         self.transformer = Transformer(width, config.layers, config.heads, causal=False,
                                        mlp_ratio=config.mlp_ratio, act=config.act,
-                                       norm_eps=config.norm_eps, dropout=config.dropout)
+                                       norm_eps=config.norm_eps, dropout=config.dropout,
+                                       drop_path=config.drop_path)
         self.norm = nn.LayerNorm(width, eps=config.norm_eps)
         self.head = (nn.Linear(width, output_dim, bias=proj_bias) if output_dim is not None
                      else nn.Identity())
