@@ -114,10 +114,9 @@ def train_text_lm(scenes: dict[str, dict[str, list[str]]], out_dir: Path, *, ste
                         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
                         **LM_SHAPE)
     model = GPT2LMHeadModel(config)
-    # a transformers model keeps no vlp model contract; the optimizer asks it which weights
-    # escape decay: none beyond the vectors (biases, norms), the contract's default
-    model.no_weight_decay = set
-    optimizer = build_optimizer(model, LM_LR, weight_decay=0.1)
+    # a transformers model keeps no vlp model contract: no weights escape decay beyond the
+    # vectors (biases, norms)
+    optimizer = build_optimizer(model, LM_LR, weight_decay=0.1, no_decay_names=())
     schedule = WarmupCosine(optimizer, max(1, steps // 20), steps)
     rng = random.Random(seed)
     keys = sorted(scenes)

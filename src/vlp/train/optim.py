@@ -7,6 +7,7 @@ resumed run can extend ``total_steps`` without unpickling a closure.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -18,14 +19,17 @@ from vlp.errors import ConfigError
 FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed matrices, and undecayed vectors/scalars plus the names in
-    ``model.no_weight_decay()`` (temperature, position embeddings, class token).
+def param_groups(model: nn.Module, weight_decay: float,
+                 no_decay_names: Collection[str] | None = None) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed matrices, and undecayed vectors/scalars plus
+    `no_decay_names` (default: the contract's ``model.no_weight_decay()``: temperature,
+    position embeddings, class token; a module outside the contract passes its own).
 
     Each group carries ``param_names`` so checkpoints can store optimizer state by name.
     """
     model = unwrap_model(model)  # names as the model gives them, not DDP's "module." ones
-    no_decay_names = set(model.no_weight_decay())
+    no_decay_names = set(model.no_weight_decay() if no_decay_names is None
+                         else no_decay_names)
     decay: list[tuple[str, nn.Parameter]] = []
     no_decay: list[tuple[str, nn.Parameter]] = []
     for name, param in model.named_parameters():
@@ -54,6 +58,7 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.98),
     eps: float = 1e-6,
+    no_decay_names: Collection[str] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over `param_groups`, with the fused kernel where PyTorch has one for every
     parameter (floating tensors, all on CPU or all on CUDA): several times faster per step
@@ -62,7 +67,7 @@ def build_optimizer(
         raise ConfigError(f"lr={lr}: expected a positive learning rate")
     if weight_decay < 0:
         raise ConfigError(f"weight_decay={weight_decay}: expected >= 0")
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, no_decay_names)
     params = [param for group in groups for param in group["params"]]
     device_types = {param.device.type for param in params}
     fusable = len(device_types) == 1 and device_types <= {"cpu", "cuda"} and all(
