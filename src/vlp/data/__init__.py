@@ -24,7 +24,6 @@ from vlp.data.sources import (
     JsonlSource,
     ListSource,
     MapSource,
-    RetrievalGroups,
     build_source,
     infer_source_kind,
 )
@@ -46,7 +45,6 @@ __all__ = [
     "Loader",
     "MapSource",
     "Record",
-    "RetrievalGroups",
     "WebDatasetSource",
     "build_source",
     "collate_images",

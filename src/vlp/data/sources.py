@@ -14,38 +14,16 @@ import inspect
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vlp.data.images import IMAGE_EXTENSIONS
+from vlp.data.images import IMAGE_EXTENSIONS, ImageGroups, group_images
 from vlp.data.qa import read_qa_jsonl, target_answer
 from vlp.data.records import Record, jsonl_rows, resolve_image_path
 from vlp.data.webdataset import WebDatasetSource
 from vlp.errors import ConfigError, DataError
-
-
-@dataclass
-class RetrievalGroups:
-    """Unique images and their captions, for image<->text retrieval eval.
-
-    ``text_to_image[t]`` is the index into ``images`` of the image that caption ``t`` describes.
-    Records with a missing or empty caption are left out, and so are images left with none.
-    """
-
-    images: list[str | bytes]
-    texts: list[str]
-    text_to_image: list[int]
-
-    @property
-    def image_to_texts(self) -> list[list[int]]:
-        """Caption indices of each image, in caption order."""
-        result: list[list[int]] = [[] for _ in self.images]
-        for text_index, image_index in enumerate(self.text_to_image):
-            result[image_index].append(text_index)
-        return result
 
 
 class _StringColumn:
@@ -96,23 +74,12 @@ class MapSource:
     def __iter__(self) -> Iterator[Record]:
         return (self[i] for i in range(len(self)))
 
-    def groups(self) -> RetrievalGroups:
-        """Captions grouped by image (rows with the same image path share one image)."""
+    def groups(self) -> ImageGroups:
+        """Captions grouped by image, by the one rule of `vlp.data.images.group_images`
+        (rows with the same image share it); images without a caption are left out."""
         if not self.has_text:
             raise DataError(f"{self!r} has no captions to group for retrieval")
-        image_index: dict[str | bytes, int] = {}
-        images: list[str | bytes] = []
-        texts: list[str] = []
-        text_to_image: list[int] = []
-        for record in self:
-            if record.text is None or not record.text.strip():
-                continue
-            if record.image not in image_index:
-                image_index[record.image] = len(images)
-                images.append(record.image)
-            texts.append(record.text)
-            text_to_image.append(image_index[record.image])
-        return RetrievalGroups(images=images, texts=texts, text_to_image=text_to_image)
+        return group_images(self).captioned()
 
 
 class _TableSource(MapSource):
@@ -309,17 +276,14 @@ class CocoSource(_TableSource):
         record = super().__getitem__(index)
         return Record(record.image, record.text, None, self._keys[index] or "")
 
-    def groups(self) -> RetrievalGroups:
+    def groups(self) -> ImageGroups:
         """Images in the order of the JSON's ``images`` list, each with its captions."""
         groups = super().groups()
         position = {image: i for i, image in enumerate(self._image_order)}
         order = sorted(range(len(groups.images)), key=lambda i: position[groups.images[i]])
         new_index = {old: new for new, old in enumerate(order)}
-        return RetrievalGroups(
-            images=[groups.images[i] for i in order],
-            texts=groups.texts,
-            text_to_image=[new_index[i] for i in groups.text_to_image],
-        )
+        return ImageGroups([groups.images[i] for i in order], [groups.ids[i] for i in order],
+                           groups.texts, [new_index[i] for i in groups.text_to_image])
 
 
 class ImageFolderSource(MapSource):
@@ -384,7 +348,7 @@ class ImageFolderSource(MapSource):
 
 
 class ListSource(MapSource):
-    """Records from in-memory lists, e.g. the unique images of `RetrievalGroups` for eval."""
+    """Records from in-memory lists, e.g. the unique images of `ImageGroups` for eval."""
 
     def __init__(self, images: Sequence[str | bytes], texts: Sequence[str | None] | None = None,
                  labels: Sequence[int] | None = None) -> None:
