@@ -17,7 +17,23 @@ from vlp.models.registry import register
 from vlp.nn import TextTransformer, VisionTransformer
 
 
-class CLIP(PretrainModel):
+class LogitScaled(PretrainModel):
+    """A family with CLIP's learnable temperature: ``logit_scale``, a log-parameterised
+    multiplier kept within [0, config.max_logit_scale] after each optimizer step (as
+    open_clip does), never clamped inside the loss, so its gradient never dies."""
+
+    logit_scale: nn.Parameter
+
+    def scale(self) -> Tensor:
+        """The logit multiplier exp(logit_scale)."""
+        return self.logit_scale.exp()
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.logit_scale.clamp_(0, self.config.max_logit_scale)
+
+
+class CLIP(LogitScaled):
     def __init__(self, config: ClipConfig, visual: VisionTransformer, text: TextTransformer):
         super().__init__()
         if config.loss not in ("clip", "siglip"):
@@ -55,16 +71,6 @@ class CLIP(PretrainModel):
         """``(B, L) -> (B, embed_dim)``, L2-normalised unless ``normalize=False``."""
         features = self.text(input_ids, attention_mask)
         return F.normalize(features, dim=-1) if normalize else features
-
-    def scale(self) -> Tensor:
-        """The logit multiplier exp(logit_scale). The parameter is kept within
-        [0, max_logit_scale] after each optimizer step (`after_optimizer_step`), as open_clip
-        does, so the loss keeps a gradient with respect to it even past the bound."""
-        return self.logit_scale.exp()
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        self.logit_scale.clamp_(0, self.config.max_logit_scale)
 
     def logits(self, pixels: Tensor, input_ids: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits_per_image [B_img, B_txt], logits_per_text [B_txt, B_img])``."""

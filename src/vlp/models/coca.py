@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.config import CocaConfig
-from vlp.contract import CAPTION, EMBED, PretrainModel, partial_grad
+from vlp.contract import CAPTION, EMBED, partial_grad
 from vlp.errors import ConfigError
 from vlp.generate import generate as generate_tokens
 from vlp.generate import new_token_budget
 from vlp.losses import IGNORE_INDEX, caption_nll, clip_loss
+from vlp.models.clip import LogitScaled
 from vlp.models.registry import register
 from vlp.nn import AttentionalPooler, BlockCache, VisionTransformer, causal_mask
 from vlp.nn.decoder import CrossDecoder
@@ -55,7 +56,7 @@ def pad_id_keys(input_ids: Tensor, pad_id: int, legacy: bool, with_cls: bool) ->
     return keys if with_cls else keys[:, : input_ids.shape[1]]
 
 
-class CoCa(PretrainModel):
+class CoCa(LogitScaled):
     def __init__(self, config: CocaConfig, visual: VisionTransformer, pooler: AttentionalPooler,
                  contrastive_pooler: AttentionalPooler | None, text: ClsTextTransformer,
                  decoder: CrossDecoder) -> None:
@@ -91,16 +92,6 @@ class CoCa(PretrainModel):
         self.visual.transformer.grad_checkpointing = enable
         self.text.transformer.grad_checkpointing = enable
         self.decoder.grad_checkpointing = enable
-
-    def scale(self) -> Tensor:
-        """The logit multiplier exp(logit_scale). The parameter is kept within
-        [0, max_logit_scale] after each optimizer step (`after_optimizer_step`), as open_clip
-        does, so the loss keeps a gradient with respect to it even past the bound."""
-        return self.logit_scale.exp()
-
-    @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        self.logit_scale.clamp_(0, self.config.max_logit_scale)
 
     # -- image side ------------------------------------------------------------------------------
 
