@@ -11,6 +11,7 @@ from typing import Any
 
 from vlp.cliargs import option
 from vlp.config import check_fields
+from vlp.data.sources import source_option
 from vlp.errors import ConfigError
 from vlp.store.files import atomic_write_text
 from vlp.train.config import TrainConfig
@@ -34,13 +35,10 @@ class CapfiltConfig:
                        "(each shard is a work unit)", section="web data")
     kind: str = option("auto", "format of the web data; auto: from the path",
                        choices=DATA_KINDS)
-    image_key: str | None = option(None, "CSV/JSONL column holding the image path (default: "
-                                   "the source's: filepath for CSV, image for JSONL)")
-    caption_key: str | None = option(None, "CSV/JSONL column holding the caption (default: "
-                                     "caption)")
-    separator: str | None = option(None, "CSV separator (default: tab for .tsv, else comma)")
-    image_root: str | None = option(None, "COCO image directory, or the root of relative "
-                                    "CSV/JSONL image paths")
+    image_key: str | None = source_option("image_key")
+    caption_key: str | None = source_option("caption_key")
+    separator: str | None = source_option("separator")
+    image_root: str | None = source_option("image_root")
     unit_size: int = option(1000, "images per work unit of a CSV/JSONL/COCO source")
     pretrained: str | None = option(
         None, "BLIP checkpoint the captioner (LM) and the filter (ITC + ITM) are fine-tuned "

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from vlp.cliargs import option
 from vlp.data.images import IMAGE_EXTENSIONS, ImageGroups, group_images
 from vlp.data.qa import read_qa_jsonl, target_answer
 from vlp.data.records import Record, jsonl_rows, resolve_image_path
@@ -200,11 +201,11 @@ class JsonlSource(_TableSource):
         for where, row in jsonl_rows(path):
             wanted = {"image_key": image_key, "caption_key": caption_key,
                       "label_key": label_key}
-            for option, key in wanted.items():
+            for setting, key in wanted.items():
                 if key is not None and key not in row:
                     hint = ("; QA rows (question + answer) are read as kind 'qa'"
                             if "question" in row else "")
-                    raise DataError(f"{where}: no key {key!r} ({option}); keys present: "
+                    raise DataError(f"{where}: no key {key!r} ({setting}); keys present: "
                                     f"{list(row)}{hint}")
             image = resolve_image_path(root, _as_text(row[image_key], where, image_key))
             captions: list[str | None] = [None]
@@ -403,6 +404,21 @@ class QASource(MapSource):
 # source kinds by name
 
 # kind -> (source class, default options)
+# the options every file source takes, as config fields with their command-line help
+SOURCE_OPTIONS = {
+    "image_key": "CSV/JSONL column holding the image path (default: the source's: filepath "
+                 "for CSV, image for JSONL)",
+    "caption_key": "CSV/JSONL column holding the caption (default: caption)",
+    "separator": "CSV separator (default: tab for .tsv, else comma)",
+    "image_root": "COCO image directory, or the root of relative CSV/JSONL image paths",
+}
+
+
+def source_option(name: str) -> Any:
+    """The config field (None by default, with its flag's help) of source option `name`."""
+    return option(None, SOURCE_OPTIONS[name])
+
+
 SOURCE_KINDS: dict[str, tuple[type, dict[str, Any]]] = {
     "csv": (CsvSource, {}),
     "tsv": (CsvSource, {"separator": "\t"}),

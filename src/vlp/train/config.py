@@ -8,6 +8,7 @@ from typing import Any
 
 from vlp.cliargs import option
 from vlp.config import check_fields
+from vlp.data.sources import source_option
 from vlp.errors import ConfigError
 from vlp.train.distributed import STRATEGIES
 
@@ -34,13 +35,10 @@ class TrainConfig:
     val_data: str | None = option(None, "validation data; its loss is computed at each "
                                   "evaluation")
     val_kind: str = option("auto", "format of the validation data", choices=DATA_KINDS)
-    image_key: str | None = option(None, "CSV/JSONL column holding the image path (default: "
-                                   "the source's: filepath for CSV, image for JSONL)")
-    caption_key: str | None = option(None, "CSV/JSONL column holding the caption (default: "
-                                     "caption)")
-    separator: str | None = option(None, "CSV separator (default: tab for .tsv, else comma)")
-    image_root: str | None = option(None, "COCO image directory, or the root of relative "
-                                    "CSV/JSONL image paths")
+    image_key: str | None = source_option("image_key")
+    caption_key: str | None = source_option("caption_key")
+    separator: str | None = source_option("separator")
+    image_root: str | None = source_option("image_root")
     text_data: str | None = option(None, "text-only corpus mixed into every batch, for models "
                                    "that train on text alone (simvlm): .txt (one text per line) "
                                    "or JSONL (caption_key, else text or caption)")
