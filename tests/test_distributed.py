@@ -88,15 +88,17 @@ def test_gather_with_grad_matches_one_process(tmp_path: Path) -> None:
                                            atol=1e-6, rtol=1e-5)
 
 
-def _blip_worker(rank: int, init_file: str, out_dir: str) -> None:
-    import vlp.models.blip as blip_module
+def _blip_worker(rank: int, init_file: str, out_dir: str, family: str = "blip") -> None:
+    import importlib
+
     from vlp.config import get_preset
     from vlp.models import build_model
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)  # same weights on both ranks
-        model = build_model(get_preset("blip-tiny")).train()
+        blip_module = importlib.import_module(f"vlp.models.{family}")
+        model = build_model(get_preset(f"{family}-tiny")).train()
         model.exchange = GatherExchange()
         draws = []
         sample = blip_module.sample_hard_negatives
@@ -118,18 +120,19 @@ def _blip_worker(rank: int, init_file: str, out_dir: str) -> None:
             out["loss"].backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         torch.save({"draws": draws, "loss": out["loss"].detach(), "grads": grads},
-                   os.path.join(out_dir, f"blip{rank}.pt"))
+                   os.path.join(out_dir, f"{family}{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_blip_itm_hard_negatives_come_from_every_rank(tmp_path: Path) -> None:
-    """Under a 2-process group BLIP draws ITM negatives among both ranks' pairs (never a
+@pytest.mark.parametrize("family", ["blip", "blip2"])
+def test_itm_hard_negatives_come_from_every_rank(tmp_path: Path, family: str) -> None:
+    """Under a 2-process group BLIP and BLIP-2 draw ITM negatives among both ranks' pairs (never a
     row's own positive), and the step's backward (image tokens gathered with their gradient)
     completes on both ranks."""
-    mp.spawn(_blip_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    mp.spawn(_blip_worker, args=(str(tmp_path / "init"), str(tmp_path), family), nprocs=2)
     for rank in range(2):
-        result = torch.load(tmp_path / f"blip{rank}.pt")
+        result = torch.load(tmp_path / f"{family}{rank}.pt")
         assert torch.isfinite(result["loss"])
         assert result["grads"]["itm_head.weight"].abs().sum() > 0
         drawn = set()

@@ -312,16 +312,25 @@ class BLIP2(PretrainModel):
     def _itm_features(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor,
                       image_queries: Tensor, text: Tensor) -> Tensor:
         """Per pair, the summed ITM CE of the pair, its text with a hard-negative image and its
-        image with a hard-negative text ``(B,)``; negatives drawn by ITC similarity (§3.2)."""
+        image with a hard-negative text ``(B,)``; negatives drawn by ITC similarity (§3.2),
+        distributed among every rank's pairs (image features gathered with their gradient, as
+        LAVIS)."""
         batch = input_ids.shape[0]
-        if batch < 2:
+        pool = (image, input_ids, attention_mask, image_queries, text)
+        offset = 0
+        if self.exchange is not None:
+            pool, offset = self.exchange.gather(*pool)
+        all_image, all_ids, all_masks, all_queries, all_text = pool
+        if all_ids.shape[0] < 2:
             raise ConfigError("BLIP-2's ITM objective needs batches of at least 2 pairs")
         with torch.no_grad():
-            similarity = torch.einsum("iqd,td->itq", image_queries, text).amax(-1) / self.temp
-        image_per_text, text_per_image = sample_hard_negatives(similarity)
-        images = torch.cat([image, image[image_per_text], image])
-        ids = torch.cat([input_ids, input_ids, input_ids[text_per_image]])
-        masks = torch.cat([attention_mask, attention_mask, attention_mask[text_per_image]])
+            i2t = self.similarity(image_queries, all_text) / self.temp  # (B, N)
+            t2i = (self.similarity(all_queries, text) / self.temp).T if self.exchange \
+                is not None else None  # one process: i2t.T
+        image_per_text, text_per_image = sample_hard_negatives(i2t, t2i, offset=offset)
+        images = torch.cat([image, all_image[image_per_text], image])
+        ids = torch.cat([input_ids, input_ids, all_ids[text_per_image]])
+        masks = torch.cat([attention_mask, attention_mask, all_masks[text_per_image]])
         logits = self.itm_logits_from_features(images, ids, masks)  # (3B, 2)
         return itm_nll(logits[:batch], logits[batch:]).view(3, batch).sum(dim=0)
 
