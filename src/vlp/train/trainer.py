@@ -110,6 +110,11 @@ class _Trainer:
             model.exchange = GatherExchange(local_loss=cfg.local_loss,
                                             with_grad=cfg.gather_with_grad)
         self.model = wrap_model(model, cfg.strategy, self.env, self.device)
+        if (is_fsdp(self.model) and build_model is None
+                and (eval_fn is not None or cfg.val_data is not None)):
+            raise ConfigError("train: evaluating an FSDP run needs build_model (how to make an "
+                              "unsharded copy of the model from its config); vlp.run.train "
+                              "passes it")
         rank, world = self.env.rank, self.env.world_size
         self.text_batches = None
         if corpus is not None:  # text-only rows join every micro-batch as "text_ids"
@@ -290,9 +295,6 @@ class _Trainer:
         state = full_model_state(self.model)  # collective
         if not self.env.is_main:
             return None
-        if self.build_model is None:
-            raise ConfigError("train: evaluating an FSDP run needs build_model (how to make an "
-                              "unsharded copy of the model from its config)")
         copy = self.build_model(self.raw_model.config)
         copy.load_state_dict(state)
         return copy.to(self.device)
