@@ -476,3 +476,27 @@ def test_vlp_eval_retrieval_on_a_stage1_checkpoint_ranks_by_the_best_query(
     # re-ranking is a hit within the ITC top 4
     assert metrics["k_test"] == 4
     assert 0 <= metrics["itm_i2t_r1"] <= metrics["i2t_r5"] and "itm_t2i_r1" in metrics
+
+
+def test_vqa_batches_give_stage2_its_prompt_left_padded_and_stage1_its_question():
+    """The library's VQA path feeds BLIP-2 on a decoder-only LLM "Question: {} Short answer:"
+    as a generation prompt (bos, no eos, left-padded, masked), as the paper and LAVIS do."""
+    from vlp.config import VQA_PROMPT
+    from vlp.data.qa import QACollate
+    from vlp.tokenizers import train_tokenizer
+
+    tokenizer = train_tokenizer(["what colour is the circle", "red", "question short answer"],
+                                vocab_size=300, context_length=32)
+    questions = ["what colour", "what colour is the circle"]
+    batch = QACollate(tokenizer, stage2("causal", OPT)).texts(questions, ["red", "red"])
+    ids, mask = batch["question_ids"], batch["question_mask"]
+    for row, question in enumerate(questions):
+        expected = [tokenizer.bos_id, *tokenizer.encode_batch([VQA_PROMPT.format(question)])[0]]
+        assert ids[row, mask[row]].tolist() == expected
+        assert mask[row, -1] and (not mask[row].all()) == (len(expected) < ids.shape[1])
+    assert not mask[0, 0]  # the shorter prompt is padded on the left
+    plain = QACollate(tokenizer, tiny()).texts(questions, ["red", "red"])["question_ids"]
+    # stage 1: the question itself, as the tokenizer's own rows (bos ... eos, right-padded)
+    assert plain[0].tolist()[:3] == [tokenizer.bos_id,
+                                     *tokenizer.encode_batch(["what colour"])[0]][:3]
+    assert tokenizer.eos_id in plain[0].tolist()

@@ -204,6 +204,7 @@ def test_rank_mode_picks_the_most_likely_candidate(monkeypatch):
     records = [QARecord("x", "what colour is it?", ("blue",)) for _ in range(3)]
     batch = {"pixels": torch.randn(3, 3, 64, 64),
              "question_ids": tokenizer([r.question for r in records]), "index": torch.arange(3)}
+    batch["question_mask"] = batch["question_ids"] != tokenizer.pad_id  # as QACollate gives
     monkeypatch.setattr(vqa_module, "qa_loader", lambda *a, **k: [batch])
     candidates = ["red", "blue", "green"]
     predictions = vqa_module.answer_questions(model, tokenizer, records, mode="rank",

@@ -318,6 +318,7 @@ def test_rank_mode_scores_candidates_as_continuations(monkeypatch):
     records = [QARecord("x", "what colour is the star?", ("red",)) for _ in range(3)]
     batch = {"pixels": _pixels(model.config),
              "question_ids": tokenizer([r.question for r in records]), "index": torch.arange(3)}
+    batch["question_mask"] = batch["question_ids"] != tokenizer.pad_id  # as QACollate gives
     monkeypatch.setattr(vqa_module, "qa_loader", lambda *a, **k: [batch])
     candidates = ["red", "blue"]
     predictions = vqa_module.answer_questions(model, tokenizer, records, mode="rank",

@@ -66,6 +66,9 @@ class TextConfig:
     drop_path: float = 0.0  # stochastic depth of pre-LN text blocks (last block's rate)
 
 
+VQA_PROMPT = "Question: {} Short answer:"  # BLIP-2 zero-shot VQA (paper; LAVIS, OPT and FlanT5)
+
+
 class ModelConfig:
     """What every family's config declares beyond its fields (the model contract's config side,
     read by data/ and train/ before a model exists)."""
@@ -78,6 +81,16 @@ class ModelConfig:
         """(tokenizer directory, context length) when the model's batches carry text for
         another model than its own text tower (BLIP-2 stage 2: the LLM's); None otherwise."""
         return None
+
+    def question_text(self, question: str) -> str:
+        """The text the model's ``answer`` reads for a question (BLIP-2: the VQA prompt)."""
+        return question
+
+    def left_padded_prompts(self) -> bool:
+        """Whether ``answer`` reads its questions as generation prompts of a decoder-only LM:
+        bos + text without eos, left-padded with a mask (BLIP-2 on OPT/GPT-style LLMs); else
+        the tokenizer's own rows (bos + text + eos, right-padded)."""
+        return False
 
 
 @dataclass
@@ -224,6 +237,12 @@ class Blip2Config(ModelConfig):
         if self.llm == "none":
             return None
         return self.llm_tokenizer or self.llm_path, self.llm_context_length
+
+    def question_text(self, question: str) -> str:
+        return VQA_PROMPT.format(question) if self.llm != "none" else question
+
+    def left_padded_prompts(self) -> bool:
+        return self.llm == "causal"
 
 
 @dataclass

@@ -93,12 +93,26 @@ class AnswerTokenizer:
         return self.tokenizer(answer_texts(self.config, answers), context_length=context_length)
 
 
+def left_padded_prompts(tokenizer: Any, texts: list[str]) -> tuple[Tensor, Tensor]:
+    """Generation prompts for a decoder-only LM: bos + each text's tokens (no eos), left-padded
+    with the tokenizer's pad id, and their attention mask."""
+    rows = [[tokenizer.bos_id, *ids] for ids in tokenizer.encode_batch(texts)]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for index, row in enumerate(rows):
+        ids[index, width - len(row):] = torch.tensor(row)
+        mask[index, width - len(row):] = True
+    return ids, mask
+
+
 class QACollate:
     """Stack pixels; tokenise questions and answers (as `answer_texts` spells them for
     ``config``), padding trimmed to the longest row."""
 
     def __init__(self, tokenizer: Any, config: Any) -> None:
         self.tokenizer, self.answers = tokenizer, AnswerTokenizer(tokenizer, config)
+        self.config = config
         self.context_length, self.pad_id = config.text.context_length, config.text.pad_id
 
     def _tokens(self, tokenize: Any, texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -108,8 +122,14 @@ class QACollate:
         return ids[:, :width], mask[:, :width]
 
     def texts(self, questions: list[str], answers: list[str]) -> dict[str, Tensor]:
-        """``question_ids`` / ``question_mask`` / ``answer_ids`` / ``answer_mask``."""
-        question_ids, question_mask = self._tokens(self.tokenizer, questions)
+        """``question_ids`` / ``question_mask`` / ``answer_ids`` / ``answer_mask``; questions as
+        the model's ``answer`` reads them (``config.question_text``; left-padded generation
+        prompts where ``config.left_padded_prompts()``)."""
+        questions = [self.config.question_text(question) for question in questions]
+        if self.config.left_padded_prompts():
+            question_ids, question_mask = left_padded_prompts(self.tokenizer, questions)
+        else:
+            question_ids, question_mask = self._tokens(self.tokenizer, questions)
         answer_ids, answer_mask = self._tokens(self.answers, answers)
         return {"question_ids": question_ids, "question_mask": question_mask,
                 "answer_ids": answer_ids, "answer_mask": answer_mask}

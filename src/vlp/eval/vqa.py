@@ -128,13 +128,16 @@ def majority_baselines(train: Sequence[QARecord], test: Sequence[QARecord]
 def answer_questions(model: nn.Module, tokenizer: Any, records: Sequence[QARecord], *,
                      mode: str = "generate", candidates: Sequence[str] | None = None,
                      batch_size: int = 64, num_beams: int = 3, max_new_tokens: int = 10,
-                     num_workers: int = 0, progress: bool = True) -> list[str | None]:
+                     num_workers: int = 0, progress: bool = True,
+                     **generate_kwargs: Any) -> list[str | None]:
     """One answer per question, None where its image cannot be read (images come through
     `vlp.data.qa.qa_loader`, so an unreadable one is skipped, never raised): ``"generate"``
     decodes open-ended (BLIP: beam 3, max 10 tokens); ``"rank"`` returns the candidate whose
     full answer sequence is most likely under the answer decoder (BLIP's rank inference,
     scoring every candidate), each candidate tokenised as the model reads answers
-    (`vlp.data.qa.AnswerTokenizer`)."""
+    (`vlp.data.qa.AnswerTokenizer`). Questions reach ``answer`` as the model reads them
+    (`vlp.data.qa.QACollate`: BLIP-2 gets its VQA prompt), with their mask;
+    ``generate_kwargs`` (length_penalty, ...) go to it too."""
     if mode not in VQA_MODES:
         raise ConfigError(f"VQA mode {mode!r}; expected one of {list(VQA_MODES)}")
     model.require(VQA, "VQA")
@@ -158,13 +161,15 @@ def answer_questions(model: nn.Module, tokenizer: Any, records: Sequence[QARecor
                 continue
             pixels = batch["pixels"].to(device)
             question_ids = batch["question_ids"].to(device)
+            question_mask = batch["question_mask"].to(device)
             if mode == "rank":
                 scores = model.rank_answers(pixels, question_ids, candidate_ids,
                                             candidate_mask=candidate_mask)
                 texts = [candidates[i] for i in scores.argmax(1).tolist()]
             else:
-                tokens = model.answer(pixels, question_ids, max_new_tokens=max_new_tokens,
-                                      num_beams=num_beams)
+                tokens = model.answer(pixels, question_ids, question_mask,
+                                      max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                      **generate_kwargs)
                 texts = [text.strip() for text in tokenizer.batch_decode(tokens.cpu())]
             for index, text in zip(batch["index"].tolist(), texts, strict=True):
                 answers[index] = text

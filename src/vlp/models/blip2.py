@@ -36,8 +36,6 @@ from vlp.nn.bert import LMPredictionHead
 from vlp.nn.qformer import QFormer
 from vlp.store.tensors import WRAPPER_PREFIXES, load_weights, read_safetensors
 
-VQA_PROMPT = "Question: {} Short answer:"  # zero-shot VQA (paper; LAVIS for OPT and FlanT5)
-
 
 def _without_wrappers(name: str) -> str:
     while name.startswith(WRAPPER_PREFIXES):

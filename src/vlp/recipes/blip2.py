@@ -26,16 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 import vlp
+from vlp.config import VQA_PROMPT
 from vlp.data import build_source
-from vlp.data.qa import QARecord, read_qa_jsonl
-from vlp.data.transforms import image_transform
+from vlp.data.qa import QARecord, left_padded_prompts, read_qa_jsonl
 from vlp.eval.captioning import caption_metrics, generate_captions
-from vlp.eval.vqa import accuracy_by_type, accuracy_summary, majority_baselines
-from vlp.models.blip2 import VQA_PROMPT
+from vlp.eval.vqa import accuracy_by_type, accuracy_summary, majority_baselines, vqa_eval
 from vlp.recipes.common import (
     DemoConfig,
     clear_previous_run,
@@ -61,6 +60,8 @@ STAGE2_OVERRIDES = {"llm": "causal", "text_parts": False, "retrieval_heads": Fal
                     "lm_head": False, "llm_context_length": 32}
 VQA_EVAL_QUESTIONS = 1000  # the first questions of test_qa.jsonl (grouped by image)
 VQA_BEAMS, VQA_LENGTH_PENALTY, VQA_MAX_NEW_TOKENS = 5, -1.0, 6  # paper: beams 5, penalty -1
+VQA_OPTIONS = {"num_beams": VQA_BEAMS, "length_penalty": VQA_LENGTH_PENALTY,
+               "max_new_tokens": VQA_MAX_NEW_TOKENS}
 CAPTION_BEAMS, CAPTION_MAX_NEW_TOKENS = 5, 30
 
 
@@ -147,39 +148,18 @@ def train_text_lm(scenes: dict[str, dict[str, list[str]]], out_dir: Path, *, ste
 
 # -- zero-shot VQA --------------------------------------------------------------------------------
 
-def prompt_batch(tokenizer: Tokenizer, texts: list[str]) -> tuple[Tensor, Tensor]:
-    """bos + prompt tokens (no eos), left-padded for decoder-only generation."""
-    rows = [[tokenizer.bos_id, *ids] for ids in tokenizer.encode_batch(texts)]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for index, row in enumerate(rows):
-        ids[index, width - len(row):], mask[index, width - len(row):] = torch.tensor(row), 1
-    return ids, mask
-
-
 @torch.no_grad()
-def zero_shot_answers(model: nn.Module | None, llm: nn.Module, tokenizer: Tokenizer,
-                      records: list[QARecord], *, batch_size: int = 50,
-                      progress: bool = True) -> list[str]:
-    """Answers to ``records`` generated after [visual prompts; "Question: {} Short answer:"]
-    by the BLIP-2 ``model``, or, with ``model=None``, by the frozen ``llm`` given the text
-    prompt alone (the no-image baseline); beam search with the paper's length penalty."""
-    transform = image_transform(model, train=False) if model is not None else None
-    options = {"num_beams": VQA_BEAMS, "length_penalty": VQA_LENGTH_PENALTY,
-               "max_new_tokens": VQA_MAX_NEW_TOKENS, "pad_token_id": tokenizer.pad_id}
+def answers_without_image(llm: nn.Module, tokenizer: Tokenizer, records: list[QARecord], *,
+                          batch_size: int = 50, progress: bool = True) -> list[str]:
+    """The no-image baseline: the frozen ``llm`` answering "Question: {} Short answer:" from
+    the text alone, decoded as the model's answers are (`VQA_OPTIONS`)."""
     answers: list[str] = []
-    for start in tqdm(range(0, len(records), batch_size), desc="vqa", leave=False,
+    for start in tqdm(range(0, len(records), batch_size), desc="vqa (no image)", leave=False,
                       disable=not progress):
         chunk = records[start:start + batch_size]
-        ids, mask = prompt_batch(tokenizer, [qa_text(r.question) for r in chunk])
-        if model is None:
-            tokens = llm.generate(input_ids=ids, attention_mask=mask, **options)[:, ids.shape[1]:]
-        else:
-            from vlp.data.pipeline import open_image
-
-            pixels = torch.stack([transform(open_image(r.image)) for r in chunk])
-            tokens = model.answer(pixels, ids, mask, **options)
+        ids, mask = left_padded_prompts(tokenizer, [qa_text(r.question) for r in chunk])
+        tokens = llm.generate(input_ids=ids, attention_mask=mask, **VQA_OPTIONS,
+                              pad_token_id=tokenizer.pad_id)[:, ids.shape[1]:]
         answers += [text.strip() for text in tokenizer.batch_decode(tokens)]
     return answers
 
@@ -253,10 +233,10 @@ def blip2_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num
     tokenizer = vlp.load_tokenizer(stage2["checkpoint"])
     train_qa = read_qa_jsonl(data_dir / "train_qa.jsonl")
     test_qa = read_qa_jsonl(data_dir / "test_qa.jsonl")[:VQA_EVAL_QUESTIONS]
-    with_image = accuracy_summary(
-        zero_shot_answers(model, model.llm, tokenizer, test_qa, progress=progress), test_qa)
+    with_image = vqa_eval(model, tokenizer, test_qa, batch_size=50, num_workers=num_workers,
+                          progress=progress, **VQA_OPTIONS, pad_token_id=tokenizer.pad_id)
     no_image = accuracy_summary(
-        zero_shot_answers(None, model.llm, tokenizer, test_qa, progress=progress), test_qa)
+        answers_without_image(model.llm, tokenizer, test_qa, progress=progress), test_qa)
     baselines = majority_baselines(train_qa, test_qa)
     captions = _captioning(model, tokenizer, data_dir, num_workers, progress)
     lap("eval", mark)
