@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -56,13 +57,18 @@ def time_generate(model, pixels, new_tokens: int, use_cache: bool, repeats: int)
     return statistics.median(times[1:]), tokens
 
 
+def _message(error: BaseException) -> str:
+    """``Type: message`` with the machine's paths cut out (results record no paths)."""
+    return re.sub(r"\s*\(/[^)]*\)", "", f"{type(error).__name__}: {error}")
+
+
 def try_open_clip_generate() -> dict:
     """Run open_clip's CoCa.generate on a tiny random model; record how it ends."""
     try:
         import open_clip
         from open_clip.coca_model import CoCa
     except Exception as error:  # not installed, or it fails to import
-        return {"ran": False, "error": f"{type(error).__name__}: {error}"}
+        return {"ran": False, "error": _message(error)}
     text = {"context_length": 12, "vocab_size": 64, "width": 32, "heads": 4, "layers": 1,
             "embed_cls": True, "output_tokens": True}
     vision = {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16,
@@ -76,14 +82,13 @@ def try_open_clip_generate() -> dict:
                        sot_token_id=62, eos_token_id=63, pad_token_id=0)
         result.update(ran=True)
     except Exception as error:
-        result.update(ran=False, error=f"{type(error).__name__}: {error}")
+        result.update(ran=False, error=_message(error))
         try:  # open_clip gates generate() on this import; transformers 4.57 removed the class
             from transformers.generation import BeamSearchScorer  # noqa: F401
         except Exception as cause:
             import transformers
 
-            result["cause"] = (f"transformers {transformers.__version__}: "
-                               f"{type(cause).__name__}: {cause}")
+            result["cause"] = f"transformers {transformers.__version__}: {_message(cause)}"
     return result
 
 
