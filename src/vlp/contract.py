@@ -10,8 +10,9 @@ replace the cached ones before the loss (two forwards per sample, memory of one 
 
 Capabilities with defaults:
 
-- ``batch_kinds``: the batches a family trains on: ``"image_text"`` (every family),
-  ``"text_only"`` (rows of a text corpus mixed into each batch), ``"qa"`` (VQA fine-tuning).
+- ``batch_kinds``: the batches a family trains on: ``"image_text"`` (every vision-language
+  family), ``"text_only"`` (rows of a text corpus mixed into each batch), ``"qa"`` (VQA
+  fine-tuning), ``"text"`` (batches of text-only documents alone: a language model).
 - ``accumulates_features``: False where ``features`` has side effects (momentum encoders,
   queues); accumulated micro-batches then run independently.
 - ``no_weight_decay()``, ``set_grad_checkpointing()``, ``shard_units()`` (the modules FSDP
@@ -39,7 +40,7 @@ from vlp.errors import ConfigError
 from vlp.losses import FeatureExchange
 from vlp.store.tensors import load_weights
 
-IMAGE_TEXT, TEXT_ONLY, QA = "image_text", "text_only", "qa"  # batch kinds
+IMAGE_TEXT, TEXT_ONLY, QA, TEXT = "image_text", "text_only", "qa", "text"  # batch kinds
 # what a model can serve: encode_image/encode_text (+ similarity), generate, answer, itm_*
 EMBED, CAPTION, VQA, ITM = "embed", "caption", "vqa", "itm"
 

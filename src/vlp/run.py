@@ -55,7 +55,9 @@ def _captions(source: Any, where: str) -> Iterator[str]:
         raise ConfigError(f"{where}: has no captions to train a tokenizer on; pass "
                           "tokenizer=<a tokenizer directory>")
     for record in source:
-        if record.text:
+        if record.segments:  # a text-only document: every segment
+            yield from record.segments
+        elif record.text:
             yield record.text
         if record.answer:  # VQA rows: the answers are text the model reads too
             yield record.answer

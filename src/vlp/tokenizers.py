@@ -153,6 +153,26 @@ class Tokenizer:
             return torch.empty(0, length, dtype=torch.long)
         return torch.tensor(rows, dtype=torch.long)
 
+    def pack(self, documents: Sequence[Sequence[str]], context_length: int | None = None
+             ) -> torch.Tensor:
+        """LongTensor [B, L]: each document's segments as bos + tokens + eos, one after another,
+        right-padded; a too-long document is cut and keeps eos last. A one-segment document
+        gives the row `__call__` gives its text."""
+        length = self._context_length if context_length is None else context_length
+        _check_context_length(length)
+        segments = [text for document in documents for text in document]
+        encoded = iter(self.encode_batch(segments))
+        rows = []
+        for document in documents:
+            row = [token for _ in document
+                   for token in (self._bos_id, *next(encoded), self._eos_id)]
+            if len(row) > length:
+                row = row[:length - 1] + [self._eos_id]
+            rows.append(row + [self._pad_id] * (length - len(row)))
+        if not rows:
+            return torch.empty(0, length, dtype=torch.long)
+        return torch.tensor(rows, dtype=torch.long)
+
     # -- decoding ---------------------------------------------------------------------------
     def decode(self, ids: TokenIds, skip_special_tokens: bool = True) -> str:
         """Text of one id row; by default starts after bos, stops at the first eos, drops pads."""

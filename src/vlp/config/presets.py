@@ -10,6 +10,7 @@ from vlp.config.schema import (
     BlipConfig,
     ClipConfig,
     CocaConfig,
+    LMConfig,
     SimvlmConfig,
     TextConfig,
     VisionConfig,
@@ -191,3 +192,16 @@ def _simvlm_base() -> SimvlmConfig:
     # the paper's Base shape: ViT-Base-sized 12-layer encoder and 12-layer decoder (768 wide,
     # 12 heads, MLP 3072), 224 px in 16 px patches after 3 ResNet-style conv blocks, 32k vocab
     return SimvlmConfig()
+
+
+@register_preset("gpt2")
+def _gpt2() -> LMConfig:  # 124.4M parameters, GPT-2 small's shape
+    return LMConfig()
+
+
+@register_preset("gpt2-tiny")
+def _gpt2_tiny() -> LMConfig:
+    # 0.7M parameters: the frozen LLM of the BLIP-2 demo (a BPE of 1024 ids on its texts)
+    return LMConfig(text=TextConfig(vocab_size=1024, context_length=128, width=128, layers=3,
+                                    heads=4, act="gelu_tanh", causal=True, dropout=0.1,
+                                    pad_id=0, bos_id=2, eos_id=1))

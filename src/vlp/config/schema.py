@@ -274,8 +274,23 @@ class SimvlmConfig(ModelConfig):
     label_smoothing: float = 0.0
 
 
+@dataclass
+class LMConfig(ModelConfig):
+    """A decoder-only language model with GPT-2's architecture (pre-LN blocks, learned
+    positions, tanh GELU, a final norm, the LM head tied to the token embeddings), trained on
+    text alone (source kind "text") by the normal trainer; `vlp convert --to hf` writes it as a
+    transformers ``GPT2LMHeadModel``, e.g. as BLIP-2's frozen LLM (``llm_path``)."""
+
+    family: str = "lm"
+    # GPT-2 small: 124M parameters; ``dropout`` is GPT-2's residual dropout
+    text: TextConfig = field(default_factory=lambda: TextConfig(
+        vocab_size=50257, context_length=1024, width=768, layers=12, heads=12, act="gelu_tanh",
+        causal=True, dropout=0.1))
+    label_smoothing: float = 0.0
+
+
 CONFIG_CLASSES: dict[str, type] = {"clip": ClipConfig, "coca": CocaConfig, "blip": BlipConfig,
-                                   "blip2": Blip2Config, "simvlm": SimvlmConfig}
+                                   "blip2": Blip2Config, "simvlm": SimvlmConfig, "lm": LMConfig}
 _NESTED: dict[str, type] = {"vision": VisionConfig, "text": TextConfig}
 
 

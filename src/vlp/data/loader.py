@@ -97,7 +97,7 @@ class Loader:
     following epoch, unless `set_epoch` or `load_state_dict` says otherwise.
     """
 
-    def __init__(self, source: Any, *, transform: Callable[..., torch.Tensor],
+    def __init__(self, source: Any, *, transform: Callable[..., torch.Tensor] | None,
                  tokenizer: Tokenizer | None, batch_size: int, train: bool, seed: int = 0,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1,
                  drop_last: bool | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
@@ -125,7 +125,8 @@ class Loader:
         self._pipeline = _SamplePipeline(transform, tokenizer,
                                          source.has_text,
                                          source.has_labels,
-                                         source.has_answers, answer_tokenizer)
+                                         source.has_answers, answer_tokenizer,
+                                         has_images=source.has_images)
         self._num_batches, self._rank_samples = self._count_batches()
         if self._num_batches == 0:
             raise DataError(f"{source!r}: too few samples for one batch of {batch_size} per rank "
@@ -280,7 +281,7 @@ class Loader:
             self._skipped.update(batch.pop(_SKIPPED_KEY))
             self._note_skipped(batch.pop(_SKIPPED_ITEMS_KEY))
             self.batches_done += 1
-            if batch["pixels"].shape[0] == 0 and not self.keep_empty_batches:
+            if batch["index"].numel() == 0 and not self.keep_empty_batches:
                 continue
             yield batch
 
@@ -316,7 +317,7 @@ class Loader:
                 f"rank={self.rank}/{self.world_size}, {self._num_batches} batches/epoch)")
 
 
-def make_loader(source: Any, *, transform: Callable[..., torch.Tensor],
+def make_loader(source: Any, *, transform: Callable[..., torch.Tensor] | None,
                 tokenizer: Tokenizer | None, batch_size: int, train: bool, seed: int = 0,
                 num_workers: int = 0, rank: int = 0, world_size: int = 1,
                 drop_last: bool | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
@@ -329,7 +330,8 @@ def make_loader(source: Any, *, transform: Callable[..., torch.Tensor],
     captions / labels; a VQA source (``has_answers``) gives "question_ids" and "answer_ids"
     (answers through `answer_tokenizer`, default `tokenizer`) instead of "input_ids". Batches
     whose samples were all skipped are dropped unless `keep_empty_batches` (they still count
-    towards ``len`` and the resume position).
+    towards ``len`` and the resume position). A text-only source (``has_images`` False, kind
+    "text") gives ``{"input_ids", "index", "num_skipped"}`` and needs no `transform`.
     """
     return Loader(source, transform=transform, tokenizer=tokenizer, batch_size=batch_size,
                   train=train, seed=seed, num_workers=num_workers, rank=rank,

@@ -52,26 +52,40 @@ def _record_name(record: Record) -> str:
     return record.image if isinstance(record.image, str) and record.image else record.key
 
 
+def trim_padding(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Drop the trailing columns that are padding in every row (at least one column kept)."""
+    columns = (input_ids != pad_id).any(dim=0).nonzero()
+    width = int(columns.max()) + 1 if columns.numel() else 1
+    return input_ids[:, :width]
+
+
 class _SamplePipeline:
     """Decode, augment and collate records into one batch; runs inside DataLoader workers.
     With ``has_answers`` (VQA records) the texts are questions and each record's answer is
-    tokenised by ``answer_tokenizer`` (default: ``tokenizer``)."""
+    tokenised by ``answer_tokenizer`` (default: ``tokenizer``). Without ``has_images`` (text-only
+    documents) a batch is ``{"input_ids", "index"}``: each record's segments packed into a row
+    (``tokenizer.pack``), padding columns trimmed."""
 
-    def __init__(self, transform: Callable[..., torch.Tensor], tokenizer: Tokenizer | None,
+    def __init__(self, transform: Callable[..., torch.Tensor] | None, tokenizer: Tokenizer | None,
                  has_text: bool, has_labels: bool, has_answers: bool = False,
-                 answer_tokenizer: Tokenizer | None = None) -> None:
+                 answer_tokenizer: Tokenizer | None = None, has_images: bool = True) -> None:
+        if has_images and transform is None:
+            raise ValueError("a source with images needs an image transform")
         self.transform = transform
         self.tokenizer = tokenizer
         self.has_text = has_text
         self.has_labels = has_labels
         self.has_answers = has_answers
+        self.has_images = has_images
         self.answer_tokenizer = answer_tokenizer if answer_tokenizer is not None else tokenizer
 
-    def _load(self, record: Record, augment_seed: int) -> torch.Tensor | str:
+    def _load(self, record: Record, augment_seed: int) -> torch.Tensor | str | None:
         if self.has_text and (record.text is None or not record.text.strip()):
             return "missing_caption"
         if self.has_labels and record.label is None:
             return "missing_label"
+        if not self.has_images:
+            return None
         image = open_image(record.image)
         if isinstance(image, str):
             return image
@@ -80,6 +94,7 @@ class _SamplePipeline:
     def batch(self, items: Iterable[Item]) -> Batch:
         """Batch of items; a skipped one is listed by its name (default: `_record_name`)."""
         pixels: list[torch.Tensor] = []
+        documents: list[tuple[str, ...]] = []
         texts: list[str] = []
         labels: list[int] = []
         answers: list[str] = []
@@ -104,7 +119,10 @@ class _SamplePipeline:
                     where = name if name is not None else _record_name(record)
                     listed.append(f"{where}: {loaded}")
                 continue
-            pixels.append(loaded)
+            if loaded is None:
+                documents.append(record.segments or (record.text,))
+            else:
+                pixels.append(loaded)
             indices.append(index)
             if self.has_text:
                 texts.append(record.text)
@@ -112,7 +130,21 @@ class _SamplePipeline:
                 labels.append(record.label)
             if self.has_answers:
                 answers.append(record.answer or "")
+        if not self.has_images:
+            return self._collate_documents(documents, indices, skipped, listed)
         return self._collate(pixels, texts, labels, indices, skipped, listed, answers)
+
+    def _collate_documents(self, documents: list[tuple[str, ...]], indices: list[int],
+                           skipped: Counter[str], listed: list[str]) -> Batch:
+        if self.tokenizer is None:
+            raise ValueError("text-only documents are tokenised in the loader; pass a tokenizer")
+        ids = self.tokenizer.pack(documents) if documents else torch.empty(0, 1, dtype=torch.long)
+        batch: Batch = {"input_ids": trim_padding(ids, self.tokenizer.pad_id),
+                        "index": torch.tensor(indices, dtype=torch.long)}
+        batch["num_skipped"] = sum(skipped.values())
+        batch[_SKIPPED_KEY] = dict(skipped)
+        batch[_SKIPPED_ITEMS_KEY] = listed
+        return batch
 
     def _tokens(self, tokenizer: Tokenizer | None, texts: list[str]) -> torch.Tensor:
         if texts:

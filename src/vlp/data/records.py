@@ -20,13 +20,15 @@ from vlp.errors import DataError
 @dataclass(frozen=True, slots=True)
 class Record:
     """One sample: image path or encoded bytes, caption (None when absent), class index, key;
-    a VQA sample's text is its question and ``answer`` its answer."""
+    a VQA sample's text is its question and ``answer`` its answer; a text-only document (source
+    kind "text", no image) has its segments in ``segments`` and the first in ``text``."""
 
     image: str | bytes
     text: str | None
     label: int | None
     key: str
     answer: str | None = None
+    segments: tuple[str, ...] = ()
 
 
 def resolve_image_path(root: str, value: str | None) -> str:

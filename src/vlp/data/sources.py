@@ -23,6 +23,7 @@ from vlp.cliargs import option
 from vlp.data.images import IMAGE_EXTENSIONS, ImageGroups, group_images
 from vlp.data.qa import read_qa_jsonl, target_answer
 from vlp.data.records import Record, jsonl_rows, resolve_image_path
+from vlp.data.text import TextCorpus
 from vlp.data.webdataset import WebDatasetSource
 from vlp.errors import ConfigError, DataError
 
@@ -65,6 +66,7 @@ class MapSource:
     has_text: bool = True
     has_labels: bool = False
     has_answers: bool = False  # VQA records: text is the question, answer the target
+    has_images: bool = True  # False: text-only documents (`TextSource`)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -400,6 +402,31 @@ class QASource(MapSource):
         return f"QASource({self.path!r}, {len(self)} questions)"
 
 
+class TextSource(MapSource):
+    """Text-only documents for a language model (kind "text"): a ``.txt`` file, one document
+    per line, or JSONL rows with "texts" (a document's segments), "text" or ``caption_key``
+    (`vlp.data.text.TextCorpus`). Records have no image."""
+
+    has_images = False
+
+    def __init__(self, path: str | os.PathLike[str], caption_key: str | None = None) -> None:
+        self.corpus = TextCorpus(path, caption_key)
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, index: int) -> Record:
+        document = self.corpus.documents[index]
+        return Record(image="", text=document[0], label=None, key=str(index),
+                      segments=document)
+
+    def groups(self) -> ImageGroups:
+        raise DataError(f"{self!r} has no images to group for retrieval")
+
+    def __repr__(self) -> str:
+        return f"TextSource({str(self.corpus.path)!r}, {len(self)} documents)"
+
+
 # ---------------------------------------------------------------------------------------
 # source kinds by name
 
@@ -427,6 +454,7 @@ SOURCE_KINDS: dict[str, tuple[type, dict[str, Any]]] = {
     "imagefolder": (ImageFolderSource, {}),
     "wds": (WebDatasetSource, {}),
     "qa": (QASource, {}),
+    "text": (TextSource, {}),
 }
 
 
@@ -434,7 +462,8 @@ def infer_source_kind(path: str | os.PathLike[str]) -> str:
     """Kind from the file extension, or for a directory from its contents."""
     text = str(path)
     suffix = Path(text).suffix.lower()
-    by_suffix = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "coco", ".tar": "wds"}
+    by_suffix = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "coco", ".tar": "wds",
+                 ".txt": "text"}
     if suffix in by_suffix or "{" in text or "::" in text:
         return by_suffix.get(suffix, "wds")
     if os.path.isdir(text):
@@ -444,8 +473,8 @@ def infer_source_kind(path: str | os.PathLike[str]) -> str:
 
 
 def build_source(kind: str, path: str | os.PathLike[str] | Sequence[str], **options: Any) -> Any:
-    """A source by kind name ("csv", "tsv", "jsonl", "coco", "imagefolder", "wds", "qa" or
-    "auto"; "auto" never picks "qa": QA rows are JSONL too)."""
+    """A source by kind name ("csv", "tsv", "jsonl", "coco", "imagefolder", "wds", "qa", "text"
+    or "auto"; "auto" never picks "qa", nor "text" for JSONL: both are JSONL too)."""
     if kind == "auto":
         kind = infer_source_kind(path if isinstance(path, str | os.PathLike) else path[0])
     if kind not in SOURCE_KINDS:

@@ -1,6 +1,7 @@
-"""Text-only corpora trained on beside image-text pairs (SimVLM mixes a text corpus into
-PrefixLM pretraining): a ``.txt`` file with one text per line, or JSONL rows with a text field,
-and an endless, resumable stream of tokenised batches drawn from it.
+"""Text-only corpora: mixed into image-text batches (SimVLM's PrefixLM pretraining) or trained on
+alone (a causal LM, source kind ``"text"``). A ``.txt`` file holds one text per line; a JSONL
+file a text field per row, or ``"texts"``: the segments of one document (each tokenised as bos +
+text + eos, packed into one row: `vlp.tokenizers.Tokenizer.pack`).
 
 Like the image loader, every choice is a function of (seed, epoch, position): each epoch is a
 seeded permutation dealt round-robin to ranks, so a run resumed from ``state_dict`` draws exactly
@@ -10,69 +11,67 @@ the batches an uninterrupted run would have drawn next.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from vlp.data.loader import rank_indices
-from vlp.data.pipeline import Tokenizer, derive_seed
+from vlp.data.pipeline import derive_seed, trim_padding
 from vlp.data.records import jsonl_rows
 from vlp.errors import ConfigError, DataError
+from vlp.tokenizers import Tokenizer
 
-TEXT_KEYS = ("text", "caption")  # JSONL fields tried in order when no key is given
+TEXT_KEYS = ("texts", "text", "caption")  # JSONL fields tried in order when no key is given
 _TEXT_STREAM = 0x7E47  # mixed into the seed, so the text order differs from the image order
 
 
 class TextCorpus:
-    """The non-empty texts of a file, in file order: ``len(corpus)``, ``corpus[i] -> str``.
-    A ``.jsonl`` file reads field ``key`` of each row (default: "text", else "caption")."""
+    """The non-empty documents of a file, in file order: ``len(corpus)`` documents,
+    ``corpus.documents[i]`` the segments of one (a tuple of texts), ``iter(corpus)`` every text.
+    A ``.jsonl`` file reads field ``key`` of each row (default: "texts" (a list of segments),
+    else "text", else "caption")."""
 
     def __init__(self, path: str | os.PathLike[str], key: str | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"{self.path}: no such text corpus file")
         if self.path.suffix.lower() == ".jsonl":
-            self.texts = _jsonl_texts(self.path, key)
+            self.documents = _jsonl_documents(self.path, key)
         else:  # one text per line; ``key`` names the JSONL field and is unused here
             lines = self.path.read_text(encoding="utf-8").splitlines()
-            self.texts = [line.strip() for line in lines if line.strip()]
-        if not self.texts:
+            self.documents = [(line.strip(),) for line in lines if line.strip()]
+        if not self.documents:
             raise DataError(f"{self.path}: the text corpus has no non-empty texts")
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.documents)
 
-    def __getitem__(self, index: int) -> str:
-        return self.texts[index]
-
-    def __iter__(self):
-        return iter(self.texts)
+    def __iter__(self) -> Iterator[str]:
+        return (text for document in self.documents for text in document)
 
     def __repr__(self) -> str:
         return f"TextCorpus({str(self.path)!r}, {len(self)} texts)"
 
 
-def _jsonl_texts(path: Path, key: str | None) -> list[str]:
-    texts = []
+def _jsonl_documents(path: Path, key: str | None) -> list[tuple[str, ...]]:
+    documents = []
     keys = (key,) if key is not None else TEXT_KEYS
     for where, row in jsonl_rows(path):
         found = next((k for k in keys if k in row), None)
         if found is None:
             raise DataError(f"{where}: no text field {list(keys)} in a corpus row; got "
                             f"{sorted(row)}")
-        if not isinstance(row[found], str):
-            raise DataError(f"{where}: {found!r} is not a string")
-        if row[found].strip():
-            texts.append(row[found].strip())
-    return texts
-
-
-def trim_padding(input_ids: Tensor, pad_id: int) -> Tensor:
-    """Drop the trailing columns that are padding in every row (at least one column kept)."""
-    columns = (input_ids != pad_id).any(dim=0).nonzero()
-    width = int(columns.max()) + 1 if columns.numel() else 1
-    return input_ids[:, :width]
+        value = row[found]
+        segments = value if isinstance(value, list) else [value]
+        if not segments or not all(isinstance(text, str) for text in segments):
+            raise DataError(f"{where}: {found!r} is not a string or a non-empty list of "
+                            "strings")
+        document = tuple(text.strip() for text in segments if text.strip())
+        if document:
+            documents.append(document)
+    return documents
 
 
 class TextBatches:
@@ -101,9 +100,10 @@ class TextBatches:
                                        rank=self.rank, world_size=self.world_size,
                                        drop_last=True)
         start = self.batches_done * self.rows
-        texts = [self.corpus[i] for i in self._order[start:start + self.rows].tolist()]
+        documents = [self.corpus.documents[i]
+                     for i in self._order[start:start + self.rows].tolist()]
         self.batches_done += 1
-        return trim_padding(self.tokenizer(texts), self.tokenizer.pad_id)
+        return trim_padding(self.tokenizer.pack(documents), self.tokenizer.pad_id)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_done": self.batches_done, "rows": self.rows,

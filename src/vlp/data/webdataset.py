@@ -265,6 +265,7 @@ class WebDatasetSource:
 
     has_labels: bool
     has_answers = False
+    has_images = True
 
     def __init__(self, urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                  num_samples: int | None = None, label_key: str | None = None,

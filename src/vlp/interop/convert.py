@@ -1,7 +1,8 @@
 """`convert`: move a model between vlp, HF transformers, open_clip and original BLIP/LAVIS.
 
 CLIP: vlp <-> hf <-> open_clip. BLIP: vlp <-> hf (one HF task class per directory) and the
-original BLIP / LAVIS checkpoint file ("lavis") -> vlp / hf, vlp -> lavis. The source format is
+original BLIP / LAVIS checkpoint file ("lavis") -> vlp / hf, vlp -> lavis. BLIP-2 and the
+GPT-2-shaped language model (lm): vlp <-> hf. The source format is
 always given, never guessed from the files; an HF directory's declared ``model_type`` picks the
 family. The model is read and checked completely before anything is written, and the target
 appears atomically.
@@ -18,6 +19,7 @@ from vlp.interop.hf import load_hf, save_hf
 from vlp.interop.hf_blip import load_hf_blip, save_hf_blip
 from vlp.interop.hf_blip2 import load_hf_blip2, save_hf_blip2
 from vlp.interop.hf_common import CONFIG_FILE
+from vlp.interop.hf_gpt2 import load_hf_gpt2, save_hf_gpt2
 from vlp.interop.lavis_blip import load_lavis_blip, save_lavis_blip
 from vlp.interop.open_clip import load_open_clip, save_open_clip
 from vlp.interop.skeleton import (
@@ -30,6 +32,8 @@ from vlp.interop.skeleton import (
 )
 from vlp.models.blip import BLIP
 from vlp.models.blip2 import BLIP2
+from vlp.models.lm import CausalLM
+from vlp.store import model_dir
 
 FORMATS = ("hf", "lavis", "open_clip", "vlp")
 CONFIG_FORMATS = ("lavis", "open_clip")  # formats whose weights need a config= beside them
@@ -40,7 +44,7 @@ def load_vlp(path: str | os.PathLike[str], *, image_size: int | None = None) -> 
 
     model = factory.load(path)
     text = model.config.text
-    tokenizer = attach_tokenizer(Path(path), text.context_length, text.vocab_size)
+    tokenizer = attach_tokenizer(model_dir(path), text.context_length, text.vocab_size)
     if image_size is not None and image_size != model.config.vision.image_size:
         model.visual.set_image_size(image_size)
     return ImportedModel(model.eval(), tokenizer)
@@ -70,6 +74,10 @@ def load_any(
             if image_size is not None:
                 raise ConfigError("image_size= is not supported for HF BLIP-2 directories")
             imported = load_hf_blip2(src)
+        elif model_type == "gpt2":
+            if image_size is not None:
+                raise ConfigError("image_size= is for image models; a GPT-2 reads text alone")
+            imported = load_hf_gpt2(src)
         else:
             imported = (load_hf_blip(src, image_size=image_size) if model_type == "blip"
                         else load_hf(src, image_size=image_size))
@@ -121,6 +129,10 @@ def convert(
             raise ConfigError("architecture= is for BLIP models; a BLIP-2 is written as the "
                               "HF class holding its parts")
         return save_hf_blip2(model, dst)
+    if dst_format == "hf" and isinstance(model, CausalLM):
+        if architecture is not None:
+            raise ConfigError("architecture= is for BLIP models; an lm is GPT2LMHeadModel")
+        return save_hf_gpt2(model, dst, loaded_tokenizer)
     if dst_format == "hf" and isinstance(model, BLIP):
         return save_hf_blip(model, dst, loaded_tokenizer, architecture=architecture)
     if dst_format == "hf":

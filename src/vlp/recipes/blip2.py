@@ -3,10 +3,11 @@ zero-shot.
 
 1. A frozen image encoder: clip-tiny pretrained by the normal trainer; BLIP-2 reads its ViT by
    reference (``vision_path``).
-2. A frozen LLM: a small GPT-2 trained here on text alone, from the train split only: captions,
-   and "Question: ... Short answer: ..." pairs, alone or after a caption of the same scene
-   (segments bos ... eos, packed into short documents), so it knows the answer format and
-   vocabulary and how to answer from a preceding description. Saved as an HF directory.
+2. A frozen LLM: a small GPT-2 (the ``gpt2-tiny`` preset, family lm) trained by the normal
+   trainer on text alone, from the train split only: captions, and "Question: ... Short
+   answer: ..." pairs, alone or after a caption of the same scene (segments bos ... eos, packed
+   into one document), so it knows the answer format and vocabulary and how to answer from a
+   preceding description. Exported with `vlp.interop.convert` as an HF GPT-2 directory.
 3. Stage 1: blip2-tiny's Q-Former on the frozen ViT (ITC + ITM + ITG) through the trainer.
 4. Stage 2: the stage-1 Q-Former feeding the frozen LLM soft prompts, trained on captions only
    (the paper's stage 2), through the trainer with the LLM's tokenizer.
@@ -35,6 +36,7 @@ from vlp.data import build_source
 from vlp.data.qa import QARecord, left_padded_prompts, read_qa_jsonl
 from vlp.eval.captioning import caption_metrics, generate_captions
 from vlp.eval.vqa import accuracy_by_type, accuracy_summary, majority_baselines, vqa_eval
+from vlp.interop import convert
 from vlp.recipes.common import (
     DemoConfig,
     clear_previous_run,
@@ -44,16 +46,12 @@ from vlp.recipes.common import (
     write_demo_data,
 )
 from vlp.run import train
-from vlp.tokenizers import Tokenizer, train_tokenizer
+from vlp.tokenizers import Tokenizer
 from vlp.train import TrainConfig
-from vlp.train.optim import WarmupCosine, build_optimizer
 
 BLIP2_DEFAULTS = {"n_train": 3000, "n_test": 300, "vit_steps": 800, "lm_steps": 800,
                   "stage1_steps": 1000, "stage2_steps": 3000, "batch_size": 64}  # ~20 min CPU
-LM_VOCAB = 1024
-LM_SHAPE = {"n_embd": 128, "n_layer": 3, "n_head": 4, "n_positions": 128}
-LM_DOC_TOKENS = 96  # longest LM training document
-LM_LR = 1e-3
+LM_LR, LM_WEIGHT_DECAY = 1e-3, 0.1
 # LM documents: (kind, weight); a "segment" is bos + text + eos
 LM_DOCS = (("caption", 0.15), ("caption+caption", 0.25), ("caption+qa", 0.4), ("qa", 0.2))
 STAGE2_OVERRIDES = {"llm": "causal", "text_parts": False, "retrieval_heads": False,
@@ -95,55 +93,18 @@ def _document(scene: dict[str, list[str]], kind: str, rng: random.Random) -> lis
     return [rng.choice(qa)]
 
 
-def _segments_ids(tokenizer: Tokenizer, texts: list[str]) -> list[int]:
-    ids: list[int] = []
-    for tokens in tokenizer.encode_batch(texts):
-        ids += [tokenizer.bos_id, *tokens, tokenizer.eos_id]
-    return ids[:LM_DOC_TOKENS]
-
-
-def train_text_lm(scenes: dict[str, dict[str, list[str]]], out_dir: Path, *, steps: int,
-                  batch_size: int, seed: int, progress: bool) -> tuple[nn.Module, Tokenizer]:
-    """A GPT-2 (``LM_SHAPE``) with a BPE of its own, trained on documents drawn from
-    ``scenes``; saved with its tokenizer as an HF directory at ``out_dir``."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    texts = [t for scene in scenes.values() for t in scene["captions"] + scene["qa"]]
-    tokenizer = train_tokenizer(texts, vocab_size=LM_VOCAB, context_length=LM_DOC_TOKENS)
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                        eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-                        **LM_SHAPE)
-    model = GPT2LMHeadModel(config)
-    # a transformers model keeps no vlp model contract: no weights escape decay beyond the
-    # vectors (biases, norms)
-    optimizer = build_optimizer(model, LM_LR, weight_decay=0.1, no_decay_names=())
-    schedule = WarmupCosine(optimizer, max(1, steps // 20), steps)
+def write_lm_corpus(scenes: dict[str, dict[str, list[str]]], path: Path, *, documents: int,
+                    seed: int) -> Path:
+    """``documents`` JSONL documents drawn from ``scenes`` (kinds weighted by `LM_DOCS`), each
+    row ``{"texts": [segment, ...]}``: the text corpus the LLM trains on (source kind "text";
+    each segment is tokenised as bos + text + eos, packed into one row)."""
     rng = random.Random(seed)
     keys = sorted(scenes)
     kinds, weights = zip(*LM_DOCS, strict=True)
-    model.train()
-    bar = tqdm(range(steps), desc="LM (text only)", disable=not progress)
-    for _ in bar:
-        docs = [_segments_ids(tokenizer, _document(scenes[rng.choice(keys)], kind, rng))
-                for kind in rng.choices(kinds, weights, k=batch_size)]
-        width = max(map(len, docs))
-        ids = torch.full((batch_size, width), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, doc in enumerate(docs):
-            ids[row, :len(doc)], mask[row, :len(doc)] = torch.tensor(doc), 1
-        loss = model(input_ids=ids, attention_mask=mask,
-                     labels=ids.masked_fill(mask == 0, -100)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    model.eval()
-    model.save_pretrained(out_dir)
-    tokenizer.save(out_dir)
-    return model, tokenizer
+    rows = [json.dumps({"texts": _document(scenes[rng.choice(keys)], kind, rng)})
+            for kind in rng.choices(kinds, weights, k=documents)]
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
 
 
 # -- zero-shot VQA --------------------------------------------------------------------------------
@@ -173,18 +134,18 @@ def _count(model: nn.Module) -> tuple[int, int]:
 
 def _train(out: Path, settings: dict[str, int], steps: int, lr: float, seed: int,
            num_workers: int, progress: bool, data: Path, **fields: Any) -> dict[str, Any]:
+    options = {"weight_decay": 0.05, "warmup_steps": max(1, steps // 10), **fields}
     return train(TrainConfig(
         train_data=str(data), output_dir=str(out), batch_size=settings["batch_size"], lr=lr,
-        weight_decay=0.05, warmup_steps=max(1, steps // 10), max_steps=steps,
-        checkpoint_every=0, keep_last=1, log_every=50, seed=seed, num_workers=num_workers,
-        progress=progress, **fields))
+        max_steps=steps, checkpoint_every=0, keep_last=1, log_every=50, seed=seed,
+        num_workers=num_workers, progress=progress, **options))
 
 
 def blip2_recipe(cfg: DemoConfig) -> dict[str, Any]:
     """`vlp demo --family blip2`: ``cfg``'s settings over `BLIP2_DEFAULTS` (``cfg.steps`` sets
     stage 2's), fresh runs."""
     settings = resolve_settings(cfg, BLIP2_DEFAULTS, {"stage2_steps": "steps"})
-    clear_previous_run(Path(cfg.out), "vit", "stage1", "stage2")
+    clear_previous_run(Path(cfg.out), "vit", "lm_run", "stage1", "stage2")
     return blip2_demo(Path(cfg.out), settings, lr=learning_rate(cfg), seed=cfg.seed,
                       num_workers=cfg.num_workers, progress=cfg.progress)
 
@@ -210,10 +171,12 @@ def blip2_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num
     mark = lap("vit", mark)
     print(f"[3/6] the LLM: GPT-2 on train-split text alone for {settings['lm_steps']} steps",
           flush=True)
-    lm_dir = out / "lm"
-    llm, lm_tokenizer = train_text_lm(lm_corpus(data_dir), lm_dir, steps=settings["lm_steps"],
-                                      batch_size=settings["batch_size"], seed=seed,
-                                      progress=progress)
+    corpus = write_lm_corpus(lm_corpus(data_dir), out / "lm_corpus.jsonl",
+                             documents=settings["lm_steps"] * settings["batch_size"], seed=seed)
+    lm = _train(out / "lm_run", settings, settings["lm_steps"], LM_LR, seed, num_workers,
+                progress, corpus, model="gpt2-tiny", train_kind="text",
+                weight_decay=LM_WEIGHT_DECAY, warmup_steps=max(1, settings["lm_steps"] // 20))
+    lm_dir = convert(lm["checkpoint"], out / "lm", "vlp", "hf")
     mark = lap("lm", mark)
     print(f"[4/6] stage 1: Q-Former on the frozen ViT (ITC + ITM + ITG) for "
           f"{settings['stage1_steps']} steps", flush=True)
@@ -261,7 +224,7 @@ def blip2_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num
         "frozen_vit_params": sum(p.numel() for p in model.visual.parameters()),
         "frozen_llm_params": sum(p.numel() for p in model.llm.parameters()),
         "stage1_trainable_params": _count(stage1_model)[0],
-        "losses": {"vit": r4(vit["loss"]), "stage1": r4(stage1["loss"]),
+        "losses": {"vit": r4(vit["loss"]), "lm": r4(lm["loss"]), "stage1": r4(stage1["loss"]),
                    "stage2": r4(stage2["loss"])},
         "steps": {k: settings[k] for k in ("vit_steps", "lm_steps", "stage1_steps",
                                            "stage2_steps")},

@@ -13,7 +13,8 @@ from vlp.errors import ConfigError
 from vlp.train.distributed import STRATEGIES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DATA_KINDS = ("auto", "csv", "tsv", "jsonl", "coco", "wds", "qa")  # imagefolder: no captions
+# imagefolder: no captions
+DATA_KINDS = ("auto", "csv", "tsv", "jsonl", "coco", "wds", "qa", "text")
 
 
 @dataclass
@@ -31,7 +32,8 @@ class TrainConfig:
     train_data: str = option("", "training data: a file or directory", section="data")
     train_kind: str = option("auto", "format of the training data; auto: from the path; qa: "
                              "VQA JSONL rows (image, question, answer(s)) that fine-tune the "
-                             "answer decoder (blip, simvlm)", choices=DATA_KINDS)
+                             "answer decoder (blip, simvlm); text: text-only documents (.txt "
+                             "lines or JSONL) for a language model (lm)", choices=DATA_KINDS)
     val_data: str | None = option(None, "validation data; its loss is computed at each "
                                   "evaluation")
     val_kind: str = option("auto", "format of the validation data", choices=DATA_KINDS)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from vlp.contract import QA, TEXT_ONLY, Accumulated, PretrainModel
+from vlp.contract import IMAGE_TEXT, QA, TEXT, TEXT_ONLY, Accumulated, PretrainModel
 from vlp.data import image_transform, make_loader
 from vlp.data.qa import AnswerTokenizer
 from vlp.data.text import TextBatches, TextCorpus
@@ -78,6 +78,24 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for key, value in batch.items()}
 
 
+def check_batch_kind(model: PretrainModel, source: Any, field: str, path: str) -> None:
+    """ConfigError unless ``model`` trains on the batches ``source`` gives: text-only documents
+    (kind "text") for a family with ``"text"`` batches (a language model), images for the
+    others."""
+    name = type(model).__name__
+    if not source.has_images and TEXT not in model.batch_kinds:
+        raise ConfigError(f"train config {field}: {path} holds text-only documents but {name} "
+                          "trains on images and text; text-only rows join its batches through "
+                          "text_data (simvlm)")
+    if source.has_images and IMAGE_TEXT not in model.batch_kinds:
+        raise ConfigError(f"train config {field}: {path} holds images but {name} trains on "
+                          "text alone; expected a text corpus (kind text: .txt or JSONL)")
+
+
+def _transform(model: PretrainModel, source: Any, train: bool) -> Any:
+    return image_transform(model.config, train) if source.has_images else None
+
+
 def _batch_size(batch: dict[str, Any]) -> int:
     rows = next(value.shape[0] for value in batch.values() if isinstance(value, Tensor))
     return rows + (batch["text_ids"].shape[0] if "text_ids" in batch else 0)
@@ -123,13 +141,14 @@ class _Trainer:
                                   "train on text-only rows; a family that does is simvlm")
             self.text_batches = TextBatches(corpus, tokenizer, text_rows(cfg), seed=cfg.seed,
                                             rank=rank, world_size=world)
+        check_batch_kind(model, train_source, "train_data", cfg.train_data)
         # VQA rows (kind "qa") fine-tune the answer decoder: question_ids + answer_ids batches
         answers = AnswerTokenizer(tokenizer, model.config)
         if train_source.has_answers and QA not in model.batch_kinds:
             raise ConfigError(f"train config train_data: {cfg.train_data} holds VQA rows but "
                               f"{type(model).__name__} does not train on them; families that "
                               "fine-tune VQA are blip and simvlm")
-        self.loader = make_loader(train_source, transform=image_transform(model.config, True),
+        self.loader = make_loader(train_source, transform=_transform(model, train_source, True),
                                   tokenizer=tokenizer, batch_size=cfg.batch_size - text_rows(cfg),
                                   train=True,
                                   seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
@@ -137,8 +156,10 @@ class _Trainer:
                                   answer_tokenizer=answers)
         self.val_loader = None
         if cfg.val_data is not None and self.env.is_main:
-            self.val_loader = make_loader(build_run_source(cfg.val_kind, cfg.val_data, cfg),
-                                          transform=image_transform(model.config, train=False),
+            val_source = build_run_source(cfg.val_kind, cfg.val_data, cfg)
+            check_batch_kind(model, val_source, "val_data", cfg.val_data)
+            self.val_loader = make_loader(val_source,
+                                          transform=_transform(model, val_source, False),
                                           tokenizer=tokenizer, batch_size=cfg.batch_size,
                                           train=False, seed=cfg.seed,
                                           num_workers=cfg.num_workers, answer_tokenizer=answers)
