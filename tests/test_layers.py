@@ -27,6 +27,7 @@ LAYERS: list[set[str]] = [
     {"models", "eval", "train"},
     {"factory"},
     {"interop", "run"},
+    {"hub"},  # pretrained names: hub snapshots converted through interop into vlp's cache
     {"vlp"},  # the package's own __init__: the public API (vlp.load, vlp.save, ...)
     {"capfilt", "caption"},
     {"recipes"},

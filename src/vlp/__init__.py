@@ -5,6 +5,7 @@ light; `vlp.factory` does the work)::
 
     model = vlp.create_model("clip-tiny")          # a named preset, random init
     model = vlp.load("runs/demo/checkpoint-latest")
+    model = vlp.load("hf-hub:openai/clip-vit-base-patch32")   # converted once, then cached
     vlp.save(model, "out/dir", tokenizer=tok)
     tok = vlp.load_tokenizer("out/dir")
     x = vlp.image_transform(model, train=False)
@@ -27,6 +28,14 @@ def list_models() -> list[str]:
     return list_presets()
 
 
+def list_pretrained() -> list[Any]:
+    """The hub names vlp knows (`vlp.hub.Pretrained`: name, family, preset, source); any other
+    ``hf-hub:`` repo in a format vlp reads loads too."""
+    from vlp.hub import list_pretrained as _list_pretrained
+
+    return _list_pretrained()
+
+
 def create_model(name: str, **overrides: Any):
     """A random-init model from a named preset (or a model directory's config); ``overrides``
     are merged into the config, nested dicts key by key (``text={"layers": 2}``)."""
@@ -36,11 +45,13 @@ def create_model(name: str, **overrides: Any):
 
 
 def load(path: str | os.PathLike[str], map_location: str = "cpu"):
-    """A model from a vlp model directory (``config.json`` + ``model.safetensors``);
-    a run directory resolves to its latest checkpoint."""
+    """A model from a vlp model directory (``config.json`` + ``model.safetensors``); a run
+    directory resolves to its latest checkpoint; a name ``hf-hub:ORG/REPO[@REVISION]`` or
+    ``open_clip:ARCH/TAG`` to its hub snapshot, converted once into vlp's cache (`vlp.hub`)."""
     from vlp.factory import load as _load
+    from vlp.hub import resolve
 
-    return _load(path, map_location=map_location)
+    return _load(resolve(path), map_location=map_location)
 
 
 def save(model, directory: str | os.PathLike[str], tokenizer: Any | None = None) -> Path:
@@ -51,10 +62,12 @@ def save(model, directory: str | os.PathLike[str], tokenizer: Any | None = None)
 
 
 def load_tokenizer(path: str | os.PathLike[str], context_length: int | None = None):
-    """The tokenizer saved with a model (any directory in the HF ``tokenizer.json`` layout)."""
+    """The tokenizer saved with a model (any directory in the HF ``tokenizer.json`` layout, or
+    a hub name as `load` takes)."""
     from vlp.factory import load_tokenizer as _load_tokenizer
+    from vlp.hub import resolve
 
-    return _load_tokenizer(path, context_length=context_length)
+    return _load_tokenizer(resolve(path), context_length=context_length)
 
 
 def image_transform(model_or_config: Any, train: bool = False):
@@ -82,5 +95,5 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_for
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "VlpError", "convert", "create_model",
-    "image_transform", "list_models", "load", "load_tokenizer", "save",
+    "image_transform", "list_models", "list_pretrained", "load", "load_tokenizer", "save",
 ]

@@ -19,6 +19,8 @@ def _print_json(data: dict[str, Any]) -> None:
 
 
 # EvalSpec fields that are not flags of their own: file lists, source columns, shared flags
+MODEL_HELP = ("model or run directory, or a pretrained name: hf-hub:ORG/REPO[@REVISION], "
+              "open_clip:ARCH/TAG (vlp models lists the known ones)")
 EVAL_PREFIX = "eval."  # EvalSpec's dests; vlp train has a batch_size of its own
 EVAL_NOT_FLAGS = ("classnames", "templates", "retrieval_options", "vqa_candidates",
                   "num_workers", "progress")
@@ -148,6 +150,28 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
                             batch_size=args.eval_batch_size, num_workers=args.num_workers,
                             progress=not args.no_progress)
     _print_json({"checkpoint": args.checkpoint, **metrics})
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from vlp.config import get_preset, list_presets
+    from vlp.hub import list_pretrained, preset_parameters
+
+    rows = [{"name": name, "kind": "preset", "family": get_preset(name).family,
+             "parameters": preset_parameters(name), "source": "random init (vlp preset)"}
+            for name in list_presets()]
+    rows += [{"name": known.name, "kind": "pretrained", "family": known.family,
+              "parameters": known.parameters(), "source": known.source}
+             for known in list_pretrained()]
+    if args.json:
+        for row in rows:
+            _print_json(row)
+        return 0
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
+        count = row["parameters"]
+        shown = f"{count / 1e6:9.1f}M" if count is not None else "        -"
+        print(f"{row['name']:<{width}}  {row['family']:<7} {shown}  {row['source']}")
     return 0
 
 
@@ -303,14 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint",
                         description="Zero-shot classification, retrieval (ITM re-ranked for "
                                     "BLIP), captioning and VQA metrics.")
-    ev.add_argument("checkpoint", help="checkpoint directory")
+    ev.add_argument("checkpoint", help=MODEL_HELP)
     _add_eval_args(ev)
     _add_source_args(ev)
     ev.set_defaults(func=cmd_eval)
 
     zs = sub.add_parser("zeroshot", parents=[common], help="zero-shot classification",
                         description="Top-1/top-5 zero-shot accuracy on an image folder.")
-    zs.add_argument("checkpoint", help="checkpoint directory")
+    zs.add_argument("checkpoint", help=MODEL_HELP)
     zs.add_argument("--data", required=True, help="image folder root (class_name/*.jpg)")
     zs.add_argument("--classnames", help="one class name per line")
     zs.add_argument("--templates", help="one prompt template with '{}' per line")
@@ -320,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     em = sub.add_parser("embed", parents=[common], help="write image or text embeddings",
                         description="Encode images (a directory or data file) or texts (one "
                                     "per line) and save L2-normalised embeddings.")
-    em.add_argument("checkpoint", help="checkpoint directory")
+    em.add_argument("checkpoint", help=MODEL_HELP)
     em.add_argument("--images", help="image directory, CSV/JSONL/COCO file or shard pattern")
     em.add_argument("--texts", help="text file, one text per line")
     em.add_argument("--out", required=True, help="output .safetensors or .npy file")
@@ -330,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("caption", parents=[common], help="caption images with a CoCa model",
                         description="Write one generated caption per image as JSONL "
                                     '{"image": id, "caption": text}.')
-    cp.add_argument("checkpoint", help="checkpoint directory (with its tokenizer)")
+    cp.add_argument("checkpoint", help=MODEL_HELP)
     cp.add_argument("--images", required=True,
                     help="image directory, CSV/TSV/JSONL/COCO file or shard pattern")
     cp.add_argument("--out", required=True, help="output .jsonl file")
@@ -363,6 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("src", help="source checkpoint directory or file")
     cv.add_argument("dst", help="destination directory (a .pth/.safetensors file for lavis)")
     cv.set_defaults(func=cmd_convert)
+
+    md = sub.add_parser("models", help="list presets and the pretrained names vlp knows",
+                        description="Presets (random init) and pretrained hub names, with "
+                                    "family, parameters and source. Any other hf-hub:ORG/REPO "
+                                    "in a format vlp reads (transformers CLIP, BLIP, BLIP-2, "
+                                    "GPT-2; open_clip; vlp) loads too.")
+    md.add_argument("--json", action="store_true", help="one JSON object per line")
+    md.set_defaults(func=cmd_models)
 
     dm = sub.add_parser("demo", parents=[common], help="synthetic data -> train clip-tiny -> eval",
                         description="End to end on CPU: write the synthetic dataset, train "
