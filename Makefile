@@ -15,9 +15,12 @@ $(CORE): pyproject.toml
 	$(BIN)/pip install -e .
 	touch $(CORE)
 
-# the test tools and the optional extras whose parity and metric tests run in CI
+# the test tools and the optional extras whose parity and metric tests run in CI; the browser
+# test of vlp serve's page drives the distribution's chromium (no browser is downloaded)
 $(TEST): $(CORE)
-	$(BIN)/pip install -e ".[test,interop,caption,ray]"
+	$(BIN)/pip install -e ".[test,interop,caption,ray,serve]"
+	if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && apt-get install -y chromium; fi
 	touch $(TEST)
 
 install: $(TEST)

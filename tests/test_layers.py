@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"interop", "run"},
     {"hub"},  # pretrained names: hub snapshots converted through interop into vlp's cache
     {"vlp"},  # the package's own __init__: the public API (vlp.load, vlp.save, ...)
-    {"capfilt", "caption"},
+    {"capfilt", "caption", "serve"},  # serve: the HTTP API over vlp.eval and the factory
     {"recipes"},
     {"cli"},
     {"__main__"},

@@ -1,0 +1,192 @@
+"""The model behind `vlp serve`: one batch function per endpoint, each through the library's
+own inference code (`vlp.eval` embeds, scores zero-shot, captions and answers; pixels come
+through `vlp.data.images`, the inference input path), so a served result is what the library
+gives for the same input.
+
+Only `Batcher`'s worker thread calls `ServedModel.run`. Items carry encoded image bytes that
+`vlp.serve.limits.check_image` has already accepted; an image that still cannot be decoded
+(a truncated file) becomes that item's `RequestError`, never the batch's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vlp import factory
+from vlp.contract import CAPTION, EMBED, ITM, VQA
+from vlp.data.images import read_images
+from vlp.data.qa import QARecord
+from vlp.errors import ConfigError, DataError
+from vlp.eval.captioning import generate_captions
+from vlp.eval.embed import embed_images, embed_texts, inference
+from vlp.eval.vqa import answer_questions
+from vlp.eval.zeroshot import zero_shot_classifier
+from vlp.serve.limits import RequestError
+
+ZEROSHOT_SCALE = 100.0  # softmax temperature of zero-shot scores over cosines (CLIP's 1/0.01)
+CLASSIFIER_CACHE = 64  # zero-shot classifiers kept, by (labels, templates)
+# endpoint -> the task (`PretrainModel.tasks`) it needs
+ENDPOINT_TASKS = {"embed_image": EMBED, "embed_text": EMBED, "zeroshot": EMBED,
+                  "caption": CAPTION, "vqa": VQA, "itm": ITM}
+
+
+def unreadable(reason: str | None = None) -> RequestError:
+    why = f" ({reason})" if reason else ""
+    return RequestError(422, f"the image could not be decoded{why}: truncated or damaged data")
+
+
+class ServedModel:
+    """A model directory loaded for inference (`vlp.factory.load_model_and_transforms`)."""
+
+    def __init__(self, path: str | os.PathLike[str], device: str = "cpu") -> None:
+        self.model, self.tokenizer, self.transform = factory.load_model_and_transforms(
+            path, map_location=device)
+        self.name = Path(path).resolve().name  # never the machine's path
+        self._classifiers: OrderedDict[tuple, Tensor] = OrderedDict()
+
+    @property
+    def family(self) -> str:
+        return self.model.config.family
+
+    def tasks(self) -> list[str]:
+        tasks = self.model.tasks()
+        if self.tokenizer is None:  # without a tokenizer only images can be embedded
+            tasks = tasks & {EMBED}
+        return sorted(tasks)
+
+    def endpoints(self) -> list[str]:
+        """The /v1 endpoints this model answers."""
+        names = {"embed_image": "embed/image", "embed_text": "embed/text"}
+        tasks = set(self.tasks())
+        usable = [e for e, task in ENDPOINT_TASKS.items() if task in tasks]
+        if self.tokenizer is None:
+            usable = [e for e in usable if e == "embed_image"]
+        return [f"/v1/{names.get(e, e)}" for e in usable]
+
+    def describe(self) -> dict[str, Any]:
+        config = self.model.config
+        return {"name": self.name, "family": self.family, "tasks": self.tasks(),
+                "endpoints": self.endpoints(),
+                "image_size": config.vision.image_size,
+                "context_length": config.text.context_length,
+                "parameters": sum(p.numel() for p in self.model.parameters())}
+
+    def require(self, endpoint: str) -> None:
+        """RequestError 400 naming what the model serves when it cannot serve ``endpoint``."""
+        task = ENDPOINT_TASKS[endpoint]
+        needs_text = endpoint != "embed_image"
+        if task in self.tasks() and not (needs_text and self.tokenizer is None):
+            return
+        try:
+            self.model.require(task, f"/v1/{endpoint.replace('_', '/')}")
+        except ConfigError as error:
+            raise RequestError(400, f"{error}; endpoints here: {self.endpoints()}") from None
+        raise RequestError(400, f"/v1/{endpoint.replace('_', '/')} needs a tokenizer, which "
+                                f"the model directory lacks; endpoints here: "
+                                f"{self.endpoints()}")
+
+    # -- batch functions (the worker thread) --------------------------------------------------
+
+    def run(self, key: Hashable, items: Sequence[Any]) -> list[Any]:
+        kind, *options = key
+        return getattr(self, f"_{kind}")(list(items), *options)
+
+    def _embed_image(self, images: list[bytes]) -> list[Any]:
+        try:
+            result = embed_images(self.model, images, batch_size=len(images), progress=False)
+        except DataError:  # none of the images could be read
+            return [unreadable()] * len(images)
+        out: list[Any] = [unreadable()] * len(images)
+        for row, index in enumerate(result.indices.tolist()):
+            out[index] = {"embedding": result.embeddings[row].tolist()}
+        return out
+
+    def _embed_text(self, requests: list[list[str]]) -> list[Any]:
+        texts = [text for request in requests for text in request]
+        embeddings = embed_texts(self.model, self.tokenizer, texts, batch_size=len(texts),
+                                 progress=False).tolist()
+        out, start = [], 0
+        for request in requests:
+            out.append({"embeddings": embeddings[start:start + len(request)]})
+            start += len(request)
+        return out
+
+    def classifier(self, labels: tuple[str, ...], templates: tuple[str, ...] | None) -> Tensor:
+        """``[D, C]`` zero-shot weights of ``labels`` (`vlp.eval.zeroshot`), cached."""
+        key = (labels, templates)
+        if key in self._classifiers:
+            self._classifiers.move_to_end(key)
+            return self._classifiers[key]
+        weights = zero_shot_classifier(self.model, self.tokenizer, list(labels),
+                                       list(templates) if templates else None, progress=False)
+        self._classifiers[key] = weights
+        if len(self._classifiers) > CLASSIFIER_CACHE:
+            self._classifiers.popitem(last=False)
+        return weights
+
+    def _zeroshot(self, requests: list[tuple[bytes, tuple, tuple | None]]) -> list[Any]:
+        embedded = self._embed_image([image for image, _, _ in requests])
+        out: list[Any] = []
+        for result, (_, labels, templates) in zip(embedded, requests):
+            if isinstance(result, Exception):
+                out.append(result)
+                continue
+            image = torch.tensor(result["embedding"])[None]
+            with torch.inference_mode():
+                weights = self.classifier(labels, templates)
+                cosines = self.model.similarity(image, weights.T)[0]
+                probabilities = torch.softmax(ZEROSHOT_SCALE * cosines, dim=-1)
+            out.append({"scores": dict(zip(labels, probabilities.tolist())),
+                        "similarities": dict(zip(labels, cosines.tolist()))})
+        return out
+
+    def _caption(self, images: list[bytes], max_new_tokens: int, num_beams: int,
+                 prompt: str | None) -> list[Any]:
+        result = generate_captions(self.model, self.tokenizer, images, batch_size=len(images),
+                                   max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                   prompt=prompt, progress=False)
+        out: list[Any] = [unreadable()] * len(images)
+        for index, (_, text) in zip(result.indices, result.pairs):
+            out[index] = {"caption": text}
+        return out
+
+    def _vqa(self, requests: list[tuple[bytes, str]], max_new_tokens: int,
+             num_beams: int) -> list[Any]:
+        records = [QARecord(image, question, ("",)) for image, question in requests]
+        answers = answer_questions(self.model, self.tokenizer, records, batch_size=len(records),
+                                   num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                   progress=False)
+        return [unreadable() if answer is None else {"answer": answer} for answer in answers]
+
+    def _itm(self, requests: list[tuple[bytes, list[str]]]) -> list[Any]:
+        batch = read_images([image for image, _ in requests], self.transform)
+        out: list[Any] = [None] * len(requests)
+        for index, reason in zip(batch.unreadable, batch.reasons):
+            out[index] = unreadable(reason)
+        if batch.pixels is None:
+            return out
+        row_of = {index: row for row, index in enumerate(batch.indices.tolist())}
+        pairs = [(row_of[i], text) for i, (_, texts) in enumerate(requests) if i in row_of
+                 for text in texts]
+        config = self.model.config
+        input_ids = self.tokenizer([text for _, text in pairs],
+                                   context_length=config.text.context_length)
+        rows = torch.tensor([row for row, _ in pairs], dtype=torch.long)
+        with inference(self.model) as device:
+            logits = self.model.itm_logits(batch.pixels.to(device)[rows.to(device)],
+                                           input_ids.to(device),
+                                           (input_ids != config.text.pad_id).to(device))
+            probabilities = torch.softmax(logits.float(), dim=-1)[:, 1].cpu().tolist()
+        start = 0
+        for i, (_, texts) in enumerate(requests):
+            if i in row_of:
+                out[i] = {"probabilities": probabilities[start:start + len(texts)]}
+                start += len(texts)
+        return out
