@@ -430,3 +430,31 @@ def test_models_hf_cannot_express_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="proj_bias"):
         save_hf(build_model(config), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_exported_clip_serves_transformers_zero_shot_pipeline(tmp_path):
+    """`vlp convert --to hf` output in the transformers zero-shot image classification pipeline
+    (its tokenizer files say what the model reads: no token_type_ids) gives vlp's scores."""
+    from vlp.eval.zeroshot import zero_shot_classifier
+
+    tokenizer = train_tokenizer(NATIVE_CAPTIONS * 3 + ["This is a photo of"] * 3,
+                                vocab_size=300, context_length=32)
+    config = get_preset("clip-tiny")
+    config.text.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(5)
+    model = build_model(config).eval()
+    vlp.save(model, tmp_path / "v", tokenizer=tokenizer)
+    run_cli("convert", "--from", "vlp", "--to", "hf", str(tmp_path / "v"), str(tmp_path / "hf"))
+    pipe = transformers.pipeline("zero-shot-image-classification", model=str(tmp_path / "hf"))
+    labels = ["red circle", "blue square", "green star"]
+    size = config.vision.image_size  # no resize, so both sides read the same pixels
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3),
+                                                              dtype=np.uint8))
+    scores = {row["label"]: row["score"] for row in pipe(image, candidate_labels=labels)}
+    weights = zero_shot_classifier(model, tokenizer, labels, ["This is a photo of {}."],
+                                   progress=False)
+    with torch.no_grad():
+        pixels = image_transform(model, train=False)(image)[None]
+        ours = (model.scale() * model.encode_image(pixels) @ weights).softmax(-1)[0]
+    for label, probability in zip(labels, ours.tolist(), strict=True):
+        assert abs(scores[label] - probability) <= ATOL, (label, scores, ours)

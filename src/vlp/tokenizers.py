@@ -213,6 +213,9 @@ class Tokenizer:
             **special_tokens_map,
             "model_max_length": self._context_length,
             "clean_up_tokenization_spaces": False,
+            # what vlp's models read (and transformers' CLIP, BLIP, GPT-2): no token_type_ids,
+            # which transformers' fast tokenizers would otherwise add and pipelines pass on
+            "model_input_names": ["input_ids", "attention_mask"],
         }
         atomic_write_text(directory / "tokenizer.json", self._backend.to_str(pretty=True))
         atomic_write_text(directory / "tokenizer_config.json", _to_json(tokenizer_config))
