@@ -208,3 +208,21 @@ def test_full_coca_vit_b_32_shape_imports_and_exports(tmp_path):
         back = again(pixels, text)
     for key in ("image_features", "text_features", "logits"):
         torch.testing.assert_close(back[key], out[key], atol=0, rtol=0)
+
+
+def test_vlp_convert_cli_takes_coca_both_ways(pair, tmp_path):
+    """`vlp convert --from open_clip` reads a CoCa local-dir (its config's multimodal tower
+    says so) and `--to open_clip` writes one that open_clip loads with equal outputs."""
+    from vlp.cli import main
+
+    reference, _, directory = pair
+    assert main(["convert", "--from", "open_clip", "--to", "vlp", str(directory),
+                 str(tmp_path / "vlp")]) == 0
+    assert main(["convert", "--from", "vlp", "--to", "open_clip", str(tmp_path / "vlp"),
+                 str(tmp_path / "oc")]) == 0
+    back = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}").eval()
+    pixels, text = torch.randn(2, 3, IMAGE, IMAGE), padded_text([5, 8])
+    with torch.no_grad():
+        a, b = back(pixels, text), reference(pixels, text)
+    for key in ("image_features", "text_features", "logits"):
+        torch.testing.assert_close(a[key], b[key], atol=ATOL, rtol=0)

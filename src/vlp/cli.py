@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(what the model's family serves), with dynamic batching, "
                                     "request limits and a web page at /. Needs the serve "
                                     "extra: pip install 'vlp[serve]'.")
-    sv.add_argument("model", help="model or run directory (with its tokenizer)")
+    sv.add_argument("model", help=MODEL_HELP + "; text endpoints need its tokenizer")
     sv.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default: %(default)s, this machine only)")
     sv.add_argument("--port", type=int, default=8000)
@@ -414,8 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cv = sub.add_parser("convert", help="convert checkpoints between vlp, HF, open_clip and "
                                         "original BLIP/LAVIS",
-                        description="Convert a CLIP (vlp, hf, open_clip) or BLIP (vlp, hf, "
-                                    "lavis: an original BLIP / LAVIS .pth) between formats.")
+                        description="Convert between formats: CLIP (vlp, hf, open_clip), CoCa "
+                                    "(vlp, open_clip), BLIP (vlp, hf, lavis: an original BLIP "
+                                    "/ LAVIS .pth), BLIP-2 (vlp, hf: Blip2ForConditional"
+                                    "Generation with OPT or T5, Blip2ForImageTextRetrieval) "
+                                    "and the lm family (vlp, hf: GPT2LMHeadModel).")
     cv.add_argument("--from", dest="src_format", required=True, choices=CONVERT_FORMATS)
     cv.add_argument("--to", dest="dst_format", required=True, choices=CONVERT_FORMATS)
     cv.add_argument("--tokenizer", help="tokenizer directory, tokenizer.json, or a directory "

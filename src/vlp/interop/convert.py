@@ -1,11 +1,11 @@
 """`convert`: move a model between vlp, HF transformers, open_clip and original BLIP/LAVIS.
 
-CLIP: vlp <-> hf <-> open_clip. BLIP: vlp <-> hf (one HF task class per directory) and the
-original BLIP / LAVIS checkpoint file ("lavis") -> vlp / hf, vlp -> lavis. BLIP-2 and the
-GPT-2-shaped language model (lm): vlp <-> hf. The source format is
-always given, never guessed from the files; an HF directory's declared ``model_type`` picks the
-family. The model is read and checked completely before anything is written, and the target
-appears atomically.
+CLIP: vlp <-> hf <-> open_clip. CoCa: vlp <-> open_clip. BLIP: vlp <-> hf (one HF task class
+per directory) and the original BLIP / LAVIS checkpoint file ("lavis") -> vlp / hf, vlp ->
+lavis. BLIP-2 and the GPT-2-shaped language model (lm): vlp <-> hf. The source format is always
+given, never guessed from the files; an HF directory's declared ``model_type`` and an open_clip
+config's towers pick the family. The model is read and checked completely before anything is
+written, and the target appears atomically.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from vlp.interop.hf_common import CONFIG_FILE
 from vlp.interop.hf_gpt2 import load_hf_gpt2, save_hf_gpt2
 from vlp.interop.lavis_blip import load_lavis_blip, save_lavis_blip
 from vlp.interop.open_clip import load_open_clip, save_open_clip
+from vlp.interop.open_clip_coca import load_open_clip_coca, save_open_clip_coca
+from vlp.interop.open_clip_common import locate_files
 from vlp.interop.skeleton import (
     ImportedModel,
     TokenizerSource,
@@ -32,6 +34,7 @@ from vlp.interop.skeleton import (
 )
 from vlp.models.blip import BLIP
 from vlp.models.blip2 import BLIP2
+from vlp.models.coca import CoCa
 from vlp.models.lm import CausalLM
 from vlp.store import model_dir
 
@@ -65,6 +68,10 @@ def load_any(
         raise ConfigError(f"config= is for src_format {list(CONFIG_FORMATS)} (an open_clip "
                           "model config JSON; a vlp BLIP preset or config JSON for lavis)")
     if src_format == "open_clip":
+        if _open_clip_is_coca(src, config):
+            if image_size is not None:
+                raise ConfigError("image_size= is not supported for open_clip CoCa models")
+            return load_open_clip_coca(src, config=config, tokenizer=tokenizer)
         return load_open_clip(src, config=config, tokenizer=tokenizer, image_size=image_size)
     if src_format == "lavis":
         imported = load_lavis_blip(src, config=config, image_size=image_size)
@@ -89,6 +96,14 @@ def load_any(
     chosen = fit_tokenizer(read_tokenizer(tokenizer, text.context_length),
                            text.context_length, text.vocab_size, str(tokenizer))
     return ImportedModel(imported.model, chosen)
+
+
+def _open_clip_is_coca(src: str | os.PathLike[str],
+                       config: str | os.PathLike[str] | None) -> bool:
+    config_path, _ = locate_files(Path(src), config)
+    raw = read_json(config_path)
+    model_cfg = raw.get("model_cfg", raw)
+    return isinstance(model_cfg, dict) and "multimodal_cfg" in model_cfg
 
 
 def _hf_model_type(src: str | os.PathLike[str]) -> object:
@@ -139,6 +154,8 @@ def convert(
         if architecture is not None:
             raise ConfigError("architecture= is for BLIP models; an HF CLIP is CLIPModel")
         return save_hf(model, dst, loaded_tokenizer)
+    if dst_format == "open_clip" and isinstance(model, CoCa):
+        return save_open_clip_coca(model, dst)
     if dst_format == "open_clip":
         return save_open_clip(model, dst, loaded_tokenizer)
     if dst_format == "lavis":
