@@ -18,7 +18,7 @@ $(CORE): pyproject.toml
 # the test tools and the optional extras whose parity and metric tests run in CI; the browser
 # test of vlp serve's page drives the distribution's chromium (no browser is downloaded)
 $(TEST): $(CORE)
-	$(BIN)/pip install -e ".[test,interop,caption,ray,serve]"
+	$(BIN)/pip install -e ".[test,interop,caption,ray,hub,serve]"
 	if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update && apt-get install -y chromium; fi
 	touch $(TEST)

@@ -159,9 +159,9 @@ def test_a_local_directory_of_that_name_wins(hub, monkeypatch):
     assert torch.equal(loaded.logit_scale, model.logit_scale) and entries(hub) == []
 
 
-def test_cli_zeroshot_takes_a_name(hub, tmp_path):
+def test_cli_zeroshot_and_train_take_a_name(hub, tmp_path, synthetic_train_csv):
     """The command line resolves names the same way (a real process, the environment as a
-    user sets it)."""
+    user sets it); vlp train fine-tunes from one."""
     trained = vlp.create_model("clip-tiny")
     captions = [f"a {c} shape" for c in ("red", "blue", "green")] * 20
     tokenizer = vlp.tokenizers.train_tokenizer(captions, vocab_size=300, context_length=32)
@@ -182,3 +182,12 @@ def test_cli_zeroshot_takes_a_name(hub, tmp_path):
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert "top1" in json.dumps(result), result
+
+    from vlp.cli import main
+    assert main(["train", "--model", "hf-hub:org/tiny-native", "--train-data",
+                 str(synthetic_train_csv(64)), "--batch-size", "16", "--max-steps", "2",
+                 "--output-dir", str(tmp_path / "tuned"), "--no-progress"]) == 0
+    tuned = vlp.load(tmp_path / "tuned")
+    start = vlp.load("hf-hub:org/tiny-native")
+    assert tuned.config == start.config
+    assert not torch.equal(tuned.visual.patch_embed.weight, start.visual.patch_embed.weight)

@@ -15,6 +15,7 @@ from vlp.data import build_source, infer_source_kind
 from vlp.data.images import ImageInput, image_inputs, images_in_directory
 from vlp.errors import ConfigError, DataError
 from vlp.eval.captioning import generate_captions
+from vlp.hub import resolve
 from vlp.store.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,9 @@ def caption(checkpoint_or_model: str | os.PathLike[str] | nn.Module, images: Any
             raise ConfigError("caption(model, ...): pass tokenizer= (a checkpoint directory "
                               "brings its own)")
     else:
-        model = factory.load(checkpoint_or_model)
-        tokenizer = tokenizer or factory.load_tokenizer(checkpoint_or_model)
+        directory = resolve(checkpoint_or_model)  # a hub name: its converted directory
+        model = factory.load(directory)
+        tokenizer = tokenizer or factory.load_tokenizer(directory)
     image_list, ids = resolve_images(images, kind=kind, **source_options)
     if not image_list:
         raise DataError(f"no images to caption in {images}")

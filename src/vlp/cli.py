@@ -105,8 +105,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlp.train import TrainConfig
 
     cfg = config_from_args(TrainConfig, args)
+    from vlp.hub import is_pretrained_name, resolve
     from vlp.train.distributed import shutdown
 
+    if is_pretrained_name(cfg.model):  # fine-tune from a hub name: its converted directory
+        cfg.model = str(resolve(cfg.model))
     spec = _eval_spec(args, progress=cfg.progress)
     try:
         result = train(cfg, eval_fn=None if spec.is_empty() else _eval_fn(spec))
@@ -213,18 +216,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from vlp.serve import serve
-    from vlp.serve.limits import Limits
+    from vlp.serve.options import serve_from_args
 
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels,
-                    max_text_chars=args.max_text_chars, max_texts=args.max_texts,
-                    max_labels=args.max_labels, timeout_s=args.timeout)
-    serve(args.model, host=args.host, port=args.port, device=args.device,
-          log_level=args.log_level, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-          max_queue=args.max_queue, api_key=args.api_key or os.environ.get("VLP_API_KEY"),
-          cors_origins=tuple(args.cors_origin), limits=limits.check())
+    serve_from_args(args)
     return 0
-
 
 CONVERT_FORMATS = ["vlp", "hf", "open_clip", "lavis"]  # vlp.interop.FORMATS
 
@@ -381,35 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_source_args(cp)
     cp.set_defaults(func=cmd_caption)
 
+    from vlp.serve.options import add_serve_args
+
     sv = sub.add_parser("serve", help="serve a model over HTTP (JSON API and a web page)",
                         description="Embed, zero-shot, caption, VQA and ITM over HTTP "
                                     "(what the model's family serves), with dynamic batching, "
                                     "request limits and a web page at /. Needs the serve "
                                     "extra: pip install 'vlp[serve]'.")
-    sv.add_argument("model", help=MODEL_HELP + "; text endpoints need its tokenizer")
-    sv.add_argument("--host", default="127.0.0.1",
-                    help="address to bind (default: %(default)s, this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    sv.add_argument("--max-batch", type=int, default=8,
-                    help="most concurrent requests run as one batch (1: no batching)")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0,
-                    help="how long a batch waits for more requests after its first")
-    sv.add_argument("--max-queue", type=int, default=1024,
-                    help="requests waiting beyond this are answered 503")
-    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 "
-                                      "(default: $VLP_API_KEY, else none)")
-    sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                    help="allow browser requests from this origin (repeatable; default: none)")
-    sv.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024)
-    sv.add_argument("--max-pixels", type=int, default=40_000_000,
-                    help="largest image (width x height, read from its header)")
-    sv.add_argument("--max-text-chars", type=int, default=1000)
-    sv.add_argument("--max-texts", type=int, default=64, help="texts per request")
-    sv.add_argument("--max-labels", type=int, default=100, help="zero-shot labels per request")
-    sv.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
-    sv.add_argument("--log-level", default="info",
-                    choices=["critical", "error", "warning", "info", "debug"])
+    add_serve_args(sv, MODEL_HELP)
     sv.set_defaults(func=cmd_serve)
 
     cv = sub.add_parser("convert", help="convert checkpoints between vlp, HF, open_clip and "

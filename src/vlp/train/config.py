@@ -22,8 +22,9 @@ class TrainConfig:
     """Every option of a run. Each field is also a ``vlp train`` flag (``--kebab-case``) with
     the field's default and help (`vlp.cliargs`)."""
 
-    model: str = option("clip-tiny", "preset name (see vlp.list_models()) or a model / "
-                        "checkpoint directory whose weights start the run", section="model")
+    model: str = option("clip-tiny", "preset name (see vlp.list_models()), or a model / "
+                        "checkpoint directory or hub name (hf-hub:ORG/REPO, open_clip:ARCH/TAG; "
+                        "vlp train resolves it) whose weights start the run", section="model")
     model_overrides: dict[str, Any] = option(
         factory=dict, help="nested model config fields set over the preset's or the "
         "checkpoint's, e.g. {\"text\": {\"layers\": 2}}")
