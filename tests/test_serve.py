@@ -464,12 +464,16 @@ def test_importing_vlp_imports_no_web_framework():
     assert out.stdout.strip() == "[]"
 
 
-def test_serve_without_a_model_directory_is_one_line_error(tmp_path, capsys):
+def test_serve_without_a_model_is_one_line_error(tmp_path, capsys, monkeypatch):
     from vlp.cli import main
 
-    assert main(["serve", str(tmp_path / "missing"), "--port", "1"]) == 2
-    error = capsys.readouterr().err
-    assert error.startswith("vlp: error:") and len(error.strip().splitlines()) == 1
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("VLP_CACHE", str(tmp_path / "vlp"))
+    for model in (str(tmp_path / "missing"), "hf-hub:nobody/no-such-model"):
+        assert main(["serve", model, "--port", "1"]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("vlp: error:") and len(error.strip().splitlines()) == 1
 
 
 def test_batcher_groups_by_key_up_to_max_batch_and_fails_items_alone():

@@ -221,6 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve_from_args(args)
     return 0
 
+
 CONVERT_FORMATS = ["vlp", "hf", "open_clip", "lavis"]  # vlp.interop.FORMATS
 
 

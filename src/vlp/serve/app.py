@@ -147,7 +147,8 @@ async def read_request(request: Request, limits: Limits,
             data = decode_base64(fields.get("image"))
     elif kind == "multipart/form-data":
         try:
-            form = await request.form(max_files=1, max_fields=limits.max_texts + 16)
+            most = max(limits.max_texts, limits.max_labels, limits.max_templates)
+            form = await request.form(max_files=1, max_fields=most + 16)
         except Exception as error:  # malformed multipart: starlette raises several kinds
             raise RequestError(400, f"malformed multipart body ({error})") from None
         fields = {key: (_form_value(form.getlist(key)) if key in LIST_FIELDS

@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlp.errors import VlpError
+from vlp.errors import ConfigError, VlpError
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class Batcher:
     def __init__(self, run_batch: RunBatch, *, max_batch: int = 8, max_wait_s: float = 0.005,
                  max_queue: int = 1024, arriving: Callable[[], int] | None = None) -> None:
         if max_batch < 1 or max_wait_s < 0 or max_queue < 1:
-            raise ValueError("max_batch and max_queue must be >= 1 and max_wait_s >= 0")
+            raise ConfigError(f"vlp serve: --max-batch ({max_batch}) and --max-queue "
+                              f"({max_queue}) must be >= 1, --max-wait-ms >= 0")
         self.run_batch, self.max_batch, self.max_wait_s = run_batch, max_batch, max_wait_s
         self.max_queue = max_queue
         # how many requests the server holds now, queued or still being read (None: unknown);

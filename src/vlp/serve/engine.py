@@ -28,6 +28,7 @@ from vlp.eval.captioning import generate_captions
 from vlp.eval.embed import embed_images, embed_texts, inference
 from vlp.eval.vqa import answer_questions
 from vlp.eval.zeroshot import zero_shot_classifier
+from vlp.hub import is_pretrained_name, resolve
 from vlp.serve.limits import RequestError
 
 ZEROSHOT_SCALE = 100.0  # softmax temperature of zero-shot scores over cosines (CLIP's 1/0.01)
@@ -43,12 +44,14 @@ def unreadable(reason: str | None = None) -> RequestError:
 
 
 class ServedModel:
-    """A model directory loaded for inference (`vlp.factory.load_model_and_transforms`)."""
+    """A model loaded for inference (`vlp.factory.load_model_and_transforms`)."""
 
     def __init__(self, path: str | os.PathLike[str], device: str = "cpu") -> None:
+        """``path``: what `vlp.load` takes (a model or run directory, or a hub name)."""
         self.model, self.tokenizer, self.transform = factory.load_model_and_transforms(
-            path, map_location=device)
-        self.name = Path(path).resolve().name  # never the machine's path
+            resolve(path), map_location=device)
+        # a hub name as given, a directory by its own name: never the machine's path
+        self.name = str(path) if is_pretrained_name(path) else Path(path).resolve().name
         self._classifiers: OrderedDict[tuple, Tensor] = OrderedDict()
 
     @property

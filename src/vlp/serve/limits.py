@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from vlp.errors import ConfigError
+
 # PIL format names the server decodes; anything else (TIFF, EPS, PSD, ...) is refused with 415
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
@@ -47,7 +49,7 @@ class Limits:
     def check(self) -> Limits:
         for name, value in vars(self).items():
             if value <= 0:
-                raise ValueError(f"serve limit {name} must be > 0, got {value}")
+                raise ConfigError(f"vlp serve: limit {name} must be > 0, got {value}")
         return self
 
 
