@@ -326,6 +326,15 @@ def test_a_request_over_the_timeout_is_504_and_the_server_lives_on(servers):
     status, answer = server.post("/v1/caption", {"image": b64(RED), "num_beams": 8,
                                                  "max_new_tokens": 30})
     assert status == 504 and "0.01 s" in answer["error"]
+    # a client that sends its body too slowly is answered 408
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.putrequest("POST", "/v1/caption")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", "1000")
+    connection.endheaders(b'{"image": ')
+    response = connection.getresponse()
+    assert response.status == 408 and b"not received within" in response.read()
+    connection.close()
     assert server.alive()
 
 
@@ -388,7 +397,7 @@ def test_200_concurrent_requests_are_batched_and_each_gets_its_own_result(server
     def one(i: int):
         return i, server.post("/v1/embed/image", {"image": b64(images[i % len(images)])})
 
-    with ThreadPoolExecutor(max_workers=32) as pool:
+    with ThreadPoolExecutor(max_workers=200) as pool:  # all 200 in flight at once
         results = list(pool.map(one, range(200)))
     errors = [(i, answer) for i, (status, answer) in results if status != 200]
     assert not errors, errors[:3]

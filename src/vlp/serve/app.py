@@ -59,12 +59,13 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 class GuardMiddleware:
-    """ASGI middleware before the app: the API key on /v1 (401) and the body size (413, from
-    Content-Length when sent, else counted while it streams in)."""
+    """ASGI middleware before the app: the API key on /v1 (401), the body size (413, from
+    Content-Length when sent, else counted while it streams in) and the time to send it (408)."""
 
     def __init__(self, app: Any, max_body_bytes: int, api_key: str | None,
-                 active: list[int]) -> None:
+                 active: list[int], timeout_s: float) -> None:
         self.app, self.max_body_bytes, self.api_key = app, max_body_bytes, api_key
+        self.timeout_s = timeout_s
         self.active = active  # [requests to /v1 being handled], read by the batcher
 
     def _authorised(self, scope: dict) -> bool:
@@ -97,19 +98,16 @@ class GuardMiddleware:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             return await too_large(scope, receive, send)
-        chunks, size = [], 0
-        while True:  # read the body here, bounded, then replay it to the app
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return await too_large(scope, receive, send)
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
+        try:  # read the body here, bounded in size and time, then replay it to the app
+            async with asyncio.timeout(self.timeout_s):
+                body = await self._read(receive)
+        except TimeoutError:
+            late = _error(408, f"request body not received within {self.timeout_s:g} s")
+            return await late(scope, receive, send)
+        if body is None:  # the client went away
+            return
+        if len(body) > self.max_body_bytes:
+            return await too_large(scope, receive, send)
         sent = False
 
         async def replay() -> dict:
@@ -120,6 +118,19 @@ class GuardMiddleware:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+    async def _read(self, receive: Callable) -> bytes | None:
+        """The body, or its first max_body_bytes + 1 bytes; None if the client disconnects."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self.max_body_bytes or not message.get("more_body"):
+                return b"".join(chunks)
 
 
 def _form_value(values: list[Any]) -> Any:
@@ -291,7 +302,7 @@ def create_app(model: ServedModel, settings: Settings = Settings()) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     app.add_middleware(GuardMiddleware, max_body_bytes=limits.max_body_bytes,
-                       api_key=settings.api_key, active=active)
+                       api_key=settings.api_key, active=active, timeout_s=limits.timeout_s)
     if settings.cors_origins:  # off by default; outermost, so its headers reach every answer
         from fastapi.middleware.cors import CORSMiddleware
 
