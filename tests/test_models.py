@@ -22,9 +22,12 @@ TINY = [name for name in vlp.list_models() if name.endswith("-tiny")]
 
 
 def _batch(config, batch=3):
-    v, t = config.vision, config.text
+    t = config.text
     ids = torch.randint(3, t.vocab_size, (batch, min(t.context_length, 12)))
     ids[:, 0], ids[:, ids.shape[1] // 2] = t.bos_id, t.eos_id
+    if config.family == "lm":  # text alone
+        return {"input_ids": ids}
+    v = config.vision
     return {"pixels": torch.randn(batch, 3, v.image_size, v.image_size), "input_ids": ids}
 
 
