@@ -19,6 +19,7 @@ import test_interop_hf as hf_clip  # noqa: E402
 import test_interop_hf_blip as hf_blip  # noqa: E402
 import test_interop_hf_blip2 as hf_blip2  # noqa: E402
 import test_interop_open_clip as oc  # noqa: E402
+import test_interop_siglip as hf_siglip  # noqa: E402
 import vlp  # noqa: E402
 from vlp.errors import CheckpointError  # noqa: E402
 from vlp.hub import SOURCE_FILE, resolve  # noqa: E402
@@ -77,6 +78,16 @@ def test_clip_by_name_matches_transformers_and_converts_once(hub):
     hf_clip.assert_close(hf_clip.max_diffs(changed, model_v2, pixels, ids, mask), "new commit")
     assert len(entries(hub)) == 2
     assert resolve(f"hf-hub:org/tiny-clip@{first.name}") == entry
+
+
+def test_siglip_by_name_matches_transformers(hub):
+    reference = hf_siglip.reference(hf_siglip.tiny_config())
+    reference.save_pretrained(snapshot(hub, "org/tiny-siglip"))
+    pixels = torch.randn(2, 3, hf_siglip.IMAGE, hf_siglip.IMAGE)
+    ids, _ = hf_siglip.texts([5, hf_siglip.CONTEXT])
+    model = vlp.load("hf-hub:org/tiny-siglip").eval()
+    hf_siglip.assert_close(hf_siglip.outputs_hf(reference, pixels, ids),
+                           hf_siglip.outputs_vlp(model, pixels, ids), "hf-hub SigLIP")
 
 
 def test_blip_captioner_by_name_matches_transformers(hub):

@@ -2,9 +2,9 @@
 
 A name resolves to a Hugging Face Hub snapshot through ``huggingface_hub`` (the ``hub`` extra),
 which keeps its own cache and honours ``HF_HOME`` / ``HF_HUB_CACHE`` / ``HF_HUB_OFFLINE``. The
-snapshot's files say its format: a transformers ``config.json`` (CLIP, BLIP, BLIP-2, GPT-2), an
-open_clip ``open_clip_config.json`` or a vlp model directory. A foreign snapshot is converted
-once (`vlp.interop`) into a vlp model directory in vlp's cache (``VLP_CACHE``, default
+snapshot's files say its format: a transformers ``config.json`` (CLIP, SigLIP, BLIP, BLIP-2,
+GPT-2), an open_clip ``open_clip_config.json`` or a vlp model directory. A foreign snapshot is
+converted once (`vlp.interop`) into a vlp model directory in vlp's cache (``VLP_CACHE``, default
 ``~/.cache/vlp``), keyed by repo, resolved commit and a fingerprint of the snapshot's files,
 written atomically and reused on the next load; a changed snapshot gets a new entry.
 
@@ -28,7 +28,7 @@ from vlp.store.layout import write_model_files
 HF_PREFIX, OPEN_CLIP_PREFIX = "hf-hub:", "open_clip:"
 SOURCE_FILE = "pretrained.json"  # beside a converted model: where it came from
 OPEN_CLIP_CONFIG = "open_clip_config.json"
-HF_MODEL_TYPES = ("clip", "blip", "blip-2", "gpt2")  # transformers configs vlp converts
+HF_MODEL_TYPES = ("clip", "siglip", "blip", "blip-2", "gpt2")  # transformers configs vlp converts
 # what a snapshot needs; weights as .bin only where a repo has no safetensors
 DOWNLOAD_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
 FALLBACK_PATTERNS = ["*.bin"]

@@ -199,8 +199,11 @@ class Tokenizer:
         return [i for i in token_ids if i not in specials]
 
     # -- persistence ------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike[str]) -> None:
+    def save(self, directory: str | os.PathLike[str],
+             model_input_names: Sequence[str] = ("input_ids", "attention_mask")) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (HF layout).
+        ``model_input_names``: what transformers' tokenizer gives a model read from these files
+        (SigLIP takes no attention mask: its padding is attended, as it was trained).
 
         Each file is written to a temporary name and renamed into place, so a crash never
         leaves a half-written file behind.
@@ -213,9 +216,10 @@ class Tokenizer:
             **special_tokens_map,
             "model_max_length": self._context_length,
             "clean_up_tokenization_spaces": False,
-            # what vlp's models read (and transformers' CLIP, BLIP, GPT-2): no token_type_ids,
-            # which transformers' fast tokenizers would otherwise add and pipelines pass on
-            "model_input_names": ["input_ids", "attention_mask"],
+            # what the model reads (vlp's and transformers' CLIP, BLIP, GPT-2: ids and mask, no
+            # token_type_ids, which transformers' fast tokenizers would otherwise add and
+            # pipelines pass on)
+            "model_input_names": list(model_input_names),
         }
         atomic_write_text(directory / "tokenizer.json", self._backend.to_str(pretty=True))
         atomic_write_text(directory / "tokenizer_config.json", _to_json(tokenizer_config))

@@ -30,7 +30,10 @@ class VisionConfig:
     act: str = "gelu"  # "gelu" or "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP)
     norm_eps: float = 1e-5
     pre_norm: bool = True  # LayerNorm on the embedded tokens before the blocks (open_clip ln_pre)
-    pool: str = "cls"  # "cls", "mean" or "none"
+    class_token: bool = True  # a learned token before the patches (SigLIP has none)
+    # "cls", "mean", "map" (a learned probe attends to the tokens, then a residual MLP: SigLIP's
+    # attention pooling head) or "none"
+    pool: str = "cls"
     patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped in training
     dropout: float = 0.0
     # stochastic depth: the last block's drop-path rate, 0 at the first (BLIP's VQA ViT and
@@ -55,7 +58,12 @@ class TextConfig:
     act: str = "gelu"
     norm_eps: float = 1e-5
     causal: bool = True  # causal self-attention (CLIP text tower) or bidirectional
-    pool: str = "eos"  # "eos": first eos_id token; "argmax": highest token id (open_clip)
+    # "eos": first eos_id token; "argmax": highest token id (open_clip); "first"; "mean"; "last":
+    # the last position, padding included (SigLIP pads to the context and pools there)
+    pool: str = "eos"
+    # how a bidirectional tower without an attention_mask finds padding: "eos" (everything after
+    # the first eos) or "none" (every position is attended: SigLIP)
+    padding: str = "eos"
     eos_fallback: str = "last"  # "eos" pool of a row without eos: "last" or "first" (HF CLIP)
     mask_padding: bool = False  # causal tower also masks attention_mask==0 keys (HF CLIP)
     pad_id: int = 0
@@ -103,6 +111,9 @@ class ClipConfig(ModelConfig):
     init_logit_bias: float | None = None  # SigLIP: -10
     max_logit_scale: float = math.log(100)  # CLIP clips the temperature so logits scale <= 100
     proj_bias: bool = False
+    # a linear projection after the vision pooling; False: the pooled vision width is the
+    # embedding (SigLIP's attention pooling head), so embed_dim must equal vision.width
+    image_proj: bool = True
 
 
 @dataclass

@@ -1,12 +1,11 @@
 """`convert`: move a model between vlp, HF transformers, open_clip and original BLIP/LAVIS.
 
-CLIP: vlp <-> hf <-> open_clip. CoCa: vlp <-> open_clip. BLIP: vlp <-> hf (one HF task class
-per directory) and the original BLIP / LAVIS checkpoint file ("lavis") -> vlp / hf, vlp ->
-lavis. BLIP-2 and the GPT-2-shaped language model (lm): vlp <-> hf. The source format is always
-given, never guessed from the files; an HF directory's declared ``model_type`` and an open_clip
-config's towers pick the family. The model is read and checked completely before anything is
-written, and the target appears atomically.
-"""
+CLIP: vlp <-> hf <-> open_clip; SigLIP: vlp <-> hf. CoCa: vlp <-> open_clip. BLIP: vlp <-> hf
+(one HF task class per directory) and the original BLIP / LAVIS checkpoint file ("lavis") -> vlp
+/ hf, vlp -> lavis. BLIP-2 and the GPT-2-shaped language model (lm): vlp <-> hf. The source
+format is always given, never guessed from the files; an HF directory's declared ``model_type``
+and an open_clip config's towers pick the family. The model is read and checked completely
+before anything is written, and the target appears atomically."""
 
 from __future__ import annotations
 
@@ -20,6 +19,7 @@ from vlp.interop.hf_blip import load_hf_blip, save_hf_blip
 from vlp.interop.hf_blip2 import load_hf_blip2, save_hf_blip2
 from vlp.interop.hf_common import CONFIG_FILE
 from vlp.interop.hf_gpt2 import load_hf_gpt2, save_hf_gpt2
+from vlp.interop.hf_siglip import is_siglip, load_hf_siglip, save_hf_siglip
 from vlp.interop.lavis_blip import load_lavis_blip, save_lavis_blip
 from vlp.interop.open_clip import load_open_clip, save_open_clip
 from vlp.interop.open_clip_coca import load_open_clip_coca, save_open_clip_coca
@@ -34,6 +34,7 @@ from vlp.interop.skeleton import (
 )
 from vlp.models.blip import BLIP
 from vlp.models.blip2 import BLIP2
+from vlp.models.clip import CLIP
 from vlp.models.coca import CoCa
 from vlp.models.lm import CausalLM
 from vlp.store import model_dir
@@ -81,6 +82,10 @@ def load_any(
             if image_size is not None:
                 raise ConfigError("image_size= is not supported for HF BLIP-2 directories")
             imported = load_hf_blip2(src)
+        elif model_type == "siglip":
+            if image_size is not None:
+                raise ConfigError("image_size= is not supported for HF SigLIP directories")
+            imported = load_hf_siglip(src)
         elif model_type == "gpt2":
             if image_size is not None:
                 raise ConfigError("image_size= is for image models; a GPT-2 reads text alone")
@@ -153,6 +158,8 @@ def convert(
     if dst_format == "hf":
         if architecture is not None:
             raise ConfigError("architecture= is for BLIP models; an HF CLIP is CLIPModel")
+        if isinstance(model, CLIP) and is_siglip(model.config):
+            return save_hf_siglip(model, dst, loaded_tokenizer)
         return save_hf(model, dst, loaded_tokenizer)
     if dst_format == "open_clip" and isinstance(model, CoCa):
         return save_open_clip_coca(model, dst)

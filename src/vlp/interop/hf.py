@@ -31,6 +31,7 @@ from vlp.errors import CheckpointError, ConfigError
 from vlp.interop.hf_common import (
     PREPROCESSOR_FILE,
     activation_problems,
+    encoder_layer_pairs,
     hf_architecture,
     hf_section,
     hf_text_section,
@@ -41,7 +42,7 @@ from vlp.interop.hf_common import (
     vision_fields,
     write_hf_directory,
 )
-from vlp.interop.keymap import Fused, KeyMap, Pairs, export_from, linear_pairs
+from vlp.interop.keymap import Fused, KeyMap, export_from, linear_pairs
 from vlp.interop.skeleton import (
     ImportedModel,
     attach_tokenizer,
@@ -75,17 +76,6 @@ RESAMPLE_TO_HF = {name: code for code, name in RESAMPLE_FROM_HF.items()}
 
 # -- key map --------------------------------------------------------------------------------------
 
-def _block_pairs(ours: str, theirs: str) -> tuple[Pairs, Fused]:
-    pairs: Pairs = []
-    for a, b in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
-                 ("attn.proj", "self_attn.out_proj"), ("mlp.fc1", "mlp.fc1"),
-                 ("mlp.fc2", "mlp.fc2")):
-        pairs += linear_pairs(ours + a, theirs + b)
-    fused = [(f"{ours}attn.qkv.{p}", tuple(f"{theirs}self_attn.{x}_proj.{p}" for x in "qkv"))
-             for p in ("weight", "bias")]
-    return pairs, fused
-
-
 def hf_key_map(config: ClipConfig) -> KeyMap:
     """vlp CLIP <-> HF ``CLIPModel`` state-dict names for ``config``."""
     pairs = [
@@ -105,7 +95,7 @@ def hf_key_map(config: ClipConfig) -> KeyMap:
     for tower, ref_tower, layers in (("visual", "vision_model", config.vision.layers),
                                      ("text", "text_model", config.text.layers)):
         for i in range(layers):
-            block_pairs, block_fused = _block_pairs(f"{tower}.transformer.blocks.{i}.",
+            block_pairs, block_fused = encoder_layer_pairs(f"{tower}.transformer.blocks.{i}.",
                                                     f"{ref_tower}.encoder.layers.{i}.")
             pairs += block_pairs
             fused += block_fused

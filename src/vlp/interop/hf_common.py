@@ -71,10 +71,13 @@ def read_hf_weights(directory: Path) -> tuple[dict[str, Tensor], str]:
 
 def write_hf_directory(directory: str | os.PathLike[str], hf_config: dict[str, Any],
                        tensors: dict[str, Tensor], preprocessor: dict[str, Any],
-                       tokenizer: Tokenizer | None = None) -> Path:
+                       tokenizer: Tokenizer | None = None,
+                       model_input_names: tuple[str, ...] = ("input_ids", "attention_mask")
+                       ) -> Path:
     """What ``save_pretrained`` writes (+ the image processor and tokenizer files). Atomic."""
     return write_directory(directory, {CONFIG_FILE: hf_config, WEIGHTS_FILE: tensors,
-                                       PREPROCESSOR_FILE: preprocessor}, tokenizer)
+                                       PREPROCESSOR_FILE: preprocessor}, tokenizer,
+                           model_input_names)
 
 
 # -- configs: HF -> vlp ---------------------------------------------------------------------------
@@ -172,6 +175,20 @@ def blip_image_processor(vision: VisionConfig) -> dict[str, Any]:
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(vision.mean), "image_std": list(vision.std), "do_convert_rgb": True,
     }
+
+
+def encoder_layer_pairs(ours: str, theirs: str) -> tuple[Pairs, Fused]:
+    """One pre-LN encoder layer of HF CLIP or SigLIP (``theirs``: ``...layers.{i}.``) <-> a vlp
+    `Block` (``ours``): q/k/v fused into vlp's ``qkv``."""
+    pairs: Pairs = []
+    for a, b in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
+                 ("attn.proj", "self_attn.out_proj"), ("mlp.fc1", "mlp.fc1"),
+                 ("mlp.fc2", "mlp.fc2")):
+        pairs += linear_pairs(ours + a, theirs + b)
+    fused = [(f"{ours}attn.qkv.{p}", tuple(f"{theirs}self_attn.{x}_proj.{p}" for x in "qkv"))
+             for p in ("weight", "bias")]
+    return pairs, fused
+
 
 
 # -- layouts BLIP and BLIP-2 share ----------------------------------------------------------------

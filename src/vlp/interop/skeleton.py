@@ -97,9 +97,12 @@ def refuse_foreign_directory(directory: Path, marker: str) -> None:
 
 
 def write_directory(directory: str | os.PathLike[str], files: Mapping[str, Any],
-                    tokenizer: Tokenizer | None = None) -> Path:
+                    tokenizer: Tokenizer | None = None,
+                    model_input_names: tuple[str, ...] = ("input_ids", "attention_mask")
+                    ) -> Path:
     """Write ``files`` (name -> JSON object, or name -> state dict for a ``.safetensors`` name;
-    tensors already CPU copies) and the tokenizer's files into ``directory``, atomically. The
+    tensors already CPU copies) and the tokenizer's files (declaring ``model_input_names``) into
+    ``directory``, atomically. The
     first file name is the format's marker: only a directory holding it (or an empty one) is
     replaced."""
     directory = Path(directory)
@@ -111,7 +114,7 @@ def write_directory(directory: str | os.PathLike[str], files: Mapping[str, Any],
             else:
                 write_json(staging / name, content)
         if tokenizer is not None:
-            tokenizer.save(staging)
+            tokenizer.save(staging, model_input_names)
     return directory
 
 

@@ -99,7 +99,12 @@ class CLIP(LogitScaled):
 
 @register("clip")
 def build_clip(config: ClipConfig) -> CLIP:
-    visual = VisionTransformer(config.vision, config.embed_dim, proj_bias=config.proj_bias)
+    if not config.image_proj and config.embed_dim != config.vision.width:
+        raise ConfigError(f"clip.image_proj=False: embed_dim {config.embed_dim} must equal "
+                          f"vision.width {config.vision.width} (the pooled width is the "
+                          "embedding)")
+    visual = VisionTransformer(config.vision, config.embed_dim if config.image_proj else None,
+                               proj_bias=config.proj_bias)
     text = TextTransformer(config.text, config.embed_dim, proj_bias=config.proj_bias)
     if not math.isfinite(config.init_logit_scale):
         raise ConfigError("clip.init_logit_scale must be finite")

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from vlp.nn.attention import Attention
+from vlp.nn.transformer import Mlp
 
 
 def pool_cls(tokens: Tensor) -> Tensor:
@@ -64,3 +65,22 @@ class AttentionalPooler(nn.Module):
         query = self.norm_q(self.query).unsqueeze(0).expand(tokens.shape[0], -1, -1)
         attn_mask = mask[:, None, None, :] if mask is not None else None
         return self.attn(query, context, mask=attn_mask)
+
+
+class MapHead(nn.Module):
+    """Multihead attention pooling (SigLIP's vision head): one learned probe attends to every
+    token, then a residual MLP reads the normed result; ``(B, T, D) -> (B, D)``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu",
+                 norm_eps: float = 1e-5) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.empty(1, dim))
+        self.attn = Attention(dim, heads, context_dim=dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act=act)
+        nn.init.normal_(self.probe, std=dim**-0.5)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        probe = self.probe.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+        x = self.attn(probe, tokens)
+        return (x + self.mlp(self.norm(x)))[:, 0]

@@ -18,6 +18,8 @@ class TextTransformer(nn.Module):
 
     def __init__(self, config: TextConfig, output_dim: int | None, proj_bias: bool = False):
         super().__init__()
+        if config.padding not in ("eos", "none"):
+            raise ConfigError(f"text.padding {config.padding!r}; expected 'eos' or 'none'")
         self.config = config
         width = config.width
         self.token_embed = nn.Embedding(config.vocab_size, width)
@@ -60,10 +62,10 @@ class TextTransformer(nn.Module):
         x = self.token_embed(input_ids) + self.pos_embed[:L].to(self.token_embed.weight.dtype)
         mask = None
         if not self.config.causal:
-            if attention_mask is None:
+            if attention_mask is None and self.config.padding == "eos":
                 attention_mask = self.padding_mask(input_ids)
-            keep = attention_mask.bool()
-            mask = keep[:, None, None, :]
+            if attention_mask is not None:
+                mask = attention_mask.bool()[:, None, None, :]
         elif self.config.mask_padding and attention_mask is not None:
             mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L), merged with causal
         x = self.transformer(x, mask=mask)
@@ -78,7 +80,10 @@ class TextTransformer(nn.Module):
             return pool_mean(tokens, self.padding_mask(input_ids))
         if self.config.pool == "first":
             return tokens[:, 0]
-        raise ConfigError(f"text.pool {self.config.pool!r}; expected eos, argmax, mean or first")
+        if self.config.pool == "last":
+            return tokens[:, -1]
+        raise ConfigError(f"text.pool {self.config.pool!r}; expected eos, argmax, mean, first or "
+                          "last")
 
     def forward_head(self, pooled: Tensor, pre_logits: bool = False) -> Tensor:
         return pooled if pre_logits else self.head(pooled)
@@ -99,7 +104,8 @@ class TextTransformer(nn.Module):
         return input_ids[:, :length], mask
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        input_ids, attention_mask = self.trim_padding(input_ids, attention_mask)
+        if self.config.padding == "eos" and self.config.pool != "last":
+            input_ids, attention_mask = self.trim_padding(input_ids, attention_mask)
         tokens = self.forward_features(input_ids, attention_mask)
         return self.forward_head(self.pool(tokens, input_ids))
 

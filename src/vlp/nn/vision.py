@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from vlp.config import VisionConfig
 from vlp.errors import ConfigError
-from vlp.nn.pooling import pool_cls, pool_mean
+from vlp.nn.pooling import MapHead, pool_cls, pool_mean
 from vlp.nn.transformer import Transformer, init_transformer_
 
 
@@ -64,13 +64,18 @@ class VisionTransformer(nn.Module):
                 f"vision.image_size {config.image_size} is not a multiple of "
                 f"vision.patch_size {config.patch_size}"
             )
+        if config.pool not in ("cls", "mean", "map", "none"):
+            raise ConfigError(f"vision.pool {config.pool!r}; expected cls, mean, map or none")
+        if config.pool == "cls" and not config.class_token:
+            raise ConfigError("vision.pool 'cls' needs vision.class_token")
         width = config.width
         self.grid = config.image_size // config.patch_size
+        self.prefix = 1 if config.class_token else 0  # tokens before the patches
         self.patch_embed = nn.Conv2d(3, width, config.patch_size, stride=config.patch_size,
                                      bias=config.patch_bias)
-        self.class_token = nn.Parameter(torch.empty(width))
-        self.pos_embed = nn.Parameter(torch.empty(1 + self.grid * self.grid, width))
-        self.patch_dropout = PatchDropout(config.patch_dropout)
+        self.class_token = nn.Parameter(torch.empty(width)) if config.class_token else None
+        self.pos_embed = nn.Parameter(torch.empty(self.prefix + self.grid * self.grid, width))
+        self.patch_dropout = PatchDropout(config.patch_dropout, self.prefix)
         self.norm_pre = (nn.LayerNorm(width, eps=config.norm_eps) if config.pre_norm
                          else nn.Identity())
         self.transformer = Transformer(width, config.layers, config.heads, causal=False,
@@ -78,13 +83,16 @@ class VisionTransformer(nn.Module):
                                        norm_eps=config.norm_eps, dropout=config.dropout,
                                        drop_path=config.drop_path)
         self.norm = nn.LayerNorm(width, eps=config.norm_eps)
+        self.map_head = (MapHead(width, config.heads, config.mlp_ratio, config.act,
+                                 config.norm_eps) if config.pool == "map" else None)
         self.head = (nn.Linear(width, output_dim, bias=proj_bias) if output_dim is not None
                      else nn.Identity())
         self.init_weights()
 
     def init_weights(self) -> None:
         width = self.config.width
-        nn.init.normal_(self.class_token, std=width**-0.5)
+        if self.class_token is not None:
+            nn.init.normal_(self.class_token, std=width**-0.5)
         nn.init.normal_(self.pos_embed, std=width**-0.5)
         if self.patch_embed.bias is not None:
             nn.init.zeros_(self.patch_embed.bias)
@@ -95,7 +103,12 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(self.head.bias)
 
     def no_weight_decay(self) -> set[str]:
-        return {"class_token", "pos_embed"}
+        names = {"pos_embed"}
+        if self.class_token is not None:
+            names.add("class_token")
+        if self.map_head is not None:
+            names.add("map_head.probe")
+        return names
 
     def set_image_size(self, image_size: int) -> None:
         """Serve another input size by interpolating the learned positions."""
@@ -105,12 +118,14 @@ class VisionTransformer(nn.Module):
         grid = image_size // self.config.patch_size
         with torch.no_grad():
             self.pos_embed = nn.Parameter(resize_pos_embed(
-                self.pos_embed.data, grid, antialias=self.config.pos_embed_antialias))
+                self.pos_embed.data, grid, self.prefix,
+                antialias=self.config.pos_embed_antialias))
         self.grid = grid
         self.config.image_size = image_size
 
     def forward_features(self, pixels: Tensor) -> Tensor:
-        """``(B, 3, H, W) -> (B, 1 + patches, width)`` after the final norm."""
+        """``(B, 3, H, W) -> (B, prefix + patches, width)`` after the final norm (prefix: the
+        class token, when the config has one)."""
         expected = self.config.image_size
         if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[-2:] != (expected, expected):
             raise ConfigError(
@@ -118,8 +133,10 @@ class VisionTransformer(nn.Module):
                 f"{tuple(pixels.shape)}; resize them or call set_image_size()"
             )
         x = self.patch_embed(pixels).flatten(2).transpose(1, 2)  # (B, g*g, width)
-        cls = self.class_token.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)
+        if self.class_token is not None:
+            cls = self.class_token.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1)
+        x = x + self.pos_embed.to(x.dtype)
         x = self.patch_dropout(x)
         x = self.norm_pre(x)
         x = self.transformer(x)
@@ -129,7 +146,9 @@ class VisionTransformer(nn.Module):
         if self.config.pool == "cls":
             return pool_cls(tokens)
         if self.config.pool == "mean":
-            return pool_mean(tokens[:, 1:])
+            return pool_mean(tokens[:, self.prefix:])
+        if self.map_head is not None:
+            return self.map_head(tokens)
         raise ConfigError(f"vision.pool {self.config.pool!r} gives no single vector")
 
     def forward_head(self, pooled: Tensor, pre_logits: bool = False) -> Tensor:
