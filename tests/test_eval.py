@@ -406,3 +406,30 @@ def test_a_stream_of_records_groups_like_its_map_source(captions_csv):
     assert streamed == retrieval_groups(source)
     assert streamed.ids == [str(image) for image in streamed.images]
     assert streamed.text_to_image == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_zeroshot_templates_default_to_the_datasets_own_else_generic(clip_and_tokenizer,
+                                                                     image_folder, tmp_path):
+    """A folder without templates.txt uses prompts for any photo collection; one that ships
+    templates.txt (the synthetic world writes its own) uses those."""
+    import shutil
+
+    from vlp.eval.zeroshot import GENERIC_TEMPLATES, zero_shot_classifier
+
+    model, tokenizer = clip_and_tokenizer
+    source = ImageFolderSource(image_folder)
+    assert source.templates is None
+    generic = zero_shot_classifier(model, tokenizer, source.classnames, progress=False)
+    explicit = zero_shot_classifier(model, tokenizer, source.classnames,
+                                    list(GENERIC_TEMPLATES), progress=False)
+    assert torch.equal(generic, explicit)
+    assert zeroshot_eval(model, tokenizer, image_folder, progress=False) == zeroshot_eval(
+        model, tokenizer, image_folder, templates=list(GENERIC_TEMPLATES), progress=False)
+
+    own = ["a drawing of a {}.", "{} on white"]
+    shipped = tmp_path / "shipped"
+    shutil.copytree(image_folder, shipped)
+    (shipped / "templates.txt").write_text("\n".join(own) + "\n")
+    assert ImageFolderSource(shipped).templates == own
+    assert zeroshot_eval(model, tokenizer, shipped, progress=False) == zeroshot_eval(
+        model, tokenizer, image_folder, templates=own, progress=False)

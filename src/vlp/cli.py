@@ -21,6 +21,8 @@ def _print_json(data: dict[str, Any]) -> None:
 # EvalSpec fields that are not flags of their own: file lists, source columns, shared flags
 MODEL_HELP = ("model or run directory, or a pretrained name: hf-hub:ORG/REPO[@REVISION], "
               "open_clip:ARCH/TAG (vlp models lists the known ones)")
+TEMPLATES_HELP = ("one prompt template with '{}' per line (default: the image folder's "
+                  "templates.txt, else 'a photo of a {}.' and three like it)")
 EVAL_PREFIX = "eval."  # EvalSpec's dests; vlp train has a batch_size of its own
 EVAL_NOT_FLAGS = ("classnames", "templates", "retrieval_options", "vqa_candidates",
                   "num_workers", "progress")
@@ -63,7 +65,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classnames", metavar="FILE",
                    help="one class name per line (default: the folder names, '_' -> ' ')")
     g.add_argument("--templates", metavar="FILE",
-                   help="one prompt template with '{}' per line (default: built-in set)")
+                   help=TEMPLATES_HELP)
     g.add_argument("--vqa-candidates", metavar="FILE", help="one candidate answer per line")
 
 
@@ -347,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("checkpoint", help=MODEL_HELP)
     zs.add_argument("--data", required=True, help="image folder root (class_name/*.jpg)")
     zs.add_argument("--classnames", help="one class name per line")
-    zs.add_argument("--templates", help="one prompt template with '{}' per line")
+    zs.add_argument("--templates", metavar="FILE", help=TEMPLATES_HELP)
     zs.add_argument("--eval-batch-size", type=int, default=256)
     zs.set_defaults(func=cmd_zeroshot)
 

@@ -60,6 +60,9 @@ class _StringColumn:
         return (self[i] for i in range(len(self)))
 
 
+TEMPLATES_FILE = "templates.txt"  # beside an image folder's class directories
+
+
 class MapSource:
     """Base of the random-access sources: ``len(source)`` records, ``source[i] -> Record``."""
 
@@ -67,6 +70,7 @@ class MapSource:
     has_labels: bool = False
     has_answers: bool = False  # VQA records: text is the question, answer the target
     has_images: bool = True  # False: text-only documents (`TextSource`)
+    templates: list[str] | None = None  # zero-shot prompts the dataset ships (image folders)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -320,6 +324,10 @@ class ImageFolderSource(MapSource):
                                 f"classes")
         self.classes = list(classes) if classes is not None else present
         self.classnames = [name.replace("_", " ") for name in self.classes]
+        templates = root / TEMPLATES_FILE
+        if templates.is_file():  # the dataset's own zero-shot prompts, one per line
+            lines = templates.read_text(encoding="utf-8").splitlines()
+            self.templates = [line.strip() for line in lines if line.strip()] or None
         suffixes = tuple(ext.lower() for ext in extensions)
         paths: list[str] = []
         labels: list[int] = []

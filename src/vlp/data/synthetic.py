@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from vlp.data.sources import TEMPLATES_FILE
 from vlp.data.synthetic_render import _render
 from vlp.data.synthetic_world import (
     _COLOUR_NAMES,
@@ -217,6 +218,9 @@ def _write_split(
             class_dir = root / CLASS_NAMES[label].replace(" ", "_")
             class_dir.mkdir(parents=True, exist_ok=True)
             _link_or_copy(out / image_paths[i], class_dir / f"{i:06d}.jpg")
+        # the world's own prompts travel with its folders (zero-shot reads them there)
+        (root / TEMPLATES_FILE).write_text("\n".join(ZEROSHOT_TEMPLATES) + "\n",
+                                           encoding="utf-8")
         files["imagefolder"] = f"imagefolder/{split}"
     if "wds" in formats:
         shard_dir = out / "wds" / split

@@ -266,6 +266,7 @@ class WebDatasetSource:
     has_labels: bool
     has_answers = False
     has_images = True
+    templates = None  # no zero-shot prompts of its own
 
     def __init__(self, urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                  num_samples: int | None = None, label_key: str | None = None,

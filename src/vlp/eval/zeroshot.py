@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.data.sources import ImageFolderSource
-from vlp.data.synthetic_world import ZEROSHOT_TEMPLATES
 from vlp.errors import ConfigError, DataError
 from vlp.eval.embed import embed_images, embed_texts
 
@@ -28,8 +27,9 @@ GENERIC_TEMPLATES = (
 
 
 def default_templates() -> list[str]:
-    """The synthetic world's templates (`vlp.data.synthetic_world`)."""
-    return list(ZEROSHOT_TEMPLATES)
+    """Prompts for any photo collection; a dataset that ships its own (an image folder's
+    ``templates.txt``, as the synthetic world writes) uses those instead."""
+    return list(GENERIC_TEMPLATES)
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -120,6 +120,8 @@ def zeroshot_eval(
     progress: bool = True,
 ) -> dict[str, float]:
     """Zero-shot top-1/top-5 accuracy on an image-folder dataset (its root, or any labelled source).
+    ``templates`` default to the dataset's own (an image folder's ``templates.txt``), else
+    `default_templates`.
 
     Returns ``zeroshot_top1``, ``zeroshot_top5``, ``zeroshot_mean_per_class_top1`` (balanced
     accuracy), ``num_images`` (evaluated), ``num_classes`` and ``num_skipped`` (unreadable).
@@ -137,6 +139,8 @@ def zeroshot_eval(
             raise ConfigError(f"zero-shot eval: {source!r} names no classes; pass classnames=")
         classnames = list(source_classnames)
     label_map = _label_map(source_classnames, classnames, records)
+    if templates is None:
+        templates = source.templates  # the dataset's own, else (None) the generic ones
     classifier = zero_shot_classifier(model, tokenizer, classnames, templates, batch_size,
                                       progress=progress)
     images = embed_images(model, [r.image for r in records], batch_size=batch_size,
