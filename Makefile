@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CORE := $(VENV)/.installed-core
 TEST := $(VENV)/.installed-test
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-tf5 lint clean
 
 # torch first, from the pinned CUDA build (it runs on CPU), then vlp itself
 $(CORE): pyproject.toml
@@ -17,8 +17,8 @@ $(CORE): pyproject.toml
 
 # the test tools and the optional extras whose parity and metric tests run in CI; the browser
 # test of vlp serve's page drives the distribution's chromium (no browser is downloaded)
-$(TEST): $(CORE)
-	$(BIN)/pip install -e ".[test,interop,caption,ray,hub,serve]"
+$(TEST): $(CORE) .ci/constraints.txt
+	$(BIN)/pip install -c .ci/constraints.txt -e ".[test,interop,caption,ray,hub,serve]"
 	if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update && apt-get install -y chromium; fi
 	touch $(TEST)
@@ -31,6 +31,23 @@ demo: $(CORE)
 test: $(TEST)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest -q --timeout=1800
+	$(MAKE) test-tf5
+
+# the tests that touch transformers (interop, the BLIP-2 frozen LLM, lm, hub names, decoding
+# parity) and vlp's tokenizers a second time, on transformers 5: .tf5/ holds it and the packages
+# it needs newer than .venv's (.ci/transformers5.txt), first on PYTHONPATH; the rest is .venv's
+TF5 := .tf5
+TF5_TESTS := $(sort $(wildcard tests/test_interop_*.py)) tests/test_blip2.py tests/test_lm.py \
+	tests/test_hub.py tests/test_decoding_parity.py tests/test_tokenizers.py
+
+$(TF5)/.installed: .ci/transformers5.txt $(CORE)
+	rm -rf $(TF5)
+	$(BIN)/pip install --no-deps --target $(TF5) -r .ci/transformers5.txt
+	touch $@
+
+test-tf5: $(TEST) $(TF5)/.installed
+	PYTHONPATH=$(TF5) $(BIN)/python -c "import transformers as t; assert t.__version__[0] == '5', t.__version__"
+	PYTHONPATH=$(TF5) $(BIN)/pytest -q --timeout=1800 $(TF5_TESTS)
 
 lint: $(TEST)
 	$(BIN)/ruff check src tests benchmarks

@@ -1,7 +1,14 @@
 """Fixtures shared by several test files; each file opts in by name."""
 
+import os
+
 import pytest
 import torch
+
+# Reference models from transformers' from_pretrained run their plain PyTorch modules, as
+# vlp's frozen towers do: transformers 5 otherwise swaps layers for kernels fetched from the
+# Hub (tests run offline) and refuses to load without the `kernels` package; 4.57 never did.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 
 @pytest.fixture

@@ -280,6 +280,25 @@ def test_checkpoint_stores_trained_weights_and_references_to_frozen_parts(tmp_pa
                                    model.llm_logits(pixels(), ids, mask), atol=0, rtol=0)
 
 
+def test_frozen_parts_from_directories_are_plain_modules_on_any_kernels_setting(tmp_path,
+                                                                              monkeypatch):
+    """transformers 5's from_pretrained swaps layers for Hub kernels unless told not to (and
+    without the `kernels` package refuses to load); vlp's frozen LLM and HF image encoder are
+    always loaded as their plain modules, as on transformers 4.57."""
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")  # transformers' own default
+    transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**OPT)).save_pretrained(tmp_path / "opt")
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=64, patch_size=16)).save_pretrained(tmp_path / "hf_vision")
+    model = build_model(stage2("causal", llm_path=str(tmp_path / "opt"), vision_format="hf",
+                               vision_path=str(tmp_path / "hf_vision"))).eval()
+    assert not getattr(model.llm, "use_kernels", False)
+    ids, mask = texts(vocab=LLM_VOCAB)
+    with torch.no_grad():
+        assert torch.isfinite(model.llm_logits(pixels(), ids, mask)).all()
+
+
 def test_qformer_initialises_from_bert(tmp_path):
     bert = transformers.BertForMaskedLM(transformers.BertConfig(
         vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -21,7 +21,7 @@ from transformers import (  # noqa: E402
     CLIPTokenizerFast,
     CLIPVisionConfig,
 )
-from transformers.models.clip.tokenization_clip import bytes_to_unicode  # noqa: E402
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
 import vlp  # noqa: E402
 from vlp.config import get_preset  # noqa: E402
@@ -299,10 +299,19 @@ def write_clip_bpe_files(directory) -> None:
 TEXTS = ["A photo of the cat.", "  the RED   cat's photo!! ", "café 42", "", "x" * 40]
 
 
+def pil_image_processor(directory) -> CLIPImageProcessor:
+    """HF's CLIP image processor on PIL, the reference vlp's eval transform follows. 4.57's
+    ``CLIPImageProcessor`` is the PIL one; transformers 5 made a torchvision backend that class's
+    default (its resize differs from PIL's by up to 1e-2 here) and kept PIL as
+    ``CLIPImageProcessorPil``."""
+    return getattr(transformers, "CLIPImageProcessorPil", CLIPImageProcessor).from_pretrained(
+        directory)
+
+
 def test_tokenizer_and_preprocessing_travel_with_the_model(tmp_path):
     write_clip_bpe_files(tmp_path / "bpe")
-    hf_tokenizer = CLIPTokenizerFast(vocab_file=str(tmp_path / "bpe" / "vocab.json"),
-                                     merges_file=str(tmp_path / "bpe" / "merges.txt"))
+    # from the directory: transformers 5 ignores vocab_file/merges_file given to the class
+    hf_tokenizer = CLIPTokenizerFast.from_pretrained(str(tmp_path / "bpe"))
     vocab = len(hf_tokenizer)
     text = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
                           num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=20,
@@ -337,13 +346,14 @@ def test_tokenizer_and_preprocessing_travel_with_the_model(tmp_path):
     assert torch.equal(exported(TEXTS, padding="max_length", max_length=20, truncation=True,
                                 return_tensors="pt").input_ids, expected.input_ids)
     processor = CLIPImageProcessor.from_pretrained(tmp_path / "back")
-    assert processor.image_mean == [0.1, 0.2, 0.3] and processor.resample == 2
-    assert processor.crop_size == {"height": 32, "width": 32}
+    # list/dict on 4.57, tuple/SizeDict on transformers 5
+    assert list(processor.image_mean) == [0.1, 0.2, 0.3] and processor.resample == 2
+    assert (processor.crop_size["height"], processor.crop_size["width"]) == (32, 32)
 
     # pixels: vlp's eval transform from the imported config equals the HF processor's output
     # (an even crop margin: for odd margins HF's crop sits 1 px above/left of torchvision's)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 80, 3), np.uint8))
-    expected_pixels = torch.from_numpy(CLIPImageProcessor.from_pretrained(tmp_path / "hf")(
+    expected_pixels = torch.from_numpy(pil_image_processor(tmp_path / "hf")(
         image, return_tensors="np")["pixel_values"][0])
     pixels_diff = (image_transform(model, train=False)(image) - expected_pixels).abs().max()
     assert pixels_diff <= ATOL

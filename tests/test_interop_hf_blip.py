@@ -39,12 +39,14 @@ def tiny_hf_config(layers: int = 3) -> BlipConfig:
 def reference(cls: type, seed: int = 0, std: float = 0.1,
               nudge: float = 1.2) -> nn.Module:
     """A random HF model: its own init leaves the vision tower at std 1e-10 and every bias and
-    LayerNorm at 0/1, so draw every tensor instead; a nudge on [SEP] ends some generations."""
-    torch.manual_seed(seed)
+    LayerNorm at 0/1, so draw every tensor instead; a nudge on [SEP] ends some generations.
+    The draws come from their own generator: transformers 4 and 5 construct the model with
+    different amounts of global randomness, and the weights must not depend on the version."""
+    generator = torch.Generator().manual_seed(seed)
     model = cls(tiny_hf_config()).eval()
     with torch.no_grad():
         for param in model.parameters():
-            param.copy_(torch.randn_like(param) * std)
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
         for module in model.modules():
             if isinstance(module, nn.LayerNorm):
                 module.weight.add_(1.0)

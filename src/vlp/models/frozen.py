@@ -85,6 +85,13 @@ class VitFeatures(FrozenImageEncoder):
         return self.tower.forward_features(pixels)  # blocks cut, no final norm
 
 
+# from_pretrained keyword for the frozen towers: transformers 5 swaps layers for kernels fetched
+# from the Hub by default (and refuses to load without the `kernels` package); transformers 4.57
+# never did. Frozen towers keep the plain PyTorch modules on every version: loading a local
+# directory stays offline and the outputs stay those of the reference forward.
+NO_HUB_KERNELS: dict[str, Any] = {"use_kernels": False}
+
+
 class HFVisionFeatures(FrozenImageEncoder):
     """A transformers vision model (CLIPVisionModel, SiglipVisionModel, a CLIPModel's vision
     side, ...) read at ``hidden_states[layer]``."""
@@ -138,7 +145,8 @@ def build_image_encoder(config: Blip2Config) -> FrozenImageEncoder:
     elif fmt == "hf":
         from transformers import AutoModel
 
-        encoder = HFVisionFeatures(AutoModel.from_pretrained(path), config.vision_layer)
+        encoder = HFVisionFeatures(AutoModel.from_pretrained(path, **NO_HUB_KERNELS),
+                                   config.vision_layer)
     else:
         import open_clip
 
@@ -180,7 +188,7 @@ def build_llm(config: Blip2Config) -> nn.Module | None:
         raise ConfigError(f"blip2.llm_path {config.llm_path}: expected an HF model directory")
     try:
         if config.llm_path is not None:
-            model = auto.from_pretrained(config.llm_path, dtype=dtype)
+            model = auto.from_pretrained(config.llm_path, dtype=dtype, **NO_HUB_KERNELS)
         else:
             model = auto.from_config(hf_config_of(config.llm_config), dtype=dtype)
     except ValueError as error:  # transformers: a config class the Auto class does not map
