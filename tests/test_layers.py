@@ -29,7 +29,8 @@ LAYERS: list[set[str]] = [
     {"interop", "run"},
     {"hub"},  # pretrained names: hub snapshots converted through interop into vlp's cache
     {"vlp"},  # the package's own __init__: the public API (vlp.load, vlp.save, ...)
-    {"capfilt", "caption", "serve"},  # serve: the HTTP API over vlp.eval and the factory
+    {"capfilt", "caption", "serve", "benchmarks"},  # serve: the HTTP API over vlp.eval and
+    # the factory; benchmarks: released dataset layouts scored through vlp.eval
     {"recipes"},
     {"cli"},
     {"__main__"},

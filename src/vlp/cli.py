@@ -217,6 +217,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from vlp.benchmarks.suite import benchmark_from_args
+
+    _print_json(benchmark_from_args(args))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from vlp.serve.options import serve_from_args
 
@@ -378,6 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--prompt", help="text every caption starts from (left out of the output)")
     _add_source_args(cp)
     cp.set_defaults(func=cmd_caption)
+
+    from vlp.benchmarks.suite import add_benchmark_args
+
+    bm = sub.add_parser("benchmark", parents=[common], help="standard benchmarks from their "
+                        "released files", description="Zero-shot, retrieval, captioning, VQA, "
+                        "linear probe and few-shot on ImageNet, CIFAR, COCO/Flickr30k "
+                        "Karpathy, NoCaps, VQAv2, OK-VQA (or image folders and vlp's files).")
+    add_benchmark_args(bm, MODEL_HELP)
+    bm.set_defaults(func=cmd_benchmark)
 
     from vlp.serve.options import add_serve_args
 
