@@ -145,7 +145,7 @@ def models(world, tmp_path_factory):
 def _bench(capsys, model, *argv):
     capsys.readouterr()
     code = main(["benchmark", model, "--no-progress", "--num-workers", "0", "--batch-size",
-                 "16", *map(str, argv)])
+                 "16", "--device", "cpu", *map(str, argv)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     return json.loads(captured.out)
@@ -250,6 +250,12 @@ def test_retrieval_recall_equals_the_hand_count(world, models, capsys):
     flickr = _bench(capsys, models["clip-tiny"], "--task", "retrieval", "--format",
                     "flickr30k-karpathy", "--root", world["root"] / "flickr")
     assert flickr["i2t_r1"] == result["i2t_r1"] and flickr["t2i_r5"] == result["t2i_r5"]
+    table = world["root"] / "test.csv"  # vlp's own caption file of the same pairs
+    table.write_text("filepath,caption\n" + "".join(
+        f"coco/val2014/{im['filename']},{s['raw']}\n" for im in test for s in im["sentences"]))
+    own = _bench(capsys, models["clip-tiny"], "--task", "retrieval", "--format", "csv",
+                 "--root", table)
+    assert own["split"] == "test" and own["t2i_r1"] == result["t2i_r1"]
     reranked = _bench(capsys, models["blip-tiny"], "--task", "retrieval", "--format",
                       "coco-karpathy", "--root", coco, "--itm-k", "3")
     assert reranked["protocol"]["itm_k"] == 3
@@ -325,6 +331,16 @@ def test_vqa_accuracy_equals_the_official_formula(fmt, files, world, models, cap
     assert result["vqa_accuracy"] == pytest.approx(sum(scores) / len(scores), abs=1e-12)
     for answer_type, values in by_type.items():
         assert result[f"vqa_acc_{answer_type}"] == pytest.approx(sum(values) / len(values))
+    if fmt == "vqav2":  # vlp's own QA JSONL of the same questions: the same accuracy
+        own = tmp_path / "val_qa.jsonl"
+        own.write_text("".join(json.dumps({
+            "image": f"val2014/COCO_val2014_{q['image_id']:012d}.jpg", "question": q["question"],
+            "answers": [a["answer"] for a in annotations[q["question_id"]]["answers"]],
+            "type": annotations[q["question_id"]]["answer_type"]}) + "\n" for q in questions))
+        (tmp_path / "val2014").symlink_to(coco / "val2014")
+        again = _bench(capsys, models["blip-tiny"], "--task", "vqa", "--format", "qa", "--root",
+                       own, "--vqa-mode", "rank", "--vqa-candidates", world["candidates"])
+        assert again["vqa_accuracy"] == pytest.approx(result["vqa_accuracy"], abs=1e-12)
 
 
 def _clusters(classes: int, per_class: int, dim: int, spread: float, seed: int):
@@ -335,7 +351,7 @@ def _clusters(classes: int, per_class: int, dim: int, spread: float, seed: int):
     return features, labels
 
 
-def test_linear_probe_separates_separable_features():
+def test_linear_probe_separates_separable_features(one_thread):
     train_x, train_y = _clusters(5, 20, 8, 0.05, seed=0)
     generator = torch.Generator().manual_seed(1)
     test_x = train_x[::2] + 0.01 * torch.randn(len(train_x[::2]), 8, generator=generator)
@@ -344,7 +360,7 @@ def test_linear_probe_separates_separable_features():
     assert result["probe_l2"] in probe.L2_GRID and result["num_train"] == 100
 
 
-def test_few_shot_accuracy_rises_with_k():
+def test_few_shot_accuracy_rises_with_k(one_thread):
     features, labels = _clusters(6, 60, 16, 1.6, seed=3)
     train = torch.arange(len(labels)) % 3 != 0
     result = probe.few_shot(features[train], labels[train], features[~train], labels[~train],
@@ -354,7 +370,7 @@ def test_few_shot_accuracy_rises_with_k():
     assert all(result[f"fewshot_k{k}_std"] >= 0 for k in (1, 2, 4))
 
 
-def test_linear_probe_and_few_shot_through_the_command(world, models, capsys):
+def test_linear_probe_and_few_shot_through_the_command(world, models, capsys, one_thread):
     for fmt, root in (("imagefolder", world["root"] / "if"), ("cifar10",
                                                             world["root"] / "cifar")):
         result = _bench(capsys, models["clip-tiny"], "--task", "linear-probe", "--format", fmt,
@@ -370,7 +386,8 @@ def test_linear_probe_and_few_shot_through_the_command(world, models, capsys):
 def test_a_suite_in_a_subprocess_writes_tables_and_server_files(world, models, tmp_path):
     root = world["root"]
     suite = [
-        {"task": "zeroshot", "format": "cifar10", "root": str(root / "cifar")},
+        {"task": "zeroshot", "format": "cifar10",  # relative to the suite file's directory
+         "root": os.path.relpath(root / "cifar", tmp_path)},
         {"task": "retrieval", "format": "flickr30k-karpathy", "root": str(root / "flickr")},
         {"task": "captioning", "format": "coco-karpathy", "root": str(root / "coco"),
          "num_beams": 1, "max_new_tokens": 4, "caption_backend": "vlp", "name": "coco"},
@@ -382,7 +399,8 @@ def test_a_suite_in_a_subprocess_writes_tables_and_server_files(world, models, t
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     done = subprocess.run([sys.executable, "-m", "vlp", "benchmark", models["blip-tiny"],
                            "--suite", str(tmp_path / "suite.json"), "--out", str(out),
-                           "--no-progress", "--num-workers", "0", "--batch-size", "16"],
+                           "--no-progress", "--num-workers", "0", "--batch-size", "16",
+                           "--device", "cpu"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
@@ -398,6 +416,18 @@ def test_a_suite_in_a_subprocess_writes_tables_and_server_files(world, models, t
     assert set(captions[0]) == {"image_id", "caption"}
     answers = json.loads((out / "vqav2_vqa_results.json").read_text())
     assert set(answers[0]) == {"question_id", "answer"}
+
+
+def test_yaml_suites_read_as_json_ones(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    from vlp.benchmarks import read_suite
+
+    entries = [{"task": "few-shot", "format": "cifar10", "root": "data", "shots": [1, 2]}]
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(entries))
+    (tmp_path / "suite.json").write_text(json.dumps(entries))
+    from_yaml, from_json = read_suite(tmp_path / "suite.yaml"), read_suite(tmp_path / "suite.json")
+    assert from_yaml == from_json and from_yaml[0].shots == (1, 2)
+    assert from_yaml[0].root == str(tmp_path / "data")
 
 
 def test_bad_suite_entries_are_one_line_errors(tmp_path, models, capsys):

@@ -39,7 +39,7 @@ def fit_logistic(features: Tensor, labels: Tensor, num_classes: int, l2: float, 
     bias = torch.zeros(num_classes, dtype=torch.float64, device=features.device,
                        requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  tolerance_grad=1e-6, tolerance_change=1e-9,
                                   line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:

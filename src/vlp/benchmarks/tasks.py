@@ -117,7 +117,7 @@ def _split(spec: BenchmarkTask) -> str:
     from vlp.benchmarks import captions, classes, questions
 
     defaults = {**classes.DEFAULT_SPLIT, **captions.DEFAULT_SPLIT, **questions.DEFAULT_SPLIT}
-    return spec.split or defaults.get(spec.format, "")
+    return spec.split or defaults.get(spec.format) or Path(spec.root).stem  # own files: name
 
 
 def run_task(model: nn.Module, tokenizer: Any, spec: BenchmarkTask, *, model_name: str,
