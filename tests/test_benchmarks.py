@@ -390,7 +390,7 @@ def test_a_suite_in_a_subprocess_writes_tables_and_server_files(world, models, t
          "root": os.path.relpath(root / "cifar", tmp_path)},
         {"task": "retrieval", "format": "flickr30k-karpathy", "root": str(root / "flickr")},
         {"task": "captioning", "format": "coco-karpathy", "root": str(root / "coco"),
-         "num_beams": 1, "max_new_tokens": 4, "caption_backend": "vlp", "name": "coco"},
+         "num_beams": 1, "caption_backend": "vlp", "name": "coco"},
         {"task": "vqa", "format": "vqav2", "root": str(root / "coco"), "vqa_mode": "rank",
          "vqa_candidates": str(world["candidates"]), "name": "vqav2"},
     ]
@@ -400,13 +400,15 @@ def test_a_suite_in_a_subprocess_writes_tables_and_server_files(world, models, t
     done = subprocess.run([sys.executable, "-m", "vlp", "benchmark", models["blip-tiny"],
                            "--suite", str(tmp_path / "suite.json"), "--out", str(out),
                            "--no-progress", "--num-workers", "0", "--batch-size", "16",
-                           "--device", "cpu"],
+                           "--device", "cpu", "--max-new-tokens", "3"],  # entries' default
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["tasks"] == 4
     results = json.loads((out / "results.json").read_text())
     assert [r["task"] for r in results] == ["zeroshot", "retrieval", "captioning", "vqa"]
+    assert results[2]["protocol"]["max_new_tokens"] == 3
+    assert results[2]["protocol"]["num_beams"] == 1 and results[3]["protocol"]["num_beams"] == 3
     assert all(r["model"] == models["blip-tiny"] and r["num_items"] > 0 for r in results)
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert {"model", "dataset", "split", "num_items", "i2t_r1", "cider"} <= set(header)

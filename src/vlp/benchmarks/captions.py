@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from vlp.benchmarks.classes import missing
-from vlp.data.images import group_images
 from vlp.data.sources import ListSource, build_source
 from vlp.errors import DataError
 
@@ -46,9 +45,6 @@ class Captions:
     image_ids: dict[str, Any]
     where: str
     domains: dict[str, str] | None = None
-
-    def num_images(self) -> int:
-        return len(group_images(self.source).captioned().images)
 
 
 def read_json(path: Path, official: str, origin: str) -> Any:

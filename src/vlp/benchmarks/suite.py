@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vlp.benchmarks.tasks import BenchmarkTask, Outcome, run_task, task_fields
+from vlp.benchmarks.tasks import BenchmarkTask, Outcome, run_task, settings_given, task_fields
 from vlp.errors import ConfigError
 from vlp.store.files import atomic_write_text
 
@@ -162,7 +162,8 @@ def benchmark_from_args(args: Any) -> dict[str, Any]:
 
     progress = not args.no_progress
     if args.suite:
-        tasks = read_suite(args.suite, {"num_workers": args.num_workers})
+        tasks = read_suite(args.suite, {"num_workers": args.num_workers,
+                                        **settings_given(args)})
         if not args.out:
             raise ConfigError("vlp benchmark --suite: give --out DIR for the result files")
         results = benchmark(args.model, tasks, out=args.out, device=args.device,

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from vlp.benchmarks import probe
+from vlp.benchmarks import captions, classes, probe, questions
 from vlp.benchmarks.captions import CAPTION_FORMATS, Captions, read_captions
 from vlp.benchmarks.classes import CLASSIFICATION_FORMATS, read_classification
 from vlp.benchmarks.questions import QA_FORMATS, read_questions
@@ -114,8 +114,6 @@ def _lines(path: str | None, what: str) -> list[str] | None:
 
 
 def _split(spec: BenchmarkTask) -> str:
-    from vlp.benchmarks import captions, classes, questions
-
     defaults = {**classes.DEFAULT_SPLIT, **captions.DEFAULT_SPLIT, **questions.DEFAULT_SPLIT}
     return spec.split or defaults.get(spec.format) or Path(spec.root).stem  # own files: name
 
@@ -252,3 +250,17 @@ def _vqa(model, tokenizer, spec, split, common):
 
 def task_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(BenchmarkTask)}
+
+
+def settings_given(args: Any) -> dict[str, Any]:
+    """The task settings set on the command line (not the dataset ones: task, format, root,
+    split, name), which a suite's entries take unless they set their own."""
+    given = {}
+    for field in dataclasses.fields(BenchmarkTask):
+        if field.name in ("task", "format", "root", "split", "name", "num_workers"):
+            continue
+        value = getattr(args, field.name, field.default)
+        value = tuple(value) if isinstance(value, list) else value
+        if value != field.default:
+            given[field.name] = value
+    return given
