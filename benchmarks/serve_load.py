@@ -180,6 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out or Path(__file__).parent / "results" / "serve_load_cpu.json")
     body_image = image_b64()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -226,6 +227,7 @@ def main() -> None:
                      "batching_flags": {k: " ".join(v) for k, v in BATCHING.items()},
                      "image": "320x240 JPEG, base64 in JSON",
                      "request_fields": {e: ENDPOINTS[e][1] for e in args.endpoints.split(",")},
+                     "load_average_at_start": load_at_start,
                      "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "total_errors": sum(run["errors"] for run in runs),
         "runs": runs,
