@@ -162,10 +162,10 @@ def benchmark_from_args(args: Any) -> dict[str, Any]:
 
     progress = not args.no_progress
     if args.suite:
-        tasks = read_suite(args.suite, {"num_workers": args.num_workers,
-                                        **settings_given(args)})
         if not args.out:
             raise ConfigError("vlp benchmark --suite: give --out DIR for the result files")
+        tasks = read_suite(args.suite, {"num_workers": args.num_workers,
+                                        **settings_given(args)})
         results = benchmark(args.model, tasks, out=args.out, device=args.device,
                             progress=progress)
         return {"model": args.model, "out": args.out, "tasks": len(results),
