@@ -13,7 +13,12 @@ from vlp.cliargs import config_from_args
 from vlp.train.config import TrainConfig
 
 SUBCOMMANDS = [["data", "synth"], ["train"], ["eval"], ["zeroshot"], ["embed"], ["caption"],
-               ["convert"], ["demo"], ["capfilt"]]
+               ["convert"], ["demo"], ["capfilt"], ["models"], ["serve"], ["benchmark"]]
+
+
+def test_every_subcommand_is_covered_by_the_help_test():
+    registered = set(build_parser()._subparsers._group_actions[0].choices)
+    assert registered == {words[0] for words in SUBCOMMANDS}
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=lambda w: " ".join(w))
