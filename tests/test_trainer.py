@@ -144,6 +144,8 @@ def test_run_layout_and_records(tmp_path, twelve_pairs):
             "grad_norm"} <= set(steps[0])
     assert steps[0]["lr"] == pytest.approx(1e-3)  # warmup: (0 + 1) / 2 of the peak
     assert all(r["samples_per_s"] > 0 for r in steps)
+    # each step's wall time split into the wait for data and the work on it
+    assert all(r["data_s"] >= 0 and r["compute_s"] > 0 for r in steps)
     ends = [r for r in records if r.get("end_of_epoch")]
     assert [(r["epoch"], r["skipped"]) for r in ends] == [(0, {}), (1, {})]
     # the model's config carries the trained tokenizer's special ids

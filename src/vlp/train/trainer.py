@@ -250,6 +250,7 @@ class _Trainer:
     def train_step(self) -> None:
         started = time.perf_counter()
         batch_epoch, micro = self._micro_batches()
+        fed = time.perf_counter()  # the wait for this step's batches ends here
         try:
             values = self._accumulate(micro)
             sync_replicated_grads(self.model, self.env)
@@ -282,7 +283,10 @@ class _Trainer:
         values["grad_norm"] = grad_norm
         values["samples"] = torch.tensor(float(sum(_batch_size(b) for b in micro)))
         values["index_sum"] = torch.stack([b["index"].sum() for b in micro]).sum()
-        values["samples_per_s"] = values["samples"] / max(time.perf_counter() - started, 1e-9)
+        ended = time.perf_counter()
+        values["samples_per_s"] = values["samples"] / max(ended - started, 1e-9)
+        values["data_s"] = torch.tensor(fed - started)  # waiting for the loader
+        values["compute_s"] = torch.tensor(ended - fed)  # forward, backward, optimizer step
         self.log.add_step(record, values, summed=("samples", "index_sum", "samples_per_s"))
         self._consecutive = 0 if finite else getattr(self, "_consecutive", 0) + 1
         if not finite:
@@ -392,8 +396,9 @@ class _Trainer:
                                          refresh=False)
                     if print_lines:
                         print(f"step {step}/{self.total_steps} loss {last['loss']:.4f} "
-                              f"lr {last['lr']:.3g} {last['samples_per_s']:.1f} samples/s",
-                              file=sys.stderr)
+                              f"lr {last['lr']:.3g} {last['samples_per_s']:.1f} samples/s "
+                              f"data {last['data_s'] * 1e3:.0f} ms compute "
+                              f"{last['compute_s'] * 1e3:.0f} ms", file=sys.stderr)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
                     self.evaluate()
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0
