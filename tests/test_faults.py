@@ -124,6 +124,87 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(
     assert [name for name in os.listdir(out) if name.startswith(".")] == []
 
 
+def _pruning(run_dir: Path) -> bool:
+    return any(".old-" in name for name in _staging(run_dir))
+
+
+def test_kill_9_during_pruning_leaves_the_run_resumable(
+        data: Path, uninterrupted: list, tmp_path: Path) -> None:
+    import vlp
+
+    out = tmp_path / "run"
+    killed_mid_prune, resume = 0, False
+    for _ in range(8):  # each attempt kills the process as soon as it starts deleting
+        stopped = _kill_when(_command(data, out, resume), lambda: _pruning(out))
+        resume = True
+        if not stopped:
+            break
+        killed_mid_prune += _pruning(out)
+        assert vlp.load(out) is not None  # the latest complete checkpoint loads
+        if killed_mid_prune == 2:
+            break
+    assert killed_mid_prune >= 1
+    subprocess.run(_command(data, out, resume=True), env=ENV, check=True, capture_output=True)
+    assert _losses(out) == uninterrupted
+    assert [name for name in os.listdir(out) if name.startswith(".")] == []
+
+
+def test_a_second_trainer_on_a_live_run_directory_is_refused(
+        data: Path, uninterrupted: list, tmp_path: Path, capsys) -> None:
+    from vlp.cli import main
+
+    out = tmp_path / "run"
+    first = subprocess.Popen(_command(data, out, resume=False), env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while _logged_step(out) < 2:  # training, holding the directory
+            assert first.poll() is None, first.stderr.read().decode()
+            time.sleep(0.01)
+        for resume in (True, False):
+            assert main(_command(data, out, resume)[3:]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1
+            assert f"in use by another vlp train (pid {first.pid}" in err
+        assert first.poll() is None  # the refusals happened while it trained
+    finally:
+        first.wait(timeout=300)
+    assert first.returncode == 0
+    assert _losses(out) == uninterrupted  # its log untouched: every step once, in order
+
+
+ENOSPC_RUN = """
+import errno, sys
+import vlp.train.checkpoint as checkpoint
+from vlp.cli import main
+real, calls = checkpoint.save_file, []
+def disk_full(*args, **kwargs):  # the 5th checkpoint's write finds the disk full
+    calls.append(1)
+    if len(calls) == 5:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(*args, **kwargs)
+checkpoint.save_file = disk_full
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_the_run_resumable(
+        data: Path, uninterrupted: list, tmp_path: Path) -> None:
+    import vlp
+
+    out = tmp_path / "run"
+    failed = subprocess.run([sys.executable, "-c", ENOSPC_RUN,
+                             *_command(data, out, resume=False)[3:]],
+                            env=ENV, capture_output=True, text=True)
+    assert failed.returncode == 2, failed.stderr
+    assert failed.stderr.startswith("vlp: error: ") and failed.stderr.count("\n") == 1
+    assert "checkpoint-0000005: could not be written (No space left on device)" in failed.stderr
+    assert [name for name in os.listdir(out) if name.startswith(".")] == []
+    assert os.readlink(out / "checkpoint-latest") == "checkpoint-0000004"
+    assert vlp.load(out) is not None
+    subprocess.run(_command(data, out, resume=True), env=ENV, check=True, capture_output=True)
+    assert _losses(out) == uninterrupted
+
+
 # ---------------------------------------------------------------------------------------------
 # damaged data and non-finite steps, in one run
 

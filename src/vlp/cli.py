@@ -113,6 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if is_pretrained_name(cfg.model):  # fine-tune from a hub name: its converted directory
         cfg.model = str(resolve(cfg.model))
     spec = _eval_spec(args, progress=cfg.progress)
+    spec.check()  # every evaluation file read before the first step
     try:
         result = train(cfg, eval_fn=None if spec.is_empty() else _eval_fn(spec))
     finally:

@@ -26,7 +26,7 @@ from vlp.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 from vlp.train.config import TrainConfig, check_config
 from vlp.train.distributed import DistEnv, barrier, init_distributed
 from vlp.train.setup import build_run_source, find_resume_dir, seed_everything
-from vlp.train.trainer import AfterBackward, EvalFn, fit
+from vlp.train.trainer import AfterBackward, EvalFn, fit, run_directory
 
 
 def train(cfg: TrainConfig, eval_fn: EvalFn | None = None, *,
@@ -35,9 +35,13 @@ def train(cfg: TrainConfig, eval_fn: EvalFn | None = None, *,
     train them; returns what `vlp.train.fit` returns. Under ``torchrun`` every rank calls it."""
     check_config(cfg)
     env, _ = init_distributed(cfg.device)
+    with run_directory(cfg.output_dir, env):  # held from before the tokenizer is trained
+        return _train(cfg, env, eval_fn, after_backward)
+
+
+def _train(cfg: TrainConfig, env: DistEnv, eval_fn: EvalFn | None,
+           after_backward: AfterBackward | None) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
-    if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
     barrier(env)
     seed_everything(cfg.seed)  # before the model's random init
     resume_dir = find_resume_dir(cfg, output_dir)

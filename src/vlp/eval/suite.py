@@ -68,6 +68,26 @@ class EvalSpec:
         return not (self.zeroshot_data or self.retrieval_data or self.caption_data
                     or self.vqa_data)
 
+    def check(self) -> None:
+        """Read every file this spec names and check its options, as the evaluation will: a
+        training run calls it before its first step, so a wrong path never costs the run."""
+        for name in ("batch_size", "num_beams", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"evaluation {name}={value!r}: expected an int >= 1")
+        if self.itm_k is not None and (not isinstance(self.itm_k, int) or self.itm_k < 1):
+            raise ConfigError(f"evaluation itm_k={self.itm_k!r}: expected an int >= 1")
+        if self.vqa_mode == "rank" and self.vqa_data and not self.vqa_candidates:
+            raise ConfigError("VQA mode 'rank' needs candidate answers (vqa_candidates)")
+        if self.zeroshot_data:
+            build_source("imagefolder", self.zeroshot_data)
+        options = {k: v for k, v in self.retrieval_options.items() if v is not None}
+        for data in (self.retrieval_data, self.caption_data):
+            if data:
+                build_source(self.retrieval_kind, data, **options)
+        if self.vqa_data:
+            read_qa_jsonl(self.vqa_data, self.retrieval_options.get("image_root"))
+
 
 def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]:
     """The metrics of every benchmark ``spec`` names, merged into one flat dict (captioning

@@ -6,6 +6,7 @@ from vlp.store.files import (
     atomic_directory,
     atomic_write,
     atomic_write_text,
+    directory_lock,
     fsync_path,
     read_json_object,
     write_json,
@@ -36,7 +37,8 @@ from vlp.store.tensors import (
 __all__ = [
     "CONFIG_FILE", "LATEST_LINK", "TOKENIZER_FILE", "TRAIN_STATE_FILE", "WEIGHTS_FILE",
     "atomic_directory", "atomic_write", "atomic_write_text", "check_state", "checkpoint_dir",
-    "checked_weights", "find_checkpoint", "fsync_path", "is_run_dir", "list_checkpoints",
+    "checked_weights", "directory_lock", "find_checkpoint", "fsync_path", "is_run_dir",
+    "list_checkpoints",
     "load_weights", "model_dir", "read_json_object", "read_model_config", "read_safetensors",
     "read_state_dict", "save_model_dir", "write_json", "write_safetensors",
 ]

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from vlp.errors import CheckpointError
+from vlp.errors import CheckpointError, ConfigError
 
 
 def fsync_path(path: str | os.PathLike[str]) -> None:
@@ -131,3 +131,60 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# ---------------------------------------------------------------------------------------------
+# exclusive use of a directory
+
+LOCK_FILE = "run.lock"
+_held: dict[str, tuple[int, int]] = {}  # resolved lock path -> (fd, depth) in this process
+
+
+@contextmanager
+def directory_lock(directory: str | os.PathLike[str], what: str = "run") -> Iterator[Path]:
+    """Hold an exclusive lock on `directory` (created if missing) while the block runs: a
+    ``run.lock`` file inside it, locked with ``flock`` and holding this process's pid. Another
+    process asking for it gets a ConfigError naming the holder's pid; the operating system
+    releases the lock when its holder ends, however it ends, so a killed run never blocks the
+    next one. Re-entrant within one process."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{directory}: exists and is not a directory; expected a {what} "
+                          "directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    key = str(path.resolve())
+    if key in _held:
+        fd, depth = _held[key]
+        _held[key] = (fd, depth + 1)
+    else:
+        fd = _acquire(path, directory, what)
+        _held[key] = (fd, 1)
+    try:
+        yield directory
+    finally:
+        fd, depth = _held[key]
+        if depth > 1:
+            _held[key] = (fd, depth - 1)
+        else:
+            del _held[key]
+            os.close(fd)  # releases the lock
+
+
+def _acquire(path: Path, directory: Path, what: str) -> int:
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: no lock
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(f"{directory}: in use by another {what} (pid {holder}, holding "
+                          f"{LOCK_FILE}); wait for it to end or choose another "
+                          "directory") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -27,8 +27,11 @@ TOKENIZER_FILE = "tokenizer.json"
 TRAIN_STATE_FILE = "train_state.json"
 LATEST_LINK = "checkpoint-latest"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d{7,})$")
-# hidden siblings left by an interrupted write or delete; never mistaken for a checkpoint
-STALE_PATTERN = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{32}(\.\w+)?$")  # + atomic_write suffix
+# hidden siblings an interrupted write or delete of the run's own files leaves (checkpoints,
+# the latest link, the trainer's train_config.json and log.jsonl rewrites); never mistaken for
+# a checkpoint, and nothing else in a run directory matches (pruning removes only these)
+STALE_PATTERN = re.compile(r"^\.(checkpoint-\d{7,}|checkpoint-latest|train_config\.json"
+                           r"|log\.jsonl)\.(tmp|old)-[0-9a-f]{32}(\.json|\.jsonl)?$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,8 +121,9 @@ def update_latest_link(run_dir: Path, target: Path) -> None:
 
 
 def prune(run_dir: Path, keep_last: int, protected: Path) -> None:
-    """Remove what interrupted writes left, and all but the newest `keep_last` checkpoints
-    (0 keeps every one); `protected` is never removed."""
+    """Remove what interrupted writes of the run's own files left (`STALE_PATTERN`; nothing
+    else), and all but the newest `keep_last` checkpoints (0 keeps every one); `protected` is
+    never removed. The caller holds the run directory's lock, so no live writer owns them."""
     for entry in run_dir.iterdir():  # leftovers of interrupted writes (only rank 0 writes)
         if STALE_PATTERN.match(entry.name):
             if entry.is_dir() and not entry.is_symlink():

@@ -88,15 +88,20 @@ def save_checkpoint(
     rng_tensors = {f"rank{rank}.{key}": tensor for rank, (_, tensors) in enumerate(rng_states)
                    for key, tensor in tensors.items()}
     raw = unwrap_model(model)
-    with atomic_directory(target) as staging:
-        write_model_files(staging, raw.config, model_state if model_state is not None
-                          else raw.state_dict(), tokenizer)
-        if optimizer_state is not None:
-            write_optimizer(optimizer_state, type(optimizer).__name__, staging)
-        save_file(rng_tensors, staging / RNG_FILE)
-        # written last: its presence marks a complete checkpoint (see list_checkpoints)
-        write_json(staging / TRAIN_STATE_FILE, train_state)
-    update_latest_link(run_dir, target)
+    try:
+        with atomic_directory(target) as staging:
+            write_model_files(staging, raw.config, model_state if model_state is not None
+                              else raw.state_dict(), tokenizer)
+            if optimizer_state is not None:
+                write_optimizer(optimizer_state, type(optimizer).__name__, staging)
+            save_file(rng_tensors, staging / RNG_FILE)
+            # written last: its presence marks a complete checkpoint (see list_checkpoints)
+            write_json(staging / TRAIN_STATE_FILE, train_state)
+        update_latest_link(run_dir, target)
+    except OSError as error:  # disk full, quota, permissions: nothing half-written stays
+        raise CheckpointError(f"{target}: could not be written ({error.strerror or error}); "
+                              "the previous checkpoints are untouched: free the space (or fix "
+                              "the cause) and continue with resume='latest'") from error
     prune(run_dir, keep_last, protected=target)
     return target
 

@@ -29,7 +29,7 @@ from vlp.data import image_transform, make_loader
 from vlp.data.qa import AnswerTokenizer
 from vlp.data.text import TextBatches, TextCorpus
 from vlp.errors import ConfigError, VlpError
-from vlp.store.files import atomic_write_text
+from vlp.store.files import atomic_write_text, directory_lock
 from vlp.train.checkpoint import load_checkpoint, save_checkpoint
 from vlp.train.config import TrainConfig, check_config, text_rows
 from vlp.train.distributed import (
@@ -405,11 +405,12 @@ class _Trainer:
                         and step < self.total_steps):
                     self.save()
             self.log.flush()
-            if self.eval_fn is not None or self.cfg.val_data is not None:  # every rank
-                self.evaluate()
+            # the final checkpoint first: a failing final evaluation never loses the run
             if (self.checkpoint_path is None
                     or Path(self.checkpoint_path).name != f"checkpoint-{self.step:07d}"):
                 self.save()
+            if self.eval_fn is not None or self.cfg.val_data is not None:  # every rank
+                self.evaluate()
         finally:
             progress.close()
             self.batches.close()
@@ -437,4 +438,12 @@ def fit(cfg: TrainConfig, model: PretrainModel, tokenizer: Any, eval_fn: EvalFn 
     exactly. Under ``torchrun`` every rank calls this.
     """
     check_config(cfg)
-    return _Trainer(cfg, model, tokenizer, eval_fn, after_backward, build_model).run()
+    env, _ = init_distributed(cfg.device)
+    with run_directory(cfg.output_dir, env):
+        return _Trainer(cfg, model, tokenizer, eval_fn, after_backward, build_model).run()
+
+
+def run_directory(output_dir: str, env: Any) -> contextlib.AbstractContextManager:
+    """The run directory held by this run alone while it trains (rank 0 holds its lock; a
+    second trainer on it gets a ConfigError naming this one's pid)."""
+    return directory_lock(output_dir, "vlp train") if env.is_main else contextlib.nullcontext()
