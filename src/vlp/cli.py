@@ -6,12 +6,13 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from vlp.cliargs import add_config_args, config_from_args
-from vlp.errors import VlpError
+from vlp.errors import VlpError, one_line
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -306,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vlp",
         description="Vision-language pretraining: build data, train, evaluate, embed, convert.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error "
+                        "(also VLP_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--num-workers", type=int, default=TrainConfig.num_workers,
@@ -474,8 +477,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except VlpError as error:
-        print(f"vlp: error: {error}", file=sys.stderr)
+    except VlpError as error:  # a user's mistake: one line; a bug stays a traceback
+        if args.debug or os.environ.get("VLP_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"vlp: error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vlp: interrupted", file=sys.stderr)

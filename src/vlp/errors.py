@@ -15,3 +15,8 @@ class DataError(VlpError):
 
 class CheckpointError(VlpError):
     """A checkpoint directory or file is missing, corrupt or does not match the model."""
+
+
+def one_line(error: BaseException) -> str:
+    """`error`'s message on one line, as the command line prints it."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())

@@ -92,15 +92,37 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # pickle/zip errors come in many types
+            reason = _torch_reason(error)
+            if "GLOBAL" in reason:  # a pickle that would import and call something
+                raise CheckpointError(f"{path}: refused: loading it would run code ({reason}); "
+                                      "vlp reads only tensors from a weights file: save a "
+                                      "state dict (torch.save(model.state_dict())) or "
+                                      "safetensors") from error
             raise CheckpointError(f"{path}: not a readable weights-only torch file "
-                                  f"({type(error).__name__}: {error})") from error
+                                  f"({reason})") from error
         for entry in CHECKPOINT_ENTRIES:
             if isinstance(state, dict) and isinstance(state.get(entry), dict):
                 state = state[entry]
                 break
         if not isinstance(state, dict):
             raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise CheckpointError(f"{path}: expected a state dict of parameter names to "
+                                  f"tensors; entry {key!r} is a {type(key).__name__} key to a "
+                                  f"{type(value).__name__}")
     return {_strip_wrappers(k): v for k, v in state.items()}
+
+
+def _torch_reason(error: BaseException) -> str:
+    """The one line of torch.load's error that says what is wrong with the file (its other
+    lines advise loading with weights_only=False, which vlp never does)."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue",
+                   "In PyTorch", "Re-running")
+    lines = [line.replace("WeightsUnpickler error:", "").strip()
+             for line in str(error).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(boilerplate)]
+    return " ".join(lines)[:300] or type(error).__name__
 
 
 def _strip_wrappers(name: str) -> str:
