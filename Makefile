@@ -19,6 +19,8 @@ $(CORE): pyproject.toml
 # test of vlp serve's page drives the distribution's chromium (no browser is downloaded)
 $(TEST): $(CORE) .ci/constraints.txt
 	$(BIN)/pip install -c .ci/constraints.txt -e ".[test,interop,caption,ray,hub,serve]"
+	# CLIP_benchmark for vlp benchmark's parity tests, without its dependencies (see pyproject)
+	$(BIN)/pip install --no-deps -c .ci/constraints.txt clip-benchmark
 	if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update && apt-get install -y chromium; fi
 	touch $(TEST)
