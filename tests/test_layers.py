@@ -19,7 +19,7 @@ PACKAGE = SRC / "vlp"
 # import each other (models, eval and train are peers: none of them imports another).
 LAYERS: list[set[str]] = [
     {"errors"},
-    {"config", "cliargs"},
+    {"config", "cliargs", "htmlpage"},  # htmlpage: what HTML reports share
     {"store"},
     {"tokenizers", "losses", "generate"},
     {"contract"},
@@ -29,8 +29,9 @@ LAYERS: list[set[str]] = [
     {"interop", "run"},
     {"hub"},  # pretrained names: hub snapshots converted through interop into vlp's cache
     {"vlp"},  # the package's own __init__: the public API (vlp.load, vlp.save, ...)
-    {"capfilt", "caption", "serve", "benchmarks"},  # serve: the HTTP API over vlp.eval and
-    # the factory; benchmarks: released dataset layouts scored through vlp.eval
+    {"capfilt", "caption", "serve", "benchmarks", "report"},  # serve: the HTTP API over
+    # vlp.eval and the factory; benchmarks: released dataset layouts scored through vlp.eval;
+    # report: a run directory's HTML page
     {"recipes"},
     {"cli"},
     {"__main__"},

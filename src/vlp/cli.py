@@ -441,6 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--json", action="store_true", help="one JSON object per line")
     md.set_defaults(func=cmd_models)
 
+    from vlp.report.options import add_report_args, cmd_report
+
+    rp = sub.add_parser("report", help="one HTML page of a training run: plots, metrics, "
+                        "checkpoints, examples", description="A self-contained HTML report.")
+    add_report_args(rp)
+    rp.set_defaults(func=cmd_report)
+
     dm = sub.add_parser("demo", parents=[common], help="synthetic data -> train clip-tiny -> eval",
                         description="End to end on CPU: write the synthetic dataset, train "
                                     "clip-tiny through the real loaders, report held-out "

@@ -4,12 +4,10 @@ inline thumbnails."""
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 from typing import Any
 
 from vlp.data.pipeline import open_image
+from vlp.htmlpage import escape, mapping_table, page, table, thumbnail_uri
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -56,35 +54,18 @@ def _share(part: int, whole: int) -> float | None:
 def _thumbnail(image: str | bytes, size: int = 96) -> str | None:
     """A base64 JPEG data URI of the image, or None when it cannot be read."""
     opened = open_image(image)
-    if isinstance(opened, str):
-        return None
-    opened.thumbnail((size, size))
-    encoded = io.BytesIO()
-    opened.save(encoded, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(encoded.getvalue()).decode("ascii")
-
-
-_STYLE = """body{font-family:sans-serif;margin:2em;max-width:70em}
-table{border-collapse:collapse;margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:4px 8px;
-text-align:left;vertical-align:top}.kept{color:#186a1d}.dropped{color:#a11;
-text-decoration:line-through}.noisy{background:#fde9c8}small{color:#666}"""
+    return None if isinstance(opened, str) else thumbnail_uri(opened, size)
 
 
 def render_html(summary: dict[str, Any], settings: dict[str, Any],
                 examples: list[tuple[dict[str, Any], str | bytes]]) -> str:
     """report.html: the summary table, the settings and example images with every caption,
     its source, ITM score and decision (known noise highlighted)."""
-    e = html.escape
-    lines = ["<!doctype html><html><head><meta charset='utf-8'>",
-             "<title>vlp CapFilt report</title>", f"<style>{_STYLE}</style></head><body>",
-             "<h1>CapFilt: bootstrapped dataset</h1>", "<h2>Summary</h2>",
-             "<table class='summary'><tr><th>metric</th><th>value</th></tr>"]
-    lines += [f"<tr><td>{e(k)}</td><td>{e(_fmt(v))}</td></tr>" for k, v in summary.items()]
-    lines += ["</table>", "<h2>Settings</h2>",
-              "<table class='settings'><tr><th>setting</th><th>value</th></tr>"]
-    lines += [f"<tr><td>{e(k)}</td><td>{e(_fmt(v))}</td></tr>" for k, v in settings.items()]
-    lines += ["</table>", "<h2>Examples</h2>",
-              "<table class='examples'><tr><th>image</th><th>captions</th></tr>"]
+    e = escape
+    body = ["<h1>CapFilt: bootstrapped dataset</h1>", "<h2>Summary</h2>",
+            mapping_table(summary, "summary"), "<h2>Settings</h2>",
+            mapping_table(settings, "settings", "setting"), "<h2>Examples</h2>"]
+    rows = []
     for row, image in examples:
         thumb = _thumbnail(image)
         cell = (f"<img src='{thumb}' alt='{e(row['image'])}'>" if thumb
@@ -97,13 +78,7 @@ def render_html(summary: dict[str, Any], settings: dict[str, Any],
             captions.append(f"<li{marks}><small>{c['source']}, ITM {score}, {decision}"
                             f"{', known noise' if c.get('noisy') else ''}:</small> "
                             f"<span class='{decision}'>{e(c['text'])}</span></li>")
-        lines.append(f"<tr><td>{cell}<br><small>{e(row['image'])}</small></td>"
-                     f"<td><ul>{''.join(captions)}</ul></td></tr>")
-    lines += ["</table>", "</body></html>", ""]
-    return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
+        rows.append((f"{cell}<br><small>{e(row['image'])}</small>",
+                     f"<ul>{''.join(captions)}</ul>"))
+    body.append(table(("image", "captions"), rows, "examples", raw=True))
+    return page("vlp CapFilt report", body)

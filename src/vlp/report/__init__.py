@@ -1,0 +1,39 @@
+"""`vlp report RUN_DIR`: one self-contained HTML page of a training run (plots inlined as SVG,
+thumbnails as data URIs, no script): loss and each of its terms, learning rate, gradient norm,
+samples/s and the time each step waited for data, every evaluation metric over steps, skipped
+samples, checkpoints and, for a model that captions or answers questions, examples from its
+latest checkpoint beside their references.
+
+`read_run` reads what the trainer writes (`log.jsonl`, `train_config.json`, checkpoints);
+`run_examples` captions or answers through `vlp.eval`; `render` draws the page with
+`vlp.htmlpage`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vlp.report.examples import run_examples
+from vlp.report.render import render
+from vlp.report.run import read_run
+from vlp.store.files import atomic_write_text
+
+REPORT_FILE = "report.html"
+DEFAULT_EXAMPLES = 8
+
+
+def write_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
+                 examples: int = DEFAULT_EXAMPLES, device: str = "cpu") -> Path:
+    """Write the report of the run directory ``run_dir`` to ``out`` (default
+    ``run_dir/report.html``), atomically; ``examples`` images captioned (or questions
+    answered) by the latest checkpoint, 0 for none. Returns the file's path."""
+    run = read_run(run_dir)
+    shown = run_examples(run.run_dir, run.config, examples, device) if run.checkpoints \
+        else None
+    path = Path(out) if out is not None else run.run_dir / REPORT_FILE
+    atomic_write_text(path, render(run, shown))
+    return path
+
+
+__all__ = ["DEFAULT_EXAMPLES", "REPORT_FILE", "read_run", "render", "run_examples",
+           "write_report"]
