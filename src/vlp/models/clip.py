@@ -32,6 +32,17 @@ class LogitScaled(PretrainModel):
     def after_optimizer_step(self) -> None:
         self.logit_scale.clamp_(0, self.config.max_logit_scale)
 
+    def no_weight_decay(self) -> set[str]:
+        """The temperature (and a SigLIP bias) and what each tower exempts, by full name."""
+        names = {"logit_scale", "logit_bias"}
+        names |= {f"visual.{n}" for n in self.visual.no_weight_decay()}
+        names |= {f"text.{n}" for n in self.text.no_weight_decay()}
+        return names
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.transformer.grad_checkpointing = enable
+        self.text.transformer.grad_checkpointing = enable
+
 
 class CLIP(LogitScaled):
     def __init__(self, config: ClipConfig, visual: VisionTransformer, text: TextTransformer):
@@ -47,16 +58,6 @@ class CLIP(LogitScaled):
             self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
         else:
             self.logit_bias = None
-
-    def no_weight_decay(self) -> set[str]:
-        names = {"logit_scale", "logit_bias"}
-        names |= {f"visual.{n}" for n in self.visual.no_weight_decay()}
-        names |= {f"text.{n}" for n in self.text.no_weight_decay()}
-        return names
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual.transformer.grad_checkpointing = enable
-        self.text.transformer.grad_checkpointing = enable
 
     def tasks(self) -> frozenset[str]:
         return frozenset({EMBED})

@@ -82,15 +82,8 @@ class CoCa(LogitScaled):
         nn.init.normal_(self.image_proj.weight, std=self.config.embed_dim**-0.5)
         nn.init.normal_(self.lm_head.weight, std=self.config.text.width**-0.5)
 
-    def no_weight_decay(self) -> set[str]:
-        names = {"logit_scale"}
-        names |= {f"visual.{n}" for n in self.visual.no_weight_decay()}
-        names |= {f"text.{n}" for n in self.text.no_weight_decay()}
-        return names
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.visual.transformer.grad_checkpointing = enable
-        self.text.transformer.grad_checkpointing = enable
+        super().set_grad_checkpointing(enable)
         self.decoder.grad_checkpointing = enable
 
     # -- image side ------------------------------------------------------------------------------
