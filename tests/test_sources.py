@@ -175,11 +175,16 @@ def test_image_folder_classes_labels_and_names(tmp_path: Path) -> None:
         for name in names:
             (tmp_path / class_dir / name).write_bytes(png_bytes((1, 2, 3)))
     (tmp_path / "red_circle" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"class directory \['green_star'\] hold no images"):
+        ImageFolderSource(tmp_path)  # an empty folder is no class to score
+    (tmp_path / "green_star" / "s.png").write_bytes(png_bytes((1, 2, 3)))
     source = ImageFolderSource(tmp_path)
     assert source.classes == ["blue_square", "green_star", "red_circle"]
     assert source.classnames == ["blue square", "green star", "red circle"]
     assert [(r.key, r.label) for r in source] == [
-        ("blue_square/a.PNG", 0), ("red_circle/0.jpg", 2), ("red_circle/1.png", 2)]
+        ("blue_square/a.PNG", 0), ("green_star/s.png", 1), ("red_circle/0.jpg", 2),
+        ("red_circle/1.png", 2)]
+    (tmp_path / "green_star" / "s.png").unlink()
     assert not source.has_text and source.has_labels
     fixed = ImageFolderSource(tmp_path, classes=["red_circle", "yellow_moon", "blue_square",
                                                  "green_star"])

@@ -50,7 +50,9 @@ def _read_lines(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{path}: file not found")
-    lines = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    from vlp.data.records import read_utf8
+
+    lines = [line.strip() for line in read_utf8(file).splitlines() if line.strip()]
     if not lines:
         raise DataError(f"{path}: no non-empty lines")
     return lines

@@ -340,6 +340,9 @@ def config_from_dict(data: dict, where: str = "config") -> Any:
     return _from_dict(CONFIG_CLASSES[family], data, where)
 
 
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
 
@@ -348,8 +351,17 @@ def load_config(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes; a config file holds at most "
+                          f"{MAX_CONFIG_BYTES}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply to read") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return config_from_dict(data, where=str(path))

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -31,20 +34,50 @@ ImageInput = str | Path | bytes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def open_image(image: ImageInput) -> Image.Image | str:
-    """The decoded RGB image, or the skip reason ("missing_image" / "corrupt_image")."""
+def open_image(image: ImageInput, *, exif_orientation: bool = True) -> Image.Image | str:
+    """The decoded RGB image, or the skip reason ("missing_image", "corrupt_image", or
+    "not_a_file": a path to a named pipe, device or socket, never opened, so nothing blocks).
+
+    16-bit and 32-bit images are scaled from their own range to 8 bits (PIL alone clips them to
+    white); ``exif_orientation`` turns a camera photo upright by its EXIF Orientation tag, as
+    viewers show it. PIL's decompression-bomb limit applies (such an image is corrupt_image)."""
     if not image:
         return "missing_image"
+    if not isinstance(image, bytes):
+        try:
+            if not stat.S_ISREG(os.stat(image).st_mode):
+                return "missing_image" if os.path.isdir(image) else "not_a_file"
+        except (FileNotFoundError, NotADirectoryError):
+            return "missing_image"
+        except (OSError, ValueError):
+            return "corrupt_image"
     stream = io.BytesIO(image) if isinstance(image, bytes) else image
     try:
         with Image.open(stream) as opened:
-            if opened.mode == "P" and "transparency" in opened.info:
-                return opened.convert("RGBA").convert("RGB")
-            return opened.convert("RGB")
+            if exif_orientation:
+                opened = ImageOps.exif_transpose(opened)
+            return _to_rgb(opened)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return "missing_image"
     except Exception:  # PIL raises many types on corrupt data (OSError, SyntaxError, ...)
         return "corrupt_image"
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA").convert("RGB")
+    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer or float
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":  # float images are in [0, 1] unless they say otherwise
+            top = 1.0 if values.size == 0 or np.nanmax(values) <= 1.0 else float(np.nanmax(values))
+        elif image.mode.startswith("I;16") or (values.size and 0 <= values.min()
+                                                and values.max() <= 65535):
+            top = 65535.0
+        else:  # 32-bit signed integers
+            top = float(2**31 - 1)
+        scaled = np.clip(np.nan_to_num(values / top), 0.0, 1.0) * 255.0
+        return Image.fromarray(np.rint(scaled).astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
 
 
 def images_in_directory(directory: str | Path) -> list[Path]:

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from vlp.data.images import ImageItem, collate_images, image_batches
-from vlp.data.records import jsonl_rows, resolve_image_path
+from vlp.data.records import check_text, jsonl_rows, resolve_image_path
 from vlp.data.transforms import image_transform
 from vlp.errors import DataError
 
@@ -52,6 +52,11 @@ def read_qa_jsonl(path: str | os.PathLike[str],
         if not row.get("image") or not row.get("question") or not answers:
             raise DataError(f"{where}: a QA row needs 'image', 'question' and 'answer' (a "
                             f"string) or 'answers' (a list); got keys {sorted(row)}")
+        texts = [row["image"], row["question"], *answers] if isinstance(answers, list) else []
+        if not texts or not all(isinstance(text, str) for text in texts):
+            raise DataError(f"{where}: 'image', 'question' and every answer must be strings")
+        for text in texts:
+            check_text(text, where)
         records.append(QARecord(resolve_image_path(root, row["image"]), row["question"],
                                 tuple(str(a) for a in answers), row.get("type")))
     if not records:

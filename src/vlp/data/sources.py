@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import inspect
-import json
+import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -22,7 +22,14 @@ import numpy as np
 from vlp.cliargs import option
 from vlp.data.images import IMAGE_EXTENSIONS, ImageGroups, group_images
 from vlp.data.qa import read_qa_jsonl, target_answer
-from vlp.data.records import Record, jsonl_rows, resolve_image_path
+from vlp.data.records import (
+    Record,
+    check_text,
+    jsonl_rows,
+    parse_json,
+    read_utf8,
+    resolve_image_path,
+)
 from vlp.data.text import TextCorpus
 from vlp.data.webdataset import WebDatasetSource
 from vlp.errors import ConfigError, DataError
@@ -155,33 +162,60 @@ class CsvSource(_TableSource):
         images: list[str] = []
         texts: list[str | None] = []
         labels: list[int] = []
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter=separator)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: empty file, expected a header row naming the columns")
-            columns = {name.strip(): i for i, name in enumerate(header)}
-            wanted = {"image_key": image_key, "caption_key": caption_key, "label_key": label_key}
-            for option, name in wanted.items():
-                if name is not None and name not in columns:
-                    raise DataError(
-                        f"{path}: no column {name!r} ({option}); columns present: "
-                        f"{list(columns)} (separator {separator!r})"
-                    )
-            image_col = columns[image_key]
-            text_col = columns[caption_key] if caption_key is not None else None
-            label_col = columns[label_key] if label_key is not None else None
-            for row in reader:
-                if not row:
-                    continue
-                images.append(resolve_image_path(root, _cell(row, image_col)))
-                if text_col is not None:
-                    texts.append(_cell(row, text_col))
-                if label_col is not None:
-                    where = f"{path}:{reader.line_num}"
-                    labels.append(_parse_label(_cell(row, label_col), where, label_key))
+        if not isinstance(separator, str) or len(separator) != 1 or separator in '"\r\n':
+            raise ConfigError(f"{path}: separator {separator!r}: expected one character other "
+                              "than a quote or a line break (e.g. ',' or a tab)")
+        rows = _csv_rows(path, separator)
+        header = next(rows, (1, None))[1]
+        if header is None:
+            raise DataError(f"{path}: empty file, expected a header row naming the columns")
+        columns = {name.strip(): i for i, name in enumerate(header)}
+        if len(columns) < len(header):
+            doubled = sorted({name.strip() for name in header
+                              if sum(other.strip() == name.strip() for other in header) > 1})
+            raise DataError(f"{path}:1: the header names column(s) {doubled} more than once")
+        wanted = {"image_key": image_key, "caption_key": caption_key, "label_key": label_key}
+        for setting, name in wanted.items():
+            if name is not None and name not in columns:
+                raise DataError(
+                    f"{path}: no column {name!r} ({setting}); columns present: "
+                    f"{list(columns)} (separator {separator!r})"
+                )
+        image_col = columns[image_key]
+        text_col = columns[caption_key] if caption_key is not None else None
+        label_col = columns[label_key] if label_key is not None else None
+        for line, row in rows:
+            if not row:
+                continue
+            images.append(resolve_image_path(root, _cell(row, image_col)))
+            if text_col is not None:
+                texts.append(_cell(row, text_col))
+            if label_col is not None:
+                labels.append(_parse_label(_cell(row, label_col), f"{path}:{line}", label_key))
         super().__init__(str(path), images, texts if caption_key is not None else None,
                          labels if label_key is not None else None)
+
+
+def _csv_rows(path: Path, separator: str) -> Iterator[tuple[int, list[str]]]:
+    """``(line, row)`` of a UTF-8 CSV read strictly: an unclosed quote, stray text after a
+    closing quote or a field over the csv module's limit is a DataError naming the line."""
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""), delimiter=separator,
+                        strict=True)
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            reason = str(error)
+            if "end of data" in reason:
+                reason = "a quote opened here is never closed"
+            elif "field limit" in reason:
+                reason = (f"a field longer than {csv.field_size_limit()} characters (an "
+                          "unclosed quote?)")
+            raise DataError(f"{path}:{start}: not a well-formed CSV row ({reason})") from None
+        yield start, row
 
 
 def _cell(row: list[str], column: int) -> str | None:
@@ -233,8 +267,10 @@ class JsonlSource(_TableSource):
 
 
 def _as_text(value: Any, where: str, key: str) -> str | None:
-    if value is None or isinstance(value, str):
+    if value is None:
         return value
+    if isinstance(value, str):
+        return check_text(value, f"{where}: {key!r}")
     raise DataError(f"{where}: {key!r} should be a string, got {type(value).__name__}")
 
 
@@ -248,10 +284,7 @@ class CocoSource(_TableSource):
                  image_root: str | os.PathLike[str] | None = None) -> None:
         path = _require_file(annotation_json)
         root = str(image_root) if image_root is not None else str(path.parent)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e})") from e
+        data = parse_json(read_utf8(path), str(path))
         if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
                 or not isinstance(data.get("annotations"), list):
             raise DataError(f"{path}: expected a COCO captions object with 'images' and "
@@ -260,6 +293,13 @@ class CocoSource(_TableSource):
         for i, image in enumerate(data["images"]):
             if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
                 raise DataError(f"{path}: images[{i}] needs 'id' and 'file_name'")
+            if not isinstance(image["id"], int | str) or isinstance(image["id"], bool):
+                raise DataError(f"{path}: images[{i}].id is a {type(image['id']).__name__}; "
+                                "expected an integer or a string")
+            if not isinstance(image["file_name"], str) or not image["file_name"]:
+                raise DataError(f"{path}: images[{i}].file_name is "
+                                f"{image['file_name']!r}; expected a file name")
+            check_text(image["file_name"], f"{path}: images[{i}].file_name")
             file_of_image[image["id"]] = resolve_image_path(root, image["file_name"])
         images: list[str] = []
         texts: list[str | None] = []
@@ -268,7 +308,7 @@ class CocoSource(_TableSource):
             if not isinstance(annotation, dict) or "image_id" not in annotation:
                 raise DataError(f"{path}: annotations[{i}] needs 'image_id' and 'caption'")
             image_id = annotation["image_id"]
-            if image_id not in file_of_image:
+            if not isinstance(image_id, int | str) or image_id not in file_of_image:
                 raise DataError(f"{path}: annotations[{i}] refers to image_id {image_id!r}, "
                                 f"which is not in 'images'")
             images.append(file_of_image[image_id])
@@ -326,20 +366,29 @@ class ImageFolderSource(MapSource):
         self.classnames = [name.replace("_", " ") for name in self.classes]
         templates = root / TEMPLATES_FILE
         if templates.is_file():  # the dataset's own zero-shot prompts, one per line
-            lines = templates.read_text(encoding="utf-8").splitlines()
+            lines = read_utf8(templates).splitlines()
             self.templates = [line.strip() for line in lines if line.strip()] or None
         suffixes = tuple(ext.lower() for ext in extensions)
         paths: list[str] = []
         labels: list[int] = []
+        empty = []
         for label, class_dir in enumerate(self.classes):
             if class_dir not in present:
                 continue
+            before = len(paths)
             for directory, subdirs, files in os.walk(root / class_dir):
                 subdirs.sort()
                 for name in sorted(files):
                     if name.lower().endswith(suffixes) and not name.startswith("."):
                         paths.append(os.path.join(directory, name))
                         labels.append(label)
+            if len(paths) == before:
+                empty.append(class_dir)
+        if empty and classes is None:  # a class with no image is no class (a given
+            # label space may name classes a split lacks)
+            raise DataError(f"{root}: class director{'ies' if len(empty) > 1 else 'y'} "
+                            f"{empty[:10]} hold no images with extensions {list(suffixes)}; "
+                            "remove them or add their images")
         if not paths:
             raise DataError(f"{root}: no images with extensions {list(suffixes)} in class dirs")
         self._paths = _StringColumn(paths)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from vlp.data.loader import rank_indices
 from vlp.data.pipeline import derive_seed, trim_padding
-from vlp.data.records import jsonl_rows
+from vlp.data.records import check_text, jsonl_rows, read_utf8
 from vlp.errors import ConfigError, DataError
 from vlp.tokenizers import Tokenizer
 
@@ -40,7 +40,7 @@ class TextCorpus:
         if self.path.suffix.lower() == ".jsonl":
             self.documents = _jsonl_documents(self.path, key)
         else:  # one text per line; ``key`` names the JSONL field and is unused here
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            lines = read_utf8(self.path).splitlines()
             self.documents = [(line.strip(),) for line in lines if line.strip()]
         if not self.documents:
             raise DataError(f"{self.path}: the text corpus has no non-empty texts")
@@ -68,6 +68,8 @@ def _jsonl_documents(path: Path, key: str | None) -> list[tuple[str, ...]]:
         if not segments or not all(isinstance(text, str) for text in segments):
             raise DataError(f"{where}: {found!r} is not a string or a non-empty list of "
                             "strings")
+        for text in segments:
+            check_text(text, f"{where}: {found!r}")
         document = tuple(text.strip() for text in segments if text.strip())
         if document:
             documents.append(document)

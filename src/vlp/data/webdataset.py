@@ -197,8 +197,8 @@ def _stats_count(shard: str) -> int | None:
     if not stats.is_file():
         return None
     try:
-        count = json.loads(stats.read_text()).get("successes")
-    except (json.JSONDecodeError, OSError, AttributeError):
+        count = json.loads(stats.read_bytes()).get("successes")
+    except (ValueError, OSError, AttributeError, RecursionError):  # not JSON, not UTF-8
         return None
     return count if isinstance(count, int) and count >= 0 else None
 
@@ -224,7 +224,7 @@ def tar_sample_fields(sample: TarSample, read: Callable[[int, int], bytes]) -> T
         try:
             loaded = json.loads(read(*members["json"]))
             meta = loaded if isinstance(loaded, dict) else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, too deep
             meta = {}
     text: str | None = None
     if "txt" in members:

@@ -47,16 +47,24 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
 
 
+MAX_JSON_FILE_BYTES = 256 << 20  # training state, optimizer metadata, configs
+
+
 def read_json_object(path: str | os.PathLike[str], error: type[Exception]) -> dict[str, Any]:
     """The JSON object in UTF-8 `path`; `error` (a VlpError subclass) naming the file when it is
     missing, unreadable or not an object."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: file not found")
+    if path.stat().st_size > MAX_JSON_FILE_BYTES:
+        raise error(f"{path}: {path.stat().st_size} bytes; expected at most "
+                    f"{MAX_JSON_FILE_BYTES} for this JSON file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise error(f"{path}: not readable as JSON ({err})") from err
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

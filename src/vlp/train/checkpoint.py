@@ -106,6 +106,22 @@ def save_checkpoint(
     return target
 
 
+TRAIN_STATE_FIELDS = {"step": int, "epoch": int, "rng": list, "extra": dict,
+                      "data": (dict, type(None)), "scheduler": (dict, type(None))}
+
+
+def _check_train_state(state: dict[str, Any], path: Path) -> None:
+    for name, kind in TRAIN_STATE_FIELDS.items():
+        if name not in state:
+            raise CheckpointError(f"{path}: missing {name!r}; not a complete training state")
+        value = state[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{path}: {name} is a {type(value).__name__}, expected "
+                                  f"{getattr(kind, '__name__', 'an object or null')}")
+    if state["step"] < 0 or state["epoch"] < 0 or not state["rng"]:
+        raise CheckpointError(f"{path}: step, epoch must be >= 0 and rng hold a rank's state")
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -128,6 +144,7 @@ def load_checkpoint(
     if train_state.get("version") != TRAIN_STATE_VERSION:
         raise CheckpointError(f"{directory / TRAIN_STATE_FILE}: version "
                               f"{train_state.get('version')!r}, expected {TRAIN_STATE_VERSION}")
+    _check_train_state(train_state, directory / TRAIN_STATE_FILE)
     # read and check everything before changing anything: a bad file leaves all untouched
     weights = checked_weights(unwrap_model(model), directory / WEIGHTS_FILE)
     optimizer_state = (read_optimizer(model, optimizer, directory) if optimizer is not None
