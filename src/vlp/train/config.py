@@ -10,6 +10,7 @@ from vlp.cliargs import option
 from vlp.config import check_fields
 from vlp.data.sources import source_option
 from vlp.errors import ConfigError
+from vlp.train.dashboards import parse_report_to
 from vlp.train.distributed import STRATEGIES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -87,6 +88,11 @@ class TrainConfig:
     resume: str | None = option(None, "'latest' (of output_dir; a fresh start when there is "
                                 "none) or a checkpoint directory")
     progress: bool = option(True, "show progress bars")
+    report_to: str | None = option(None, "dashboards fed every scalar of log.jsonl as it is "
+                                   "written, comma-separated (rank 0 only): tensorboard (events "
+                                   "in output_dir/tensorboard; extra vlp[tensorboard]), wandb "
+                                   "(project $WANDB_PROJECT, default vlp; WANDB_MODE=offline "
+                                   "writes under output_dir/wandb; extra vlp[wandb])")
     strategy: str = option("ddp", "ddp, or fsdp (FSDP2, parameters sharded per block)",
                            choices=STRATEGIES, section="distributed runs (torchrun)")
     local_loss: bool = option(True, "each rank scores its own rows against the whole batch; "
@@ -132,6 +138,7 @@ def check_config(cfg: TrainConfig) -> None:
                           f"{list(STRATEGIES)}")
     if not cfg.train_data:
         raise ConfigError("train config train_data is empty; expected a data file or directory")
+    parse_report_to(cfg.report_to)
     if cfg.text_data is not None:
         rows = text_rows(cfg)
         if not 0 < cfg.text_ratio < 1 or not 0 < rows < cfg.batch_size:

@@ -36,9 +36,13 @@ class RunLog:
     costs no per-step GPU sync. Every rank calls every method at the same steps.
     """
 
-    def __init__(self, path: Path, resume_step: int | None, env: DistEnv) -> None:
+    def __init__(self, path: Path, resume_step: int | None, env: DistEnv,
+                 sink: Any = None) -> None:
+        """``sink``: called with each record as it is written (rank 0's dashboards), and its
+        ``close`` with the log's."""
         self.path = path
         self.env = env
+        self.sink = sink
         self.last: dict[str, Any] = {}  # the newest step record
         self._file = None
         if env.is_main:
@@ -71,8 +75,11 @@ class RunLog:
     def write(self, record: dict[str, Any]) -> None:
         self.flush()
         if self._file is not None:
-            self._file.write(json.dumps(record, default=_plain) + "\n")
+            line = json.dumps(record, default=_plain)
+            self._file.write(line + "\n")
             self._file.flush()
+            if self.sink is not None:
+                self.sink(json.loads(line))  # what log.jsonl holds: tensors as numbers
 
     def flush(self) -> None:
         if not self._pending:
@@ -89,15 +96,22 @@ class RunLog:
                     else value
             if self._file is not None:
                 self._file.write(json.dumps(record) + "\n")
+                if self.sink is not None:
+                    self.sink(record)
             self.last = record
         self._pending.clear()
         if self._file is not None:
             self._file.flush()
 
     def close(self) -> None:
-        self.flush()
-        if self._file is not None:
-            self._file.close()
+        try:
+            self.flush()
+        finally:
+            if self._file is not None:
+                self._file.close()
+            if self.sink is not None:
+                self.sink.close()
+                self.sink = None
 
 
 def merge_skips(reports: list[dict[str, int]], items: list[list[str]]) -> dict[str, Any]:

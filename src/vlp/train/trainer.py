@@ -32,6 +32,7 @@ from vlp.errors import ConfigError, VlpError
 from vlp.store.files import atomic_write_text, directory_lock
 from vlp.train.checkpoint import load_checkpoint, save_checkpoint
 from vlp.train.config import TrainConfig, check_config, text_rows
+from vlp.train.dashboards import open_dashboards
 from vlp.train.distributed import (
     GatherExchange,
     all_reduce_min,
@@ -193,8 +194,10 @@ class _Trainer:
         if self.env.is_main:
             atomic_write_text(self.output_dir / CONFIG_SNAPSHOT,
                               json.dumps(cfg.to_dict(), indent=2) + "\n")
-        self.log = RunLog(self.output_dir / LOG_FILE, self.step if resume_dir else None,
-                          self.env)
+        resume_step = self.step if resume_dir else None
+        dashboards = (open_dashboards(cfg.report_to, self.output_dir, cfg.to_dict(), resume_step)
+                      if self.env.is_main else None)
+        self.log = RunLog(self.output_dir / LOG_FILE, resume_step, self.env, sink=dashboards)
 
     # -- one optimizer step ------------------------------------------------------------------
 
