@@ -188,3 +188,20 @@ def test_report_of_a_run_without_captions_or_checkpoints_yet(world, tmp_path, ca
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("vlp: error: ") and "nowhere" in error and "\n" not in error
+
+
+def test_demo_writes_and_prints_its_report(tmp_path, capsys):
+    from vlp.recipes import DemoConfig, demo
+
+    out = tmp_path / "demo"
+    result = demo(DemoConfig(out=str(out), n_train=40, n_test=20, steps=3, batch_size=16,
+                             num_workers=0, progress=False))
+    assert result["reports"] == [str(out / "report.html")]
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    page = Page((out / "report.html").read_text())
+    steps = [r for r in _records(out) if "loss" in r]
+    assert len(steps) == 3 and page.plots["loss"] == {"loss": 3}
+    results = dict(page.tables["results"][1:])  # the demo's held-out metrics
+    for metric in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
+        assert float(results[metric]) == pytest.approx(result[metric], abs=1e-4)
+    assert [row["step"] for row in page.rows("checkpoints")][-1] == "3"

@@ -6,12 +6,16 @@ the family modules import it and never each other; this module imports the famil
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vlp.errors import ConfigError
 from vlp.recipes import blip, blip2, capfilt, clip, simvlm
-from vlp.recipes.common import DemoConfig, evaluate_demo_model
+from vlp.recipes.common import DemoConfig, evaluate_demo_model, write_run_reports
+from vlp.report.run import RESULTS_FILE
+from vlp.store.files import atomic_write_text
 
 Recipe = Callable[[DemoConfig], dict[str, Any]]
 
@@ -29,11 +33,17 @@ FAMILIES = tuple(RECIPES)
 
 
 def demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Run the recipe of ``cfg.family`` and return its summary."""
+    """Run the recipe of ``cfg.family`` and return its summary (also written to
+    ``cfg.out/results.json``), with ``reports``: the run report (`vlp report`) written into
+    each of its training runs' directories."""
     recipe = RECIPES.get(cfg.family)
     if recipe is None:
         raise ConfigError(f"family: unknown {cfg.family!r}; expected one of {FAMILIES}")
-    return recipe(cfg)
+    summary = recipe(cfg)
+    out = Path(cfg.out)
+    atomic_write_text(out / RESULTS_FILE, json.dumps(summary, indent=2, default=str) + "\n")
+    summary["reports"] = write_run_reports(out)
+    return summary
 
 
 __all__ = ["FAMILIES", "RECIPES", "DemoConfig", "Recipe", "demo", "evaluate_demo_model"]

@@ -20,6 +20,7 @@ from vlp.data.synthetic import write_dataset
 from vlp.data.synthetic_world import CLASS_NAMES
 from vlp.eval.captioning import caption_eval
 from vlp.eval.suite import EvalSpec, evaluate
+from vlp.report import write_report
 
 
 @dataclass
@@ -106,6 +107,19 @@ def evaluate_demo_model(model: nn.Module, tokenizer: Any, data_dir: str | Path, 
     return metrics
 
 
+def write_run_reports(out: Path) -> list[str]:
+    """`vlp report`'s page of every training run the demo left under ``out`` (``out`` itself
+    and run directories below it, the data excepted), each as ``report.html`` in its run
+    directory; prints and returns their paths."""
+    runs = [out] if (out / "log.jsonl").is_file() else []
+    runs += sorted(log.parent for log in out.glob("*/**/log.jsonl")
+                   if "data" not in log.relative_to(out).parts[:1])
+    paths = [str(write_report(run)) for run in runs]
+    for path in paths:
+        print(f"report: {path}", flush=True)
+    return paths
+
+
 def clear_previous_run(out: Path, *runs: str) -> None:
     """The demo owns its directory: a rerun starts training afresh in ``out`` and in each of
     its subdirectories ``runs`` (the data is rewritten by ``write_dataset``, which replaces
@@ -122,5 +136,5 @@ def _clear_run(out: Path) -> None:
             path.unlink()
         else:
             shutil.rmtree(path)
-    for name in ("log.jsonl", "train_config.json"):
+    for name in ("log.jsonl", "train_config.json", "report.html", "results.json"):
         (out / name).unlink(missing_ok=True)

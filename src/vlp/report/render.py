@@ -8,7 +8,7 @@ from typing import Any
 
 from vlp.htmlpage import escape, figure, line_plot, mapping_table, page, table
 from vlp.report.examples import Examples
-from vlp.report.run import RunRecords, flatten
+from vlp.report.run import RESULTS_FILE, RunRecords, flatten
 
 # step series drawn together on one plot: (plot name, caption, series)
 GROUPED = (("step_time", "seconds per step: waiting for data and computing",
@@ -142,7 +142,13 @@ def _examples_section(examples: Examples | None) -> list[str]:
 def render(run: RunRecords, examples: Examples | None) -> str:
     title = f"vlp run report: {run.run_dir.name}"
     body = [f"<h1>{escape(title)}</h1>", "<h2>Summary</h2>",
-            mapping_table(summary(run), "summary", "", ""), "<h2>Training</h2>"]
+            mapping_table(summary(run), "summary", "", "")]
+    if run.results:
+        body += [f"<h2>Results</h2><p>Final results written beside the run "
+                 f"({escape(RESULTS_FILE)}).</p>",
+                 mapping_table({k: v if not isinstance(v, dict | list) else str(v)
+                                for k, v in run.results.items()}, "results")]
+    body.append("<h2>Training</h2>")
     if run.steps:
         body += ["<div class='plots'>", *_plots(run), "</div>"]
     else:

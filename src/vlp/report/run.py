@@ -15,6 +15,8 @@ from vlp.store.layout import list_checkpoints
 from vlp.train.trainer import CONFIG_SNAPSHOT as CONFIG_FILE
 from vlp.train.trainer import LOG_FILE
 
+# final results a run's driver wrote beside it (vlp demo: its summary), shown as a table
+RESULTS_FILE = "results.json"
 # step record keys that are not series of their own
 NOT_SERIES = ("step", "epoch", "skipped", "index_sum", "samples")
 
@@ -38,6 +40,7 @@ class RunRecords:
     epochs: list[dict[str, Any]] = field(default_factory=list)  # end-of-epoch records
     checkpoints: list[Checkpoint] = field(default_factory=list)
     unreadable_lines: list[int] = field(default_factory=list)  # log.jsonl line numbers
+    results: dict[str, Any] = field(default_factory=dict)  # RESULTS_FILE: final results
 
     def series(self, name: str) -> list[tuple[float, float]]:
         """``(step, value)`` of a step record key, for the steps that logged it."""
@@ -80,6 +83,19 @@ def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; {} when there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def read_run(run_dir: str | Path) -> RunRecords:
     """The records of the run directory ``run_dir`` (DataError when it is not one). Lines of
     ``log.jsonl`` that are not JSON objects (the last one of a run being written, say) are
@@ -92,15 +108,8 @@ def read_run(run_dir: str | Path) -> RunRecords:
     if not log.is_file():
         raise DataError(f"{run_dir}: no {LOG_FILE}; expected a run directory written by "
                         "vlp train")
-    config: dict[str, Any] = {}
-    if (run_dir / CONFIG_FILE).is_file():
-        try:
-            config = json.loads((run_dir / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as error:
-            raise DataError(f"{run_dir / CONFIG_FILE}: not valid JSON ({error.msg})") from None
-        if not isinstance(config, dict):
-            raise DataError(f"{run_dir / CONFIG_FILE}: expected a JSON object")
-    run = RunRecords(run_dir, config)
+    config = _json_object(run_dir / CONFIG_FILE)
+    run = RunRecords(run_dir, config, results=_json_object(run_dir / RESULTS_FILE))
     steps: dict[int, dict[str, Any]] = {}
     with log.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
