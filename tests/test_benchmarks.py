@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from vlp.benchmarks import probe
-from vlp.benchmarks.classes import read_cifar
+from vlp.benchmarks.classes import read_cifar, read_classification
 from vlp.cli import main
 from vlp.data.synthetic import generate
 from vlp.data.synthetic_world import CLASS_NAMES
@@ -193,6 +193,24 @@ def test_imagenet_class_names_come_from_the_users_file(world, tmp_path, capsys, 
     assert main(["benchmark", models["clip-tiny"], "--task", "zeroshot", "--format",
                  "imagenet", "--root", str(tmp_path), "--no-progress"]) == 2
     assert "vlp ships no ImageNet class names" in capsys.readouterr().err
+
+
+def test_the_whole_imagenet_without_names_takes_open_clips_names_and_clip_templates(world,
+                                                                                 tmp_path):
+    zero_shot_metadata = pytest.importorskip("open_clip.zero_shot_metadata")
+    image = world["splits"]["test"][0].image
+    wnids = [f"n{number:08d}" for number in range(1000)]
+    for wnid in wnids:
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        _save(image, tmp_path / "val" / wnid / "a.JPEG")
+    data = read_classification("imagenet", tmp_path)
+    assert data.classnames == list(zero_shot_metadata.IMAGENET_CLASSNAMES)
+    assert len(data.templates) == 80
+    assert data.templates[0].replace("{}", "tench") == \
+        zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES[0]("tench")
+    assert [r.label for r in data.source][:3] == [0, 1, 2]
+    (tmp_path / "classnames.txt").write_text("".join(f"c{i}\n" for i in range(1000)))
+    assert read_classification("imagenet", tmp_path).classnames[:2] == ["c0", "c1"]
 
 
 def test_zeroshot_on_every_classification_layout(world, models, capsys):

@@ -5,7 +5,9 @@ paths, or CIFAR's pixels encoded as PNG bytes) with its class names, which zero-
 classification (`vlp.eval.zeroshot`) and the linear probe read.
 
 vlp ships no ImageNet class names: the reader takes them from a file the user has, beside the
-class folders (see `IMAGENET_NAMES`).
+class folders (see `IMAGENET_NAMES`). For the whole ImageNet-1k (all 1,000 wnid folders) with
+open_clip installed, the names and the 80 prompt templates of the CLIP paper's protocol come
+from open_clip's `zero_shot_metadata` when the user gives none, as CLIP_benchmark does.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ IMAGENET_NAMES = ("classnames.txt", "LOC_synset_mapping.txt")
 IMAGENET_NAMES_SOURCE = (
     "classnames.txt (one name per line, in sorted wnid order) or LOC_synset_mapping.txt "
     "('n01440764 tench, Tinca tinca' lines, from the Kaggle ImageNet object localization "
-    "release); vlp ships no ImageNet class names")
+    "release); vlp ships no ImageNet class names (with all 1000 wnid folders and open_clip "
+    "installed, open_clip's are used)")
+IMAGENET_CLASSES = 1000
 CIFAR = {  # format: (directory, {split: batch files}, label bytes, label byte used, names file)
     "cifar10": ("cifar-10-batches-bin",
                 {"test": ["test_batch.bin"],
@@ -83,6 +87,10 @@ def imagenet_classnames(root: Path, wnids: list[str]) -> list[str]:
     """The names of ``wnids`` from ``classnames.txt`` or ``LOC_synset_mapping.txt`` in
     ``root`` (the first name of each synset's list)."""
     listed, mapping = root / IMAGENET_NAMES[0], root / IMAGENET_NAMES[1]
+    if not listed.is_file() and not mapping.is_file():
+        standard = _open_clip_imagenet(wnids)
+        if standard is not None:
+            return standard[0]
     if listed.is_file():
         names = _names_from_file(listed)
         if len(names) != len(wnids):
@@ -114,8 +122,24 @@ def read_imagenet(root: Path, split: str) -> Classification:
         bad = next(n for n in folder.classes if not (n.startswith("n") and n[1:].isdigit()))
         raise DataError(f"{directory / bad}: expected class folders named by wnid (n01440764)")
     classnames = imagenet_classnames(root, folder.classes)
-    templates = folder.templates or _templates(root)
+    standard = _open_clip_imagenet(folder.classes)
+    templates = folder.templates or _templates(root) or (standard[1] if standard else None)
     return _from_folder(folder, classnames, templates, str(directory))
+
+
+def _open_clip_imagenet(wnids: list[str]) -> tuple[list[str], list[str]] | None:
+    """open_clip's ImageNet-1k class names (in sorted wnid order, the usual label order) and
+    the CLIP paper's 80 prompt templates as ``{}`` strings, when ``wnids`` are all 1,000
+    classes and open_clip is installed; else None."""
+    if len(wnids) != IMAGENET_CLASSES:
+        return None
+    try:
+        from open_clip import zero_shot_metadata
+    except ImportError:
+        return None
+    names = list(zero_shot_metadata.IMAGENET_CLASSNAMES)
+    templates = [template("{}") for template in zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES]
+    return (names, templates) if len(names) == IMAGENET_CLASSES else None
 
 
 def _templates(root: Path) -> list[str] | None:
