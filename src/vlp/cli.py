@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from vlp.cliargs import add_config_args, config_from_args
+from vlp.cliargs import add_config_args, config_from_args, positive_int
 from vlp.errors import VlpError, one_line
 
 
@@ -45,13 +45,12 @@ def _eval_spec(args: argparse.Namespace, progress: bool) -> Any:
 
 
 def _read_lines(path: str) -> list[str]:
+    from vlp.data.records import read_utf8
     from vlp.errors import DataError
 
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{path}: file not found")
-    from vlp.data.records import read_utf8
-
     lines = [line.strip() for line in read_utf8(file).splitlines() if line.strip()]
     if not lines:
         raise DataError(f"{path}: no non-empty lines")
@@ -262,14 +261,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_capfilt(args: argparse.Namespace) -> int:
-    from vlp.capfilt import STAGES, CapfiltConfig, capfilt
+    from vlp.capfilt import CapfiltConfig, capfilt
 
     cfg = config_from_args(CapfiltConfig, args)
     if args.stage == "run":
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     else:
         stages = [args.stage]
-    result = capfilt(cfg, stages=[s for s in STAGES if s in stages] or stages)
+    result = capfilt(cfg, stages=stages)  # unknown stage names are refused there
     _print_json(result)
     return 0
 
@@ -309,8 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vlp",
         description="Vision-language pretraining: build data, train, evaluate, embed, convert.",
     )
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error "
-                        "(also VLP_DEBUG=1)")
+    parser.add_argument("--debug", action="store_true", help="tracebacks (also VLP_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--num-workers", type=int, default=TrainConfig.num_workers,
@@ -363,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--data", required=True, help="image folder root (class_name/*.jpg)")
     zs.add_argument("--classnames", help="one class name per line")
     zs.add_argument("--templates", metavar="FILE", help=TEMPLATES_HELP)
-    zs.add_argument("--eval-batch-size", type=int, default=256)
+    zs.add_argument("--eval-batch-size", type=positive_int, default=256)
     zs.set_defaults(func=cmd_zeroshot)
 
     em = sub.add_parser("embed", parents=[common], help="write image or text embeddings",
@@ -385,9 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", required=True, help="output .jsonl file")
     cp.add_argument("--kind", default="auto",
                     choices=["auto", "csv", "tsv", "jsonl", "coco", "wds"])
-    cp.add_argument("--batch-size", type=int, default=32)
-    cp.add_argument("--max-new-tokens", type=int, default=20)
-    cp.add_argument("--num-beams", type=int, default=3)
+    cp.add_argument("--batch-size", type=positive_int, default=32)
+    cp.add_argument("--max-new-tokens", type=positive_int, default=20)
+    cp.add_argument("--num-beams", type=positive_int, default=3)
     cp.add_argument("--prompt", help="text every caption starts from (left out of the output)")
     _add_source_args(cp)
     cp.set_defaults(func=cmd_caption)
@@ -422,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--to", dest="dst_format", required=True, choices=CONVERT_FORMATS)
     cv.add_argument("--tokenizer", help="tokenizer directory, tokenizer.json, or a directory "
                                         "with vocab.json + merges.txt (open_clip sources)")
-    cv.add_argument("--image-size", type=int,
+    cv.add_argument("--image-size", type=positive_int,
                     help="interpolate position embeddings for this input size")
     cv.add_argument("--config", help="open_clip: model config JSON (for a bare weights file); "
                                      "lavis: vlp BLIP preset or config JSON giving the heads "

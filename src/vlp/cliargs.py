@@ -12,22 +12,41 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
+from vlp.errors import ConfigError
+
 T = TypeVar("T")
+
+
+# the ranges a numeric field may declare: (lowest, highest, lowest excluded, highest excluded,
+# whole numbers only); every one also demands a finite number
+RANGES: dict[str, tuple[float | None, float | None, bool, bool, bool]] = {
+    "positive": (0, None, True, False, False),
+    "non_negative": (0, None, False, False, False),
+    "probability": (0, 1, False, False, False),
+    "beta": (0, 1, False, True, False),
+    "count": (0, None, False, False, True),  # 0, 1, 2, ...
+    "positive_count": (1, None, False, False, True),  # 1, 2, ...
+}
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *,
            factory: Callable[[], Any] | Any = dataclasses.MISSING,
            choices: Sequence[str] | None = None, metavar: str | tuple[str, ...] | None = None,
-           section: str | None = None) -> Any:
+           section: str | None = None, valid: str | None = None) -> Any:
     """A dataclass field with its command-line documentation: ``help`` for its flag,
     ``choices`` the values the flag accepts, ``section`` a help heading opened at this field
-    (the following fields belong to it until the next one)."""
-    metadata = {"help": help, "choices": choices, "metavar": metavar, "section": section}
+    (the following fields belong to it until the next one), ``valid`` its range (a name in
+    `RANGES`; `check_ranges` enforces it, None always allowed for an optional field)."""
+    if valid is not None and valid not in RANGES:
+        raise ValueError(f"valid={valid!r}: expected one of {sorted(RANGES)}")
+    metadata = {"help": help, "choices": choices, "metavar": metavar, "section": section,
+                "valid": valid}
     return dataclasses.field(default=default, default_factory=factory,
                              metadata={k: v for k, v in metadata.items() if v is not None})
 
@@ -118,6 +137,17 @@ def _flag_kwargs(hint: Any, where: str) -> dict[str, Any]:
     raise TypeError(f"{where}: no command-line flag for a field of type {hint}")
 
 
+def positive_int(text: str) -> int:
+    """An integer >= 1 (an argparse ``type``: a batch size, a count of beams, a pixel size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 1")
+    return value
+
+
 def json_object(text: str) -> dict[str, Any]:
     """The dict a JSON object string holds (an argparse ``type``)."""
     example = """e.g. '{"text": {"layers": 2}}'"""
@@ -146,3 +176,39 @@ class _SetItem(argparse.Action):
         items = list(getattr(namespace, self.dest))
         items[self.index] = values
         setattr(namespace, self.dest, tuple(items))
+
+
+def range_error(value: Any, valid: str) -> str | None:
+    """What is wrong with `value` for range `valid` (a `RANGES` name), None when nothing."""
+    low, high, low_open, high_open, whole = RANGES[valid]
+    if whole:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"expected an integer >= {low}"
+    elif isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value):
+        return "expected a finite number" + _bounds(low, high, low_open, high_open)
+    if (low is not None and (value < low or (low_open and value == low))) or \
+            (high is not None and (value > high or (high_open and value == high))):
+        return ("expected an integer" if whole else "expected a number") + _bounds(
+            low, high, low_open, high_open)
+    return None
+
+
+def _bounds(low: Any, high: Any, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return f" {'>' if low_open else '>='} {low}"
+    return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def check_ranges(config: Any, where: str) -> None:
+    """ConfigError naming the field (and its flag) whose value is outside the range it
+    declares (`option(valid=...)`); tuple fields are checked item by item."""
+    for f in dataclasses.fields(config):
+        valid = f.metadata.get("valid")
+        value = getattr(config, f.name)
+        if valid is None or value is None:
+            continue
+        for item in (value if isinstance(value, tuple | list) else (value,)):
+            problem = range_error(item, valid)
+            if problem is not None:
+                raise ConfigError(f"{where} {f.name}={value!r} ({flag_name(f.name)}): {problem}")

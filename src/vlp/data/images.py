@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from vlp.errors import DataError
+from vlp.errors import ConfigError, DataError
 
 ImageInput = str | Path | bytes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -239,6 +239,8 @@ def image_batches(images: Sequence[ImageInput], transform: Callable[[Image.Image
                   collate: Callable[[list[ImageItem]], Any] = collate_images) -> DataLoader:
     """A DataLoader of `ImageBatch` (or what ``collate`` makes of the items) over ``images``,
     in order unless ``shuffle`` (then seeded by ``seed``)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r}: expected an integer >= 1")
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(ImageDataset(images, transform, extras), batch_size=batch_size,
                       shuffle=shuffle, drop_last=drop_last, generator=generator,

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from vlp.cliargs import option
+from vlp.cliargs import check_ranges, option
 from vlp.data import build_source
 from vlp.data.qa import read_qa_jsonl
 from vlp.errors import ConfigError
@@ -40,18 +40,23 @@ class EvalSpec:
     retrieval_options: dict[str, Any] = field(default_factory=dict)  # image_key, caption_key..
     itm_k: int | None = option(None, "retrieval: ITM re-rank each query's ITC top-K (models "
                                "with an ITM head; BLIP: 256 on COCO); adds itm_i2t_r1, ...",
-                               metavar="K", section="matching, captioning and VQA")
+                               metavar="K", section="matching, captioning and VQA",
+                               valid="positive_count")
     caption_data: str | None = option(None, "captions data (CSV/TSV/JSONL/COCO/WDS): caption "
                                       "every image, score BLEU/METEOR/ROUGE-L/CIDEr against "
                                       "its captions", metavar="PATH")
     caption_prompt: str | None = option(None, "text every generated caption starts from "
                                         "(BLIP: 'a picture of ')")
-    num_beams: int = option(3, "beams for captioning and open-ended VQA (1: greedy)")
-    max_new_tokens: int = option(20, "longest generated caption, in tokens")
+    num_beams: int = option(3, "beams for captioning and open-ended VQA (1: greedy)",
+                            valid="positive_count")
+    max_new_tokens: int = option(20, "longest generated caption, in tokens",
+                                 valid="positive_count")
     min_new_tokens: int = option(0, "shortest generated caption before eos may end it (BLIP "
-                                 "and LAVIS evaluate with a minimum length of 5)")
+                                 "and LAVIS evaluate with a minimum length of 5)",
+                                 valid="count")
     repetition_penalty: float = option(1.0, "captioning: the scores of tokens already in the "
-                                       "caption are divided by this (1: off)")
+                                       "caption are divided by this (1: off)",
+                                       valid="positive")
     early_stopping: bool = option(False, "beam search: end a caption as soon as num_beams "
                                   "hypotheses are finished, rather than when none can "
                                   "improve (transformers' default)")
@@ -60,9 +65,12 @@ class EvalSpec:
     vqa_mode: str = option("generate", "generate: open-ended answers; rank: the likeliest of "
                            "--vqa-candidates", choices=VQA_MODES)
     vqa_candidates: list[str] | None = None
-    batch_size: int = option(256, "batch size for encoding")
+    batch_size: int = option(256, "batch size for encoding", valid="positive_count")
     num_workers: int = 0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "evaluation")
 
     def is_empty(self) -> bool:
         return not (self.zeroshot_data or self.retrieval_data or self.caption_data
@@ -71,12 +79,7 @@ class EvalSpec:
     def check(self) -> None:
         """Read every file this spec names and check its options, as the evaluation will: a
         training run calls it before its first step, so a wrong path never costs the run."""
-        for name in ("batch_size", "num_beams", "max_new_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"evaluation {name}={value!r}: expected an int >= 1")
-        if self.itm_k is not None and (not isinstance(self.itm_k, int) or self.itm_k < 1):
-            raise ConfigError(f"evaluation itm_k={self.itm_k!r}: expected an int >= 1")
+        check_ranges(self, "evaluation")
         if self.vqa_mode == "rank" and self.vqa_data and not self.vqa_candidates:
             raise ConfigError("VQA mode 'rank' needs candidate answers (vqa_candidates)")
         if self.zeroshot_data:
@@ -94,6 +97,7 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]
     keys prefixed ``caption_``, VQA keys start with ``vqa_``, but for ``num_questions``).
     Unreadable images are skipped by each benchmark and named: ``skipped`` (retrieval),
     ``caption_skipped``, ``vqa_skipped``, with their counts ``num_skipped``, ...)."""
+    check_ranges(spec, "evaluation")
     if spec.vqa_mode == "rank" and spec.vqa_data and not spec.vqa_candidates:
         raise ConfigError("VQA mode 'rank' needs candidate answers (vqa_candidates)")
     metrics: dict[str, float] = {}

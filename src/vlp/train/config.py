@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from vlp.cliargs import option
+from vlp.cliargs import check_ranges, option
 from vlp.config import check_fields
 from vlp.data.sources import source_option
 from vlp.errors import ConfigError
@@ -47,37 +47,39 @@ class TrainConfig:
                                    "that train on text alone (simvlm): .txt (one text per line) "
                                    "or JSONL (caption_key, else text or caption)")
     text_ratio: float = option(0.5, "share of each batch's batch_size samples that are "
-                               "text-only (with text_data)")
+                               "text-only (with text_data)", valid="probability")
     batch_size: int = option(64, "samples per optimizer micro-step; an update sees batch_size "
-                             "* grad_accum", section="optimisation")
-    grad_accum: int = option(1, "micro-batches per optimizer update")
+                             "* grad_accum", section="optimisation", valid="positive_count")
+    grad_accum: int = option(1, "micro-batches per optimizer update", valid="positive_count")
     accum_features: bool = option(True, "with grad_accum > 1: contrastive losses over the whole "
                                   "accumulated batch, from features cached without grad (two "
                                   "forwards per sample); off: independent micro-batch losses")
-    lr: float = option(5e-4, "peak learning rate")
-    weight_decay: float = option(0.2, "AdamW weight decay")
+    lr: float = option(5e-4, "peak learning rate", valid="positive")
+    weight_decay: float = option(0.2, "AdamW weight decay", valid="non_negative")
     betas: tuple[float, float] = option((0.9, 0.98), "AdamW betas",
-                                        metavar=("BETA1", "BETA2"))
-    eps: float = option(1e-6, "AdamW epsilon")
-    warmup_steps: int = option(0, "linear warmup steps to the peak lr")
-    min_lr_ratio: float = option(0.0, "the cosine schedule ends at min_lr_ratio * lr")
+                                        metavar=("BETA1", "BETA2"), valid="beta")
+    eps: float = option(1e-6, "AdamW epsilon", valid="positive")
+    warmup_steps: int = option(0, "linear warmup steps to the peak lr", valid="count")
+    min_lr_ratio: float = option(0.0, "the cosine schedule ends at min_lr_ratio * lr",
+                                 valid="probability")
     max_steps: int | None = option(None, "optimizer steps (with epochs too, whichever ends "
-                                   "first)")
+                                   "first)", valid="positive_count")
     epochs: int | None = option(None, "passes over the training data (with max_steps too, "
-                                "whichever ends first)")
+                                "whichever ends first)", valid="positive_count")
     grad_clip: float | None = option(1.0, "max gradient norm; 0 or None: no clipping (the norm "
-                                     "is still logged)")
+                                     "is still logged)", valid="non_negative")
     max_nonfinite: int = option(10, "consecutive non-finite steps (each skipped) before the "
-                                "run stops")
+                                "run stops", valid="count")
     output_dir: str = option("runs/train", "run directory", section="run")
     eval_every: int = option(0, "optimizer steps between evaluations (0: none); evaluation "
-                             "also runs at the end")
+                             "also runs at the end", valid="count")
     checkpoint_every: int = option(0, "optimizer steps between checkpoints (0: none); a "
-                                   "checkpoint is also written at the end")
-    keep_last: int = option(3, "checkpoints kept (0: all)")
-    log_every: int = option(10, "steps between progress updates (every step is still logged)")
+                                   "checkpoint is also written at the end", valid="count")
+    keep_last: int = option(3, "checkpoints kept (0: all)", valid="count")
+    log_every: int = option(10, "steps between progress updates (every step is still logged)",
+                            valid="positive_count")
     seed: int = option(0, "random seed")
-    num_workers: int = option(2, "data loader worker processes")
+    num_workers: int = option(2, "data loader worker processes", valid="count")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda; under torchrun: "
                          "cuda:LOCAL_RANK")
     precision: str = option("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere; fp16 adds "
@@ -114,6 +116,7 @@ class TrainConfig:
 
 
 def check_config(cfg: TrainConfig) -> None:
+    check_ranges(cfg, "train config")
     positive = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                 "log_every": cfg.log_every}
     for name, value in positive.items():

@@ -49,6 +49,28 @@ class DistEnv:
         return self.rank == 0
 
 
+def check_device(name: str) -> torch.device:
+    """The torch device `name` names, if this machine has it; ConfigError otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device={name!r}: not a device name; expected auto, cpu, cuda, "
+                          "cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device={name!r}: no CUDA GPU is available here; use "
+                              "device='cpu' (or 'auto')")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device={name!r}: this machine has {count} CUDA GPU(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r}: MPS is not available here; use device='cpu'")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={name!r}: vlp runs on cpu, cuda or mps")
+    return device
+
+
 def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> tuple[DistEnv,
                                                                                    torch.device]:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU) and pick this
@@ -57,7 +79,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> tuple
     if world_size <= 1:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return DistEnv(), torch.device(device)
+        return DistEnv(), check_device(device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device not in ("auto", "cuda", "cpu"):
