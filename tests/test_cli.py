@@ -13,7 +13,8 @@ from vlp.cliargs import config_from_args
 from vlp.train.config import TrainConfig
 
 SUBCOMMANDS = [["data", "synth"], ["train"], ["eval"], ["zeroshot"], ["embed"], ["caption"],
-               ["convert"], ["demo"], ["capfilt"], ["models"], ["serve"], ["benchmark"]]
+               ["convert"], ["demo"], ["capfilt"], ["models"], ["serve"], ["benchmark"],
+               ["report"]]
 
 
 def test_every_subcommand_is_covered_by_the_help_test():
