@@ -205,3 +205,26 @@ def test_demo_writes_and_prints_its_report(tmp_path, capsys):
     for metric in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
         assert float(results[metric]) == pytest.approx(result[metric], abs=1e-4)
     assert [row["step"] for row in page.rows("checkpoints")][-1] == "3"
+
+
+def test_vqa_run_report_shows_questions_answers_and_references(world, tmp_path):
+    from vlp.data.qa import read_qa_jsonl
+    from vlp.eval.vqa import answer_questions
+
+    run = tmp_path / "vqa"
+    qa = world / "val_qa.jsonl"
+    train(TrainConfig(model="simvlm-tiny", model_overrides={"vision": {"layers": 1},
+                      "text": {"layers": 1}}, train_data=str(world / "train_qa.jsonl"),
+                      train_kind="qa", val_data=str(qa), val_kind="qa", output_dir=str(run),
+                      batch_size=8, max_steps=2, num_workers=0, progress=False))
+    assert main(["report", str(run), "--examples", "2"]) == 0
+    page = Page((run / "report.html").read_text())
+    examples = page.rows("examples")
+    records = read_qa_jsonl(qa)[:2]
+    model, tokenizer = vlp.load(run), vlp.load_tokenizer(run)
+    answers = answer_questions(model, tokenizer, records, num_beams=1, progress=False)
+    assert [row["question"] for row in examples] == [r.question for r in records]
+    assert [row["generated answer"] for row in examples] == [" ".join(a.split())
+                                                             for a in answers]
+    assert [row["references"] for row in examples] == ["".join(r.answers) for r in records]
+    assert len(page.images["examples"]) == 2
