@@ -4,7 +4,10 @@ before the first step."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +126,54 @@ def test_evaluation_files_are_checked_before_the_first_step(tmp_path, pairs, cap
     assert code == 2 and err.startswith("vlp: error: ") and err.count("\n") == 1
     assert message in err
     assert not (tmp_path / "run" / "log.jsonl").exists()  # no step was taken
+
+
+# ---------------------------------------------------------------------------------------------
+# resume checks what it resumes
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, pairs):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(tiny_config(pairs, run, max_steps=2))
+    return run
+
+
+@pytest.mark.parametrize("changes, listed", [
+    ({"model": "coca-tiny"}, "model: 'clip-tiny' -> 'coca-tiny'"),
+    ({"weight_decay": 0.3}, "weight_decay: 0.1 -> 0.3"),
+    ({"betas": (0.9, 0.95)}, "betas: [0.9, 0.98] -> [0.9, 0.95]"),
+    ({"lr": 1e-4}, "lr: 0.002 -> 0.0001"),
+    ({"tokenizer": "elsewhere"}, "tokenizer: None -> 'elsewhere'"),
+    ({"grad_clip": 0.5, "batch_size": 2}, "grad_clip: 1.0 -> 0.5; batch_size: 4 -> 2"),
+    ({"train_data": "same-length"}, "data_fingerprint: "),
+])
+def test_resume_refuses_a_changed_run_listing_the_differences(tmp_path, finished, pairs,
+                                                              changes, listed):
+    if changes.get("train_data") == "same-length":  # the same rows, captions swapped
+        lines = Path(pairs).read_text().splitlines()
+        swapped = [lines[0]] + [f"{a.split(',')[0]},{b.split(',')[1]}"
+                                for a, b in zip(lines[1:], lines[2:] + lines[1:2], strict=True)]
+        changes = {"train_data": str(Path(pairs).with_name("swapped.csv"))}
+        Path(changes["train_data"]).write_text("\n".join(swapped) + "\n")
+    before = sorted(os.listdir(finished)), (finished / "train_config.json").read_text()
+    config = tiny_config(pairs, finished, max_steps=3, resume="latest")
+    with pytest.raises(ConfigError, match="differ from the checkpoint's") as refused:
+        train(dataclasses.replace(config, **changes))
+    assert listed in str(refused.value) and "--resume-changes" in str(refused.value)
+    assert (sorted(os.listdir(finished)), (finished / "train_config.json").read_text()) == before
+
+
+def test_accepted_changes_are_recorded_as_what_ran(tmp_path, finished, pairs):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run, symlinks=True)
+    config = tiny_config(pairs, run, max_steps=3, resume="latest", weight_decay=0.3,
+                         grad_clip=0.5, model="coca-tiny", resume_changes=True)
+    assert train(config)["step"] == 3
+    ran = json.loads((run / "train_config.json").read_text())
+    # the checkpoint's model and optimizer settings continued; the new clipping applied
+    assert (ran["model"], ran["weight_decay"], ran["grad_clip"]) == ("clip-tiny", 0.1, 0.5)
+    # and the new checkpoint records them: resuming it again as it ran needs no flag
+    again = dataclasses.replace(config, max_steps=4, resume_changes=False, model="clip-tiny",
+                                weight_decay=0.1)
+    assert train(again)["step"] == 4

@@ -89,6 +89,10 @@ class TrainConfig:
                                       "save memory")
     resume: str | None = option(None, "'latest' (of output_dir; a fresh start when there is "
                                 "none) or a checkpoint directory")
+    resume_changes: bool = option(False, "resume although the model, tokenizer, optimizer "
+                                  "settings or training data differ from the checkpoint's "
+                                  "(the checkpoint's model, tokenizer and optimizer settings "
+                                  "continue; train_config.json records what ran)")
     progress: bool = option(True, "show progress bars")
     report_to: str | None = option(None, "dashboards fed every scalar of log.jsonl as it is "
                                    "written, comma-separated (rank 0 only): tensorboard (events "

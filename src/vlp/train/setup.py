@@ -4,6 +4,7 @@ picks up and how a checkpoint's loader state maps onto this run's ranks."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from vlp.data import build_source
-from vlp.errors import ConfigError
+from vlp.errors import ConfigError, VlpError
 from vlp.store import find_checkpoint, list_checkpoints
 from vlp.train.config import TrainConfig
 
@@ -112,3 +113,78 @@ def rank_data_state(saved: dict[str, Any], rank: int, world_size: int) -> dict[s
         state["skipped_items"] = ([item for other in ranks for item in other["skipped_items"]]
                                   if rank == 0 else [])
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# what a resumed run must share with its checkpoint
+
+# the checkpoint holds these (its model, tokenizer, optimizer state and schedule): a resumed
+# run continues with the checkpoint's whatever the config says
+CHECKPOINT_SETTINGS = ("model", "model_overrides", "tokenizer", "lr", "weight_decay", "betas",
+                       "eps", "warmup_steps", "min_lr_ratio")
+# these the config sets, and a change alters the run from here on
+RUN_SETTINGS = ("grad_clip", "batch_size", "grad_accum", "accum_features", "train_data",
+                "train_kind", "text_data", "text_ratio", "image_key", "caption_key",
+                "separator", "image_root", "seed", "precision")
+FINGERPRINT_READ = 64 << 20  # bytes hashed from each end of a larger file
+
+
+def data_fingerprint(path: str) -> str:
+    """A hash of the training data behind `path`: a file's bytes (its first and last 64 MiB
+    and its size when larger), a directory's relative file names and sizes, a shard pattern's
+    shards' names and sizes."""
+    digest = hashlib.sha256()
+    target = Path(path)
+    if target.is_file():
+        size = target.stat().st_size
+        digest.update(str(size).encode())
+        with target.open("rb") as f:
+            digest.update(f.read(FINGERPRINT_READ))
+            if size > 2 * FINGERPRINT_READ:
+                f.seek(size - FINGERPRINT_READ)
+            digest.update(f.read())
+    else:
+        files = (sorted(p for p in target.rglob("*") if p.is_file()) if target.is_dir()
+                 else [Path(url) for url in _shard_files(path)])
+        for file in files:
+            size = file.stat().st_size if file.is_file() else -1
+            digest.update(f"{file.relative_to(target) if target.is_dir() else file}\0{size}\n"
+                          .encode())
+    return digest.hexdigest()[:32]
+
+
+def _shard_files(path: str) -> list[str]:
+    from vlp.data.webdataset import expand_urls
+
+    try:
+        return expand_urls(path)
+    except VlpError:  # an unreadable pattern is refused when the source is built
+        return [path]
+
+
+def run_settings(cfg: TrainConfig, fingerprint: str) -> dict[str, Any]:
+    """What a checkpoint records of the run that wrote it."""
+    values = cfg.to_dict()
+    settings = {name: values[name] for name in CHECKPOINT_SETTINGS + RUN_SETTINGS}
+    settings["betas"] = list(settings["betas"])
+    settings["data_fingerprint"] = fingerprint
+    return settings
+
+
+def resume_differences(saved: dict[str, Any] | None, now: dict[str, Any]) -> list[str]:
+    """``name: checkpoint's -> now`` for every setting that differs (none for a checkpoint
+    that recorded no settings)."""
+    if not saved:
+        return []
+    return [f"{name}: {saved[name]!r} -> {now[name]!r}" for name in now
+            if name in saved and saved[name] != now[name]]
+
+
+def settings_that_ran(cfg: TrainConfig, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """The config a resumed run trains with: the checkpoint's model, tokenizer and optimizer
+    settings (what it restores), the config's for the rest."""
+    values = cfg.to_dict()
+    for name in CHECKPOINT_SETTINGS:
+        if saved and name in saved:
+            values[name] = saved[name]
+    return values

@@ -28,7 +28,8 @@ from vlp.contract import IMAGE_TEXT, QA, TEXT, TEXT_ONLY, Accumulated, PretrainM
 from vlp.data import image_transform, make_loader
 from vlp.data.qa import AnswerTokenizer
 from vlp.data.text import TextBatches, TextCorpus
-from vlp.errors import ConfigError, VlpError
+from vlp.errors import CheckpointError, ConfigError, VlpError
+from vlp.store import TRAIN_STATE_FILE, read_json_object
 from vlp.store.files import atomic_write_text, directory_lock
 from vlp.train.checkpoint import load_checkpoint, save_checkpoint
 from vlp.train.config import TrainConfig, check_config, text_rows
@@ -47,17 +48,22 @@ from vlp.train.distributed import (
     wrap_model,
 )
 from vlp.train.optim import WarmupCosine, build_optimizer
-from vlp.train.runlog import EpochStream, RunLog, is_finite, nonfinite_message
+from vlp.train.runlog import EpochStream, RunLog, eval_line, is_finite, nonfinite_message
 from vlp.train.setup import (
+    CHECKPOINT_SETTINGS,
     autocast,
     autocast_dtype,
     build_run_source,
     count_total_steps,
+    data_fingerprint,
     find_resume_dir,
     oom_message,
     rank_data_state,
+    resume_differences,
     rng_restore,
     rng_snapshot,
+    run_settings,
+    settings_that_ran,
 )
 from vlp.train.state import full_model_state, full_optimizer_state, rng_state
 
@@ -118,6 +124,7 @@ class _Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         barrier(self.env)
         resume_dir = find_resume_dir(cfg, self.output_dir)
+        self.settings, ran = self._check_resume(resume_dir)
         train_source = build_run_source(cfg.train_kind, cfg.train_data, cfg)
         corpus = (TextCorpus(cfg.text_data, cfg.caption_key) if cfg.text_data is not None
                   else None)
@@ -192,12 +199,31 @@ class _Trainer:
         self.checkpoint_path = str(resume_dir) if resume_dir else None
         self.metrics: dict[str, Any] = {}
         if self.env.is_main:
-            atomic_write_text(self.output_dir / CONFIG_SNAPSHOT,
-                              json.dumps(cfg.to_dict(), indent=2) + "\n")
+            atomic_write_text(self.output_dir / CONFIG_SNAPSHOT,  # what runs, resumed or not
+                              json.dumps(ran, indent=2) + "\n")
         resume_step = self.step if resume_dir else None
         dashboards = (open_dashboards(cfg.report_to, self.output_dir, cfg.to_dict(), resume_step)
                       if self.env.is_main else None)
         self.log = RunLog(self.output_dir / LOG_FILE, resume_step, self.env, sink=dashboards)
+
+    def _check_resume(self, resume_dir: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """This run's settings (recorded in each checkpoint) and the config that runs; a
+        resumed run whose settings differ from its checkpoint's is refused, listing them,
+        unless cfg.resume_changes."""
+        saved = None
+        settings = run_settings(self.cfg, data_fingerprint(self.cfg.train_data))
+        if resume_dir is not None:
+            state = read_json_object(resume_dir / TRAIN_STATE_FILE, CheckpointError)
+            extra = state.get("extra")
+            saved = extra.get("settings") if isinstance(extra, dict) else None
+            differences = resume_differences(saved, settings)
+            if differences and not self.cfg.resume_changes:
+                raise ConfigError(f"{resume_dir}: resuming with settings that differ from the "
+                                  f"checkpoint's: {'; '.join(differences)}; pass "
+                                  "resume_changes=True (--resume-changes) to continue anyway")
+            settings.update({name: saved[name] for name in CHECKPOINT_SETTINGS
+                             if saved and name in saved})
+        return settings, settings_that_ran(self.cfg, saved)
 
     # -- one optimizer step ------------------------------------------------------------------
 
@@ -339,6 +365,8 @@ class _Trainer:
                 if self.eval_fn is not None:
                     metrics.update(self.eval_fn(model, self.tokenizer, self.step))
             model.train(was_training)
+            if self.cfg.progress:
+                tqdm.write(eval_line(self.step, metrics), file=sys.stderr)
         self.metrics = metrics
         self.log.write({"step": self.step, "epoch": self.batches.epoch, "eval": metrics})
         barrier(self.env)
@@ -365,7 +393,7 @@ class _Trainer:
         if self.env.is_main:
             extra = {"nonfinite_steps": self.nonfinite_total,
                      "grad_scaler": self.scaler.state_dict() if self.scaler else None,
-                     "world_size": self.env.world_size}
+                     "world_size": self.env.world_size, "settings": self.settings}
             self.checkpoint_path = str(save_checkpoint(
                 self.output_dir, self.step, model=self.raw_model, tokenizer=self.tokenizer,
                 optimizer=self.optimizer, scheduler=self.scheduler,
