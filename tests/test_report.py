@@ -4,6 +4,7 @@ captioning or VQA run shows examples its checkpoint generates."""
 
 import csv
 import json
+import shutil
 from html.parser import HTMLParser
 
 import pytest
@@ -159,6 +160,16 @@ def test_caption_run_report(caption_run, world, tmp_path, capsys):
         references = [row["caption"] for row in csv.DictReader(f)
                       if first_image.endswith(row["filepath"])]
     assert len(references) == 2 and all(r in examples[0]["references"] for r in references)
+    # the run's data gone since: the page still comes, and says why it has no examples
+    moved = tmp_path / "moved"
+    shutil.copytree(caption_run, moved, symlinks=True)
+    config = json.loads((moved / "train_config.json").read_text())
+    config["val_data"] = str(tmp_path / "gone.csv")
+    (moved / "train_config.json").write_text(json.dumps(config))
+    assert main(["report", str(moved)]) == 0
+    text = (moved / "report.html").read_text()
+    assert "No examples: " in text and "gone.csv" in text
+    assert Page(text).plots["loss"] == {"loss": len(steps)}
 
 
 def test_report_of_a_run_without_captions_or_checkpoints_yet(world, tmp_path, capsys):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vlp.report.examples import run_examples
+from vlp.errors import VlpError
+from vlp.report.examples import Examples, run_examples
 from vlp.report.render import render
 from vlp.report.run import read_run
 from vlp.store.files import atomic_write_text
@@ -26,10 +27,15 @@ def write_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
                  examples: int = DEFAULT_EXAMPLES, device: str = "cpu") -> Path:
     """Write the report of the run directory ``run_dir`` to ``out`` (default
     ``run_dir/report.html``), atomically; ``examples`` images captioned (or questions
-    answered) by the latest checkpoint, 0 for none. Returns the file's path."""
+    answered) by the latest checkpoint, 0 for none; when they cannot be made (the run's
+    data is gone, say), the page says why. Returns the file's path."""
     run = read_run(run_dir)
-    shown = run_examples(run.run_dir, run.config, examples, device) if run.checkpoints \
-        else None
+    shown: Examples | str | None = None
+    if run.checkpoints:
+        try:
+            shown = run_examples(run.run_dir, run.config, examples, device)
+        except VlpError as error:  # the data moved since training, say: the page says so
+            shown = str(error)
     path = Path(out) if out is not None else run.run_dir / REPORT_FILE
     atomic_write_text(path, render(run, shown))
     return path

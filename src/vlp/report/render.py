@@ -113,9 +113,12 @@ def _checkpoints_section(run: RunRecords) -> list[str]:
     return body
 
 
-def _examples_section(examples: Examples | None) -> list[str]:
+def _examples_section(examples: Examples | str | None) -> list[str]:
     if examples is None:
         return []
+    if isinstance(examples, str):
+        return ["<h2>Examples</h2>", f"<p class='no-examples'>No examples: {escape(examples)}"
+                "</p>"]
     where = "held out" if examples.split == "val_data" else "seen in training"
     what = "answer" if examples.kind == "vqa" else "caption"
     body = [f"<h2>Examples</h2><p>Greedy {what}s of {escape(examples.checkpoint)} for the "
@@ -139,7 +142,8 @@ def _examples_section(examples: Examples | None) -> list[str]:
     return body
 
 
-def render(run: RunRecords, examples: Examples | None) -> str:
+def render(run: RunRecords, examples: Examples | str | None) -> str:
+    """The page; ``examples`` may be why there are none."""
     title = f"vlp run report: {run.run_dir.name}"
     body = [f"<h1>{escape(title)}</h1>", "<h2>Summary</h2>",
             mapping_table(summary(run), "summary", "", "")]
