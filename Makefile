@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CORE := $(VENV)/.installed-core
 TEST := $(VENV)/.installed-test
 
-.PHONY: install demo test test-tf5 lint clean
+.PHONY: install demo test test-tf5 fuzz lint clean
 
 # torch first, from the pinned CUDA build (it runs on CPU), then vlp itself
 $(CORE): pyproject.toml
@@ -18,7 +18,7 @@ $(CORE): pyproject.toml
 # the test tools and the optional extras whose parity and metric tests run in CI; the browser
 # test of vlp serve's page drives the distribution's chromium (no browser is downloaded)
 $(TEST): $(CORE) .ci/constraints.txt
-	$(BIN)/pip install -c .ci/constraints.txt -e ".[test,interop,caption,ray,hub,serve,tensorboard,wandb]"
+	$(BIN)/pip install -c .ci/constraints.txt -e ".[test,interop,caption,ray,hub,serve,tensorboard,wandb,faiss]"
 	# CLIP_benchmark for vlp benchmark's parity tests, without its dependencies (see pyproject)
 	$(BIN)/pip install --no-deps -c .ci/constraints.txt clip-benchmark
 	if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -46,6 +46,10 @@ $(TF5)/.installed: .ci/transformers5.txt $(CORE)
 	rm -rf $(TF5)
 	$(BIN)/pip install --no-deps --target $(TF5) -r .ci/transformers5.txt
 	touch $@
+
+# the fuzz suite with many more generated inputs than CI's (VLP_FUZZ_EXAMPLES per target)
+fuzz: $(TEST)
+	VLP_FUZZ_EXAMPLES=$${VLP_FUZZ_EXAMPLES:-2000} $(BIN)/pytest -q -s --timeout=7200 tests/test_fuzz.py
 
 test-tf5: $(TEST) $(TF5)/.installed
 	PYTHONPATH=$(TF5) $(BIN)/python -c "import transformers as t; assert t.__version__[0] == '5', t.__version__"

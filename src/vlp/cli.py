@@ -116,8 +116,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.model = str(resolve(cfg.model))
     spec = _eval_spec(args, progress=cfg.progress)
     spec.check()  # every evaluation file read before the first step
+    eval_fn = None if spec.is_empty() else _eval_fn(spec)
+    if args.eval_suite:  # the suite and its tasks' files too
+        from vlp.benchmarks.suite import training_eval_fn
+
+        eval_fn = training_eval_fn(args.eval_suite, eval_fn, output_dir=cfg.output_dir,
+                                   num_workers=cfg.num_workers, progress=cfg.progress)
     try:
-        result = train(cfg, eval_fn=None if spec.is_empty() else _eval_fn(spec))
+        result = train(cfg, eval_fn=eval_fn)
     finally:
         shutdown()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one answer
@@ -344,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                     flags={"keep_last": ("--keep-last", "--keep")},
                     item_flags={"betas": ("--beta1", "--beta2")})
     _add_eval_args(tr)
+    tr.add_argument("--eval-suite", metavar="FILE", help="a vlp benchmark suite (JSON/YAML "
+                    "list of tasks) run at every evaluation; metrics logged as NAME/METRIC")
     tr.set_defaults(func=cmd_train)
 
     # eval

@@ -20,8 +20,16 @@ from typing import Any
 
 import torch
 
-from vlp.benchmarks.tasks import BenchmarkTask, Outcome, run_task, settings_given, task_fields
-from vlp.errors import ConfigError
+from vlp.benchmarks.tasks import (
+    BenchmarkTask,
+    Outcome,
+    check_files,
+    result_name,
+    run_task,
+    settings_given,
+    task_fields,
+)
+from vlp.errors import ConfigError, VlpError
 from vlp.store.files import atomic_write_text
 
 HEADLINE = {  # task -> the metrics the markdown table shows
@@ -88,6 +96,11 @@ def read_suite(path: str | os.PathLike[str], defaults: dict[str, Any] | None = N
         spec = BenchmarkTask(**values)
         spec.check(where)
         tasks.append(spec)
+    names = [result_name(spec) for spec in tasks]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"{path}: tasks {repeated} share a result name; give each its own "
+                          f'"name"')
     return tasks
 
 
@@ -154,6 +167,43 @@ def benchmark(model_name: str, tasks: list[BenchmarkTask], *, out: str | None = 
     if out_dir is not None:
         write_tables(out_dir, results)
     return results
+
+
+def training_eval_fn(suite: str, eval_fn: Any = None, *, output_dir: str, num_workers: int = 0,
+                     progress: bool = True) -> Any:
+    """`vlp train --eval-suite`: an ``eval_fn(model, tokenizer, step)`` for the trainer that
+    runs ``eval_fn`` (the evaluation flags', if any) and then every task of the suite file on
+    the model being trained. The suite and each task's files are read here, before training
+    starts. Each task's numbers come back as ``<name>/<metric>`` (``coco/cider``), and its
+    result tables and server files land in ``output_dir/benchmarks/step-NNNNNNN/``."""
+    tasks = read_suite(suite, {"num_workers": num_workers})
+    for index, spec in enumerate(tasks):
+        where = f"{suite}: task {index}"
+        try:
+            check_files(spec, where)
+        except VlpError as error:  # the reader names the file; this names the suite entry
+            raise type(error)(error if str(error).startswith(where) else f"{where}: {error}"
+                              ) from None
+    out = Path(output_dir) / "benchmarks"
+
+    def evaluate(model: Any, tokenizer: Any, step: int) -> dict[str, Any]:
+        metrics = dict(eval_fn(model, tokenizer, step)) if eval_fn is not None else {}
+        step_dir = out / f"step-{step:07d}"
+        step_dir.mkdir(parents=True, exist_ok=True)
+        results = []
+        for spec in tasks:
+            outcome = run_task(model, tokenizer, spec, model_name=f"{output_dir} step {step}",
+                               progress=progress)
+            if outcome.server is not None:
+                outcome.result["result_file"] = write_server_file(step_dir, outcome)
+            results.append(outcome.result)
+            name = outcome.result["name"]
+            metrics.update({f"{name}/{key}": value for key, value in outcome.result.items()
+                            if isinstance(value, int | float) and not isinstance(value, bool)})
+        write_tables(step_dir, results)
+        return metrics
+
+    return evaluate
 
 
 def benchmark_from_args(args: Any) -> dict[str, Any]:

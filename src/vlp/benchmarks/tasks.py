@@ -118,6 +118,11 @@ def _split(spec: BenchmarkTask) -> str:
     return spec.split or defaults.get(spec.format) or Path(spec.root).stem  # own files: name
 
 
+def result_name(spec: BenchmarkTask) -> str:
+    """The name of ``spec``'s result (its ``name``, else format-split-task)."""
+    return spec.label(_split(spec))
+
+
 def run_task(model: nn.Module, tokenizer: Any, spec: BenchmarkTask, *, model_name: str,
              progress: bool = True) -> Outcome:
     """The result of ``spec`` for ``model``: ``model``, ``task``, ``dataset``, ``split``,
@@ -246,6 +251,27 @@ def _vqa(model, tokenizer, spec, split, common):
                 "candidates": len(candidates) if candidates else None,
                 "accuracy": "official: min(#humans/3, 1) over the 10-choose-9 subsets"}
     return metrics, protocol, len(answered), ("vqa", rows)
+
+
+def check_files(spec: BenchmarkTask, where: str = "vlp benchmark") -> None:
+    """Read every file ``spec`` names (the dataset's split, the train split a probe fits on,
+    templates, candidate answers) as running it will, so a wrong path is found before a
+    training run's first step rather than at its first evaluation."""
+    spec.check(where)
+    split = _split(spec)
+    if spec.task in ("zeroshot", "linear-probe", "few-shot"):
+        read_classification(spec.format, spec.root, split)
+        if spec.task != "zeroshot":
+            read_classification(spec.format, spec.root, "train")
+    elif spec.task in ("retrieval", "captioning"):
+        read_captions(spec.format, spec.root, split)
+    else:
+        read_questions(spec.format, spec.root, split)
+        if spec.vqa_mode == "rank" and not spec.vqa_candidates:
+            raise ConfigError(f"{where}: vqa_mode 'rank' needs vqa_candidates (a file, one "
+                              f"answer a line)")
+    _lines(spec.templates, "templates")
+    _lines(spec.vqa_candidates, "candidate answers")
 
 
 def task_fields() -> set[str]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -321,19 +323,52 @@ def check_fields(cls: type, data: dict, where: str) -> None:
 def _from_dict(cls: type, data: dict, where: str) -> Any:
     check_fields(cls, data, where)
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for key, value in data.items():
         if key in _NESTED and isinstance(value, dict):
             value = _from_dict(_NESTED[key], value, f"{where}.{key}")
-        elif isinstance(value, list):
-            value = tuple(value)
+        else:
+            _check_type(value, hints.get(key), f"{where}.{key}")
+            if isinstance(value, list):
+                value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+_SIMPLE = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+
+
+def _check_type(value: Any, hint: Any, where: str) -> None:
+    """ConfigError unless `value` (from JSON) fits a simple field annotation (int, float, str,
+    bool, their Optional forms, tuples); other annotations are left to the config's checks."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
+                                                                     types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return
+    simple = [o for o in options if o in _SIMPLE]
+    sequences = [o for o in options if typing.get_origin(o) is tuple or o is tuple]
+    if len(simple) + len(sequences) < len([o for o in options if o is not type(None)]):
+        return  # a type this check does not know
+    if sequences and isinstance(value, list | tuple):
+        return
+    for kind in simple:
+        if kind is bool and isinstance(value, bool):
+            return
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool) \
+                and math.isfinite(value):
+            return
+        if kind is str and isinstance(value, str):
+            return
+    expected = " or ".join([_SIMPLE[k] for k in simple] + ["a list"] * bool(sequences))
+    raise ConfigError(f"{where}={value!r}: expected {expected}")
 
 
 def config_from_dict(data: dict, where: str = "config") -> Any:
     """Rebuild a config from ``config_to_dict`` output; the ``family`` field picks the class."""
     family = data.get("family")
-    if family not in CONFIG_CLASSES:
+    if not isinstance(family, str) or family not in CONFIG_CLASSES:
         raise ConfigError(
             f"{where}: unknown model family {family!r}; expected one of {sorted(CONFIG_CLASSES)}"
         )

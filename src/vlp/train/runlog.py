@@ -183,3 +183,11 @@ def nonfinite_message(count: int, first: int, last: int, last_loss: float | None
 
 def is_finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
+
+
+def eval_line(step: int, metrics: dict[str, Any]) -> str:
+    """An evaluation's progress line: every number it gave but the counts (``num_*``)."""
+    shown = [f"{key} {value:.4g}" for key, value in metrics.items()
+             if isinstance(value, int | float) and not isinstance(value, bool)
+             and not key.rpartition("/")[2].startswith("num_")]
+    return f"eval step {step}: " + (", ".join(shown) or "no metrics")

@@ -48,7 +48,7 @@ from vlp.train.distributed import (
     wrap_model,
 )
 from vlp.train.optim import WarmupCosine, build_optimizer
-from vlp.train.runlog import EpochStream, RunLog, is_finite, nonfinite_message
+from vlp.train.runlog import EpochStream, RunLog, eval_line, is_finite, nonfinite_message
 from vlp.train.setup import (
     CHECKPOINT_SETTINGS,
     autocast,
@@ -365,6 +365,8 @@ class _Trainer:
                 if self.eval_fn is not None:
                     metrics.update(self.eval_fn(model, self.tokenizer, self.step))
             model.train(was_training)
+            if self.cfg.progress:
+                tqdm.write(eval_line(self.step, metrics), file=sys.stderr)
         self.metrics = metrics
         self.log.write({"step": self.step, "epoch": self.batches.epoch, "eval": metrics})
         barrier(self.env)
