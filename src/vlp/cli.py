@@ -6,13 +6,11 @@ import argparse
 import json
 import os
 import sys
-import traceback
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
 from vlp.cliargs import add_config_args, config_from_args, positive_int
-from vlp.errors import VlpError, one_line
+from vlp.errors import VlpError, print_error
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -45,16 +43,9 @@ def _eval_spec(args: argparse.Namespace, progress: bool) -> Any:
 
 
 def _read_lines(path: str) -> list[str]:
-    from vlp.data.records import read_utf8
-    from vlp.errors import DataError
+    from vlp.data.records import read_lines
 
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"{path}: file not found")
-    lines = [line.strip() for line in read_utf8(file).splitlines() if line.strip()]
-    if not lines:
-        raise DataError(f"{path}: no non-empty lines")
-    return lines
+    return read_lines(path)
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -493,9 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except VlpError as error:  # a user's mistake: one line; a bug stays a traceback
-        if args.debug or os.environ.get("VLP_DEBUG", "") not in ("", "0"):
-            traceback.print_exc()
-        print(f"vlp: error: {one_line(error)}", file=sys.stderr)
+        print_error(error, args.debug)
         return 2
     except KeyboardInterrupt:
         print("vlp: interrupted", file=sys.stderr)

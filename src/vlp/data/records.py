@@ -73,6 +73,16 @@ def read_utf8(path: str | os.PathLike[str], limit: int = MAX_JSON_BYTES) -> str:
         return decode_utf8(path, f.read())
 
 
+def read_lines(path: str | os.PathLike[str]) -> list[str]:
+    """The non-empty lines of a UTF-8 text file, stripped (class names, templates, texts)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    lines = [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: no non-empty lines")
+    return lines
+
+
 def parse_json(text: str, where: str) -> Any:
     """JSON `text`; DataError naming `where` when it is not JSON or nests too deeply."""
     try:
