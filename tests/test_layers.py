@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"interop", "run"},
     {"hub"},  # pretrained names: hub snapshots converted through interop into vlp's cache
     {"vlp"},  # the package's own __init__: the public API (vlp.load, vlp.save, ...)
+    {"search"},  # embed parts, faiss indexes, Index: below serve, which answers /v1/search
     {"capfilt", "caption", "serve", "benchmarks", "report"},  # serve: the HTTP API over
     # vlp.eval and the factory; benchmarks: released dataset layouts scored through vlp.eval;
     # report: a run directory's HTML page

@@ -180,28 +180,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_embed(args: argparse.Namespace) -> int:
-    from vlp.errors import ConfigError
-    from vlp.eval import embed_images, embed_texts, save_embeddings
-
-    if bool(args.images) == bool(args.texts):
-        raise ConfigError("vlp embed: give exactly one of --images or --texts")
-    model, tokenizer = _load_model_and_tokenizer(args.checkpoint)
-    if args.images:
-        result = embed_images(model, args.images, batch_size=args.batch_size,
-                              num_workers=args.num_workers, progress=not args.no_progress)
-        embeddings, ids, skipped = result.embeddings, result.ids, len(result.skipped)
-    else:
-        ids = _read_lines(args.texts)
-        embeddings = embed_texts(model, tokenizer, ids, batch_size=args.batch_size,
-                                 progress=not args.no_progress)
-        skipped = 0
-    path = save_embeddings(args.out, embeddings, ids)
-    _print_json({"out": str(path), "count": int(embeddings.shape[0]),
-                 "dim": int(embeddings.shape[1]), "skipped": skipped})
-    return 0
-
-
 def cmd_caption(args: argparse.Namespace) -> int:
     from vlp.caption import caption
 
@@ -363,15 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--eval-batch-size", type=positive_int, default=256)
     zs.set_defaults(func=cmd_zeroshot)
 
-    em = sub.add_parser("embed", parents=[common], help="write image or text embeddings",
-                        description="Encode images (a directory or data file) or texts (one "
-                                    "per line) and save L2-normalised embeddings.")
-    em.add_argument("checkpoint", help=MODEL_HELP)
-    em.add_argument("--images", help="image directory, CSV/JSONL/COCO file or shard pattern")
-    em.add_argument("--texts", help="text file, one text per line")
-    em.add_argument("--out", required=True, help="output .safetensors or .npy file")
-    em.add_argument("--batch-size", type=int, default=256)
-    em.set_defaults(func=cmd_embed)
+    from vlp.search.options import add_search_parsers
+
+    add_search_parsers(sub, common, MODEL_HELP)  # embed, index, search
 
     cp = sub.add_parser("caption", parents=[common], help="caption images with a CoCa model",
                         description="Write one generated caption per image as JSONL "

@@ -90,6 +90,7 @@ class ImageEmbeddings(NamedTuple):
     indices: Tensor  # [K] long: position in the input list of each embedded image
     ids: list[str]  # [K] path (or record key) of each embedded image
     skipped: list[str]  # ids of the inputs that could not be read, in input order
+    reasons: list[str] = []  # why, one per entry of ``skipped`` ("missing_image", ...)
 
 
 def embed_images(
@@ -124,10 +125,11 @@ def embed_images(
     loader = image_batches(image_list, transform or image_transform(model, train=False),
                            batch_size=batch_size, num_workers=num_workers,
                            pin_memory=model_device(model).type == "cuda")
-    chunks, kept, unreadable = [], [], []
+    chunks, kept, unreadable, reasons = [], [], [], []
     with inference(model) as device:
         for batch in tqdm(loader, desc="images", leave=False, disable=not progress):
             unreadable.extend(batch.unreadable)
+            reasons.extend(batch.reasons)
             if batch.pixels is not None:
                 pixels = batch.pixels.to(device, non_blocking=True)
                 chunks.append(_finish(model.encode_image(pixels)))
@@ -140,6 +142,7 @@ def embed_images(
         indices=indices,
         ids=[ids[i] for i in indices.tolist()],
         skipped=[ids[i] for i in unreadable],
+        reasons=reasons,
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -283,6 +283,38 @@ def create_app(model: ServedModel, settings: Settings = Settings()) -> FastAPI:
         fields, image = await read_request(request, limits)
         texts = check_texts(fields.get("texts"), "texts", limits.max_texts, limits)
         return await run("itm", ("itm",), (image, texts))
+
+    @post("/v1/search", schemas.SearchRequest, schemas.SearchResponse)
+    async def search(request: Request) -> Any:
+        model.require("search")
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        fields, _ = await read_request(request, limits, image=False)
+        has_image = fields.get("image") not in (None, "")
+        if (fields.get("text") not in (None, "")) == has_image:
+            raise RequestError(400, "send exactly one of 'text' and 'image'")
+        k = check_int(fields.get("k"), "k", 10, 1, limits.max_results)
+        if not has_image:
+            query: tuple[str, Any] = ("text", check_text(fields.get("text"), "text", limits))
+        else:
+            upload = fields["image"]
+            data = (await upload.read() if kind == "multipart/form-data"
+                    and isinstance(upload, UploadFile) else decode_base64(upload))
+            check_image(data, limits)
+            query = ("image", data)
+        return await run("search", ("search", k), query)
+
+    @app.get("/v1/search/thumbnail/{row}", include_in_schema=True,
+             responses={404: {"model": schemas.ErrorResponse}})
+    async def thumbnail(row: int) -> Response:
+        model.require("search")
+        if not 0 <= row < len(model.index):
+            raise RequestError(404, f"row {row} is not in the index (0..{len(model.index) - 1})")
+        try:
+            data = await asyncio.to_thread(model.index.thumbnail, row)
+        except VlpError as error:
+            raise RequestError(404, str(error)) from None
+        return Response(data, media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:

@@ -44,6 +44,7 @@ class Limits:
     max_templates: int = 16
     max_new_tokens: int = 64
     max_beams: int = 8
+    max_results: int = 100  # /v1/search's k
     timeout_s: float = 60.0
 
     def check(self) -> Limits:

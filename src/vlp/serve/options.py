@@ -13,6 +13,9 @@ def add_serve_args(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--index", metavar="INDEX_DIR",
+                   help="a vlp index directory built with this model: POST /v1/search and "
+                        "search on the page (needs the faiss extra; default: none)")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=8,
                    help="most concurrent requests run as one batch (1: no batching; "
@@ -38,6 +41,8 @@ def add_serve_args(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="texts per request (default: %(default)s)")
     g.add_argument("--max-labels", type=int, default=100,
                    help="zero-shot labels per request (default: %(default)s)")
+    g.add_argument("--max-results", type=int, default=100,
+                   help="largest k of /v1/search (default: %(default)s)")
     g.add_argument("--timeout", type=float, default=60.0,
                    help="seconds per request; 504 beyond (default: %(default)s)")
     p.add_argument("--log-level", default="info",
@@ -50,8 +55,9 @@ def serve_from_args(args: argparse.Namespace) -> None:
 
     limits = Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels,
                     max_text_chars=args.max_text_chars, max_texts=args.max_texts,
-                    max_labels=args.max_labels, timeout_s=args.timeout)
-    serve(args.model, host=args.host, port=args.port, device=args.device,
+                    max_labels=args.max_labels, max_results=args.max_results,
+                    timeout_s=args.timeout)
+    serve(args.model, host=args.host, port=args.port, device=args.device, index=args.index,
           log_level=args.log_level, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
           max_queue=args.max_queue, api_key=args.api_key or os.environ.get("VLP_API_KEY"),
           cors_origins=tuple(args.cors_origin), limits=limits.check())

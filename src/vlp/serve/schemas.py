@@ -72,6 +72,26 @@ class ItmResponse(BaseModel):
     probabilities: list[float] = Field(description="match probability of each text")
 
 
+class SearchRequest(BaseModel):
+    text: str | None = Field(None, description="a text query (or send an image)")
+    image: str | None = Field(None, description="an image query, base64 (or multipart 'image')")
+    k: int = Field(10, description="results, best first")
+
+
+class SearchResult(BaseModel):
+    id: str
+    score: float = Field(description="inner product of normalised embeddings (cosine)")
+    path: str
+    caption: str | None = None
+    key: str | None = Field(None, description="the sample's key in its WebDataset shard")
+    row: int
+    thumbnail: str = Field(description="GET this for a JPEG of the result's image")
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchResult]
+
+
 class ErrorResponse(BaseModel):
     error: str
 

@@ -20,14 +20,14 @@ def check_installed() -> None:
 
 
 def run(path: str | os.PathLike[str], *, host: str, port: int, device: str = "cpu",
-        log_level: str = "info", **settings: Any) -> None:
+        log_level: str = "info", index: str | None = None, **settings: Any) -> None:
     check_installed()
     import uvicorn
 
     from vlp.serve.app import Settings, create_app
     from vlp.serve.engine import ServedModel
 
-    model = ServedModel(path, device=device)
+    model = ServedModel(path, device=device, index=index)
     app = create_app(model, Settings(**settings))
     logger.info("serving %s (%s: %s) on http://%s:%d", model.name, model.family,
                 ", ".join(model.tasks()), host, port)

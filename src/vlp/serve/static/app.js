@@ -1,7 +1,7 @@
 // The vlp serve page: plain JavaScript against the /v1 API, no build step.
 "use strict";
 
-const state = { image: null, tasks: [] };
+const state = { image: null, tasks: [], search: false };
 const $ = (id) => document.getElementById(id);
 
 function headers() {
@@ -76,8 +76,53 @@ async function vqa() {
   box.dataset.done = "true";
 }
 
-async function run(task) {
-  if (!state.image) return;
+async function thumbnail(img, path) {
+  const response = await fetch(path, { headers: headers() });
+  if (!response.ok) throw new Error("thumbnail: " + response.statusText);
+  img.src = URL.createObjectURL(await response.blob());
+  await img.decode();
+}
+
+async function search(query) {
+  const list = $("results");
+  list.dataset.done = "false";
+  const response = await fetch("/v1/search", {
+    method: "POST", body: JSON.stringify({ ...query, k: 8 }),
+    headers: { "Content-Type": "application/json", ...headers() },
+  });
+  const body = await response.json().catch(() => ({ error: response.statusText }));
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  list.replaceChildren();
+  const loads = body.results.map((result) => {
+    const item = document.createElement("li");
+    item.dataset.id = result.id;
+    const img = document.createElement("img");
+    img.alt = result.caption || result.id;
+    const text = document.createElement("span");
+    text.className = "label";
+    text.textContent = `${result.score.toFixed(3)} ${result.caption || result.id}`;
+    item.append(img, text);
+    list.append(item);
+    return thumbnail(img, result.thumbnail);
+  });
+  await Promise.all(loads);
+  list.dataset.done = "true";
+}
+
+async function searchText() {
+  const text = $("query").value.trim();
+  if (text) await search({ text });
+}
+
+async function searchImage() {
+  const bytes = new Uint8Array(await state.image.arrayBuffer());
+  let binary = "";
+  bytes.forEach((b) => { binary += String.fromCharCode(b); });
+  await search({ image: btoa(binary) });
+}
+
+async function run(task, always) {
+  if (!state.image && !always) return;
   try {
     showError("");
     await task();
@@ -95,6 +140,7 @@ function useImage(file) {
   if (state.tasks.includes("caption")) run(caption);
   if (state.tasks.includes("embed")) run(zeroshot);
   if (state.tasks.includes("vqa")) run(vqa);
+  if (state.search) run(searchImage);
 }
 
 async function init() {
@@ -108,6 +154,9 @@ async function init() {
     $("caption-box").hidden = !state.tasks.includes("caption");
     $("zeroshot-box").hidden = !state.tasks.includes("embed");
     $("vqa-box").hidden = !state.tasks.includes("vqa");
+    state.search = Boolean(model.index);
+    $("search-box").hidden = !state.search;
+    if (model.index) $("index-name").textContent = `${model.index.name} (${model.index.count})`;
     document.body.dataset.ready = "true";
   } catch (error) {
     showError("cannot reach the model: " + error.message);
@@ -125,5 +174,9 @@ drop.addEventListener("drop", (event) => {
 });
 $("zeroshot-form").addEventListener("submit", (event) => { event.preventDefault(); run(zeroshot); });
 $("vqa-form").addEventListener("submit", (event) => { event.preventDefault(); run(vqa); });
+$("search-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  run(searchText, true);
+});
 $("api-key").addEventListener("change", init);
 init();
