@@ -249,3 +249,18 @@ def test_missing_parts_and_bad_switches_are_named():
     config.vision.width = 64
     with pytest.raises(ConfigError, match="vision.width == text.width"):
         build_model(config).answer(b["pixels"], b["input_ids"])
+
+
+def test_contract_itm_probability_and_zeroshot_scale():
+    model = tiny()
+    rows = batch(model.config, rows=3)
+    with torch.no_grad():
+        logits = model.itm_logits(rows["pixels"], rows["input_ids"], rows["attention_mask"])
+        probability = model.itm_probability(rows["pixels"], rows["input_ids"],
+                                            rows["attention_mask"])
+    assert probability.shape == (3,) and bool(((probability > 0) & (probability < 1)).all())
+    assert torch.allclose(probability, torch.softmax(logits, dim=-1)[:, 1])
+    assert model.zeroshot_logit_scale() == 100.0
+    clip = vlp.create_model("clip-tiny")
+    with pytest.raises(ConfigError, match="no image-text matching head"):
+        clip.itm_probability(rows["pixels"], rows["input_ids"])

@@ -171,6 +171,22 @@ class PretrainModel(nn.Module):
         family ranks retrieval and zero-shot classes (cosine similarity by default)."""
         return images @ texts.T
 
+    def zeroshot_logit_scale(self) -> float:
+        """What multiplies `similarity` scores before the softmax over zero-shot classes:
+        100 (CLIP's inverse temperature at its clamp, as CLIP's and open_clip's zero-shot)."""
+        return 100.0
+
+    def itm_logits(self, pixels: Tensor, input_ids: Tensor,
+                   attention_mask: Tensor | None = None) -> Tensor:
+        """``(B, 2)`` match logits of image i with text i (index 1 = match)."""
+        raise ConfigError(f"{type(self).__name__} has no image-text matching head")
+
+    def itm_probability(self, pixels: Tensor, input_ids: Tensor,
+                        attention_mask: Tensor | None = None) -> Tensor:
+        """``(B,)`` probability that image i matches text i: the softmax of `itm_logits`."""
+        return torch.softmax(self.itm_logits(pixels, input_ids, attention_mask).float(),
+                             dim=-1)[:, 1]
+
     def itm_image(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         """``(encode_image embeddings, the per-image features itm_match reads)``."""
         raise ConfigError(f"{type(self).__name__} has no image-text matching head")

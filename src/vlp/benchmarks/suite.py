@@ -169,30 +169,38 @@ def benchmark(model_name: str, tasks: list[BenchmarkTask], *, out: str | None = 
     return results
 
 
-def training_eval_fn(suite: str, eval_fn: Any = None, *, output_dir: str, num_workers: int = 0,
+def training_eval_fn(spec: Any, suite: str | None, *, output_dir: str, num_workers: int = 0,
                      progress: bool = True) -> Any:
-    """`vlp train --eval-suite`: an ``eval_fn(model, tokenizer, step)`` for the trainer that
-    runs ``eval_fn`` (the evaluation flags', if any) and then every task of the suite file on
-    the model being trained. The suite and each task's files are read here, before training
-    starts. Each task's numbers come back as ``<name>/<metric>`` (``coco/cider``), and its
-    result tables and server files land in ``output_dir/benchmarks/step-NNNNNNN/``."""
+    """`vlp train`'s evaluation: an ``eval_fn(model, tokenizer, step)`` for the trainer that
+    scores what the evaluation flags ask (``spec``, a `vlp.eval.suite.EvalSpec`, checked
+    already) and then, with ``--eval-suite``, every task of the ``suite`` file on the model
+    being trained; None when neither asks for anything. The suite and each task's files are
+    read here, before training starts. Each task's numbers come back as ``<name>/<metric>``
+    (``coco/cider``); its result tables and server files land in
+    ``output_dir/benchmarks/step-NNNNNNN/``."""
+    from vlp.eval.suite import evaluate as evaluate_spec
+
+    flags = None if spec.is_empty() else spec
+    if suite is None:
+        return None if flags is None else (lambda model, tokenizer, step:
+                                           evaluate_spec(model, tokenizer, flags))
     tasks = read_suite(suite, {"num_workers": num_workers})
-    for index, spec in enumerate(tasks):
+    for index, task in enumerate(tasks):
         where = f"{suite}: task {index}"
         try:
-            check_files(spec, where)
+            check_files(task, where)
         except VlpError as error:  # the reader names the file; this names the suite entry
             raise type(error)(error if str(error).startswith(where) else f"{where}: {error}"
                               ) from None
     out = Path(output_dir) / "benchmarks"
 
     def evaluate(model: Any, tokenizer: Any, step: int) -> dict[str, Any]:
-        metrics = dict(eval_fn(model, tokenizer, step)) if eval_fn is not None else {}
+        metrics = evaluate_spec(model, tokenizer, flags) if flags is not None else {}
         step_dir = out / f"step-{step:07d}"
         step_dir.mkdir(parents=True, exist_ok=True)
         results = []
-        for spec in tasks:
-            outcome = run_task(model, tokenizer, spec, model_name=f"{output_dir} step {step}",
+        for task in tasks:
+            outcome = run_task(model, tokenizer, task, model_name=f"{output_dir} step {step}",
                                progress=progress)
             if outcome.server is not None:
                 outcome.result["result_file"] = write_server_file(step_dir, outcome)
