@@ -107,12 +107,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.model = str(resolve(cfg.model))
     spec = _eval_spec(args, progress=cfg.progress)
     spec.check()  # every evaluation file read before the first step
-    eval_fn = None if spec.is_empty() else _eval_fn(spec)
-    if args.eval_suite:  # the suite and its tasks' files too
-        from vlp.benchmarks.suite import training_eval_fn
+    from vlp.benchmarks.suite import training_eval_fn  # and --eval-suite's, here
 
-        eval_fn = training_eval_fn(args.eval_suite, eval_fn, output_dir=cfg.output_dir,
-                                   num_workers=cfg.num_workers, progress=cfg.progress)
+    eval_fn = training_eval_fn(spec, args.eval_suite, output_dir=cfg.output_dir,
+                               num_workers=cfg.num_workers, progress=cfg.progress)
     try:
         result = train(cfg, eval_fn=eval_fn)
     finally:
@@ -120,15 +118,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one answer
         _print_json(result)
     return 0
-
-
-def _eval_fn(spec: Any) -> Any:
-    from vlp.eval.suite import evaluate
-
-    def eval_fn(model: Any, tokenizer: Any, step: int) -> dict[str, float]:
-        return evaluate(model, tokenizer, spec)
-
-    return eval_fn
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
