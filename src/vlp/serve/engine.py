@@ -34,7 +34,7 @@ from vlp.serve.limits import RequestError
 CLASSIFIER_CACHE = 64  # zero-shot classifiers kept, by (labels, templates)
 # endpoint -> the task (`PretrainModel.tasks`) it needs
 ENDPOINT_TASKS = {"embed_image": EMBED, "embed_text": EMBED, "zeroshot": EMBED,
-                  "caption": CAPTION, "vqa": VQA, "itm": ITM}
+                  "caption": CAPTION, "vqa": VQA, "itm": ITM, "search": EMBED}
 
 
 def unreadable(reason: str | None = None) -> RequestError:
@@ -45,13 +45,25 @@ def unreadable(reason: str | None = None) -> RequestError:
 class ServedModel:
     """A model loaded for inference (`vlp.factory.load_model_and_transforms`)."""
 
-    def __init__(self, path: str | os.PathLike[str], device: str = "cpu") -> None:
-        """``path``: what `vlp.load` takes (a model or run directory, or a hub name)."""
+    def __init__(self, path: str | os.PathLike[str], device: str = "cpu",
+                 index: str | os.PathLike[str] | None = None) -> None:
+        """``path``: what `vlp.load` takes (a model or run directory, or a hub name);
+        ``index``: a `vlp index` directory built with this model, for ``/v1/search``."""
         self.model, self.tokenizer, self.transform = factory.load_model_and_transforms(
             resolve(path), map_location=device)
         # a hub name as given, a directory by its own name: never the machine's path
         self.name = str(path) if is_pretrained_name(path) else Path(path).resolve().name
         self._classifiers: OrderedDict[tuple, Tensor] = OrderedDict()
+        self.index = None
+        if index is not None:
+            self.index = open_index(index, path, self)
+
+    def search_info(self) -> dict[str, Any] | None:
+        if self.index is None:
+            return None
+        info = self.index.info
+        return {"name": Path(self.index.directory).resolve().name, "kind": info["kind"],
+                "count": info["count"], "dim": info["dim"], "modality": info["modality"]}
 
     @property
     def family(self) -> str:
@@ -69,7 +81,9 @@ class ServedModel:
         tasks = set(self.tasks())
         usable = [e for e, task in ENDPOINT_TASKS.items() if task in tasks]
         if self.tokenizer is None:
-            usable = [e for e in usable if e == "embed_image"]
+            usable = [e for e in usable if e in ("embed_image", "search")]
+        if self.index is None:
+            usable = [e for e in usable if e != "search"]
         return [f"/v1/{names.get(e, e)}" for e in usable]
 
     def describe(self) -> dict[str, Any]:
@@ -78,12 +92,16 @@ class ServedModel:
                 "endpoints": self.endpoints(),
                 "image_size": config.vision.image_size,
                 "context_length": config.text.context_length,
-                "parameters": sum(p.numel() for p in self.model.parameters())}
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "index": self.search_info()}
 
     def require(self, endpoint: str) -> None:
         """RequestError 400 naming what the model serves when it cannot serve ``endpoint``."""
         task = ENDPOINT_TASKS[endpoint]
-        needs_text = endpoint != "embed_image"
+        if endpoint == "search" and self.index is None:
+            raise RequestError(400, "/v1/search: this server has no index (start it with "
+                                    f"--index DIR); endpoints here: {self.endpoints()}")
+        needs_text = endpoint not in ("embed_image", "search")
         if task in self.tasks() and not (needs_text and self.tokenizer is None):
             return
         try:
@@ -168,6 +186,28 @@ class ServedModel:
                                    progress=False)
         return [unreadable() if answer is None else {"answer": answer} for answer in answers]
 
+    def _search(self, queries: list[tuple[str, Any]], k: int) -> list[Any]:
+        """Each query ("text", str) or ("image", bytes): its top ``k`` in the index."""
+        texts = [i for i, (kind, _) in enumerate(queries) if kind == "text"]
+        images = [i for i, (kind, _) in enumerate(queries) if kind == "image"]
+        vectors: dict[int, Any] = {}
+        if texts:
+            embedded = embed_texts(self.model, self.tokenizer, [queries[i][1] for i in texts],
+                                   batch_size=len(texts), progress=False)
+            vectors.update(zip(texts, embedded.numpy()))
+        out: list[Any] = [unreadable()] * len(queries)
+        if images:
+            for i, result in zip(images, self._embed_image([queries[i][1] for i in images])):
+                if not isinstance(result, Exception):
+                    vectors[i] = result["embedding"]
+        if vectors:
+            order = sorted(vectors)
+            found = self.index.search([vectors[i] for i in order], k)
+            for i, results in zip(order, found):
+                out[i] = {"results": [{**r, "thumbnail": f"/v1/search/thumbnail/{r['row']}"}
+                                      for r in results]}
+        return out
+
     def _itm(self, requests: list[tuple[bytes, list[str]]]) -> list[Any]:
         batch = read_images([image for image, _ in requests], self.transform)
         out: list[Any] = [None] * len(requests)
@@ -192,3 +232,21 @@ class ServedModel:
                 out[i] = {"probabilities": probabilities[start:start + len(texts)]}
                 start += len(texts)
         return out
+
+
+def open_index(directory: str | os.PathLike[str], path: str | os.PathLike[str],
+               served: ServedModel) -> Any:
+    """The `vlp.search.Index` at ``directory``, queried with the served model, which must be
+    the one the index was built with (or one with the same embedding width and name)."""
+    from vlp.search import Index
+
+    index = Index(directory)
+    built_with = index.info["model"]
+    given = str(path) if is_pretrained_name(path) else str(Path(path).resolve())
+    if built_with != given:
+        raise ConfigError(f"--index {directory}: built with model {built_with}, not {given}; "
+                          "serve that model or rebuild the index with this one")
+    if index.info["modality"] != "image" and served.tokenizer is None:
+        raise ConfigError(f"--index {directory}: a text index needs the model's tokenizer")
+    index.use_model(served.model, served.tokenizer, served.transform)
+    return index
