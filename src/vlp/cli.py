@@ -371,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cv = sub.add_parser("convert", help="convert checkpoints between vlp, HF, open_clip and "
                                         "original BLIP/LAVIS",
-                        description="Convert between formats: CLIP (vlp, hf, open_clip), CoCa "
-                                    "(vlp, open_clip), BLIP (vlp, hf, lavis: an original BLIP "
+                        description="Convert between formats: CLIP and SigLIP (vlp, hf, "
+                                    "open_clip), CoCa (vlp, open_clip), BLIP (vlp, hf, lavis: "
+                                    "an original BLIP "
                                     "/ LAVIS .pth), BLIP-2 (vlp, hf: Blip2ForConditional"
                                     "Generation with OPT or T5, Blip2ForImageTextRetrieval) "
                                     "and the lm family (vlp, hf: GPT2LMHeadModel).")
@@ -388,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--architecture",
                     help="--to hf, BLIP: the HF class to write (BlipForImageTextRetrieval, "
                          "BlipForConditionalGeneration, BlipForQuestionAnswering; default: the "
-                         "one holding exactly the model's parts)")
+                         "one holding exactly the model's parts); --to open_clip, "
+                         "SigLIP: the timm model name of the image tower (default: the timm "
+                         "SigLIP ViT of the model's shape)")
     cv.add_argument("src", help="source checkpoint directory or file")
     cv.add_argument("dst", help="destination directory (a .pth/.safetensors file for lavis)")
     cv.set_defaults(func=cmd_convert)

@@ -2,7 +2,9 @@
 LAVIS), as strict key maps.
 
 Nothing here imports transformers or open_clip: both formats are plain JSON + safetensors (or a
-weights-only torch file), so the core package works without the ``interop`` extra.
+weights-only torch file), so the core package works without the ``interop`` extra. One
+exception: an open_clip SigLIP config names its image tower by a timm architecture, so reading
+or writing one asks timm (installed with open_clip) what that name builds, on the meta device.
 """
 
 from vlp.interop.convert import FORMATS, convert, load_any, load_vlp

@@ -1,11 +1,12 @@
 """`convert`: move a model between vlp, HF transformers, open_clip and original BLIP/LAVIS.
 
-CLIP: vlp <-> hf <-> open_clip; SigLIP: vlp <-> hf. CoCa: vlp <-> open_clip. BLIP: vlp <-> hf
-(one HF task class per directory) and the original BLIP / LAVIS checkpoint file ("lavis") -> vlp
-/ hf, vlp -> lavis. BLIP-2 and the GPT-2-shaped language model (lm): vlp <-> hf. The source
-format is always given, never guessed from the files; an HF directory's declared ``model_type``
-and an open_clip config's towers pick the family. The model is read and checked completely
-before anything is written, and the target appears atomically."""
+CLIP: vlp <-> hf <-> open_clip; SigLIP: vlp <-> hf <-> open_clip (a timm ViT image tower).
+CoCa: vlp <-> open_clip. BLIP: vlp <-> hf (one HF task class per directory) and the original
+BLIP / LAVIS checkpoint file ("lavis") -> vlp / hf, vlp -> lavis. BLIP-2 and the GPT-2-shaped
+language model (lm): vlp <-> hf. The source format is always given, never guessed from the
+files; an HF directory's declared ``model_type`` and an open_clip config's towers pick the
+family. The model is read and checked completely before anything is written, and the target
+appears atomically."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ from vlp.interop.lavis_blip import load_lavis_blip, save_lavis_blip
 from vlp.interop.open_clip import load_open_clip, save_open_clip
 from vlp.interop.open_clip_coca import load_open_clip_coca, save_open_clip_coca
 from vlp.interop.open_clip_common import locate_files
+from vlp.interop.open_clip_siglip import (
+    is_timm_tower,
+    load_open_clip_siglip,
+    save_open_clip_siglip,
+)
 from vlp.interop.skeleton import (
     ImportedModel,
     TokenizerSource,
@@ -69,10 +75,13 @@ def load_any(
         raise ConfigError(f"config= is for src_format {list(CONFIG_FORMATS)} (an open_clip "
                           "model config JSON; a vlp BLIP preset or config JSON for lavis)")
     if src_format == "open_clip":
-        if _open_clip_is_coca(src, config):
-            if image_size is not None:
-                raise ConfigError("image_size= is not supported for open_clip CoCa models")
+        kind = _open_clip_kind(src, config)
+        if kind != "clip" and image_size is not None:
+            raise ConfigError(f"image_size= is not supported for open_clip {kind} models")
+        if kind == "CoCa":
             return load_open_clip_coca(src, config=config, tokenizer=tokenizer)
+        if kind == "SigLIP":
+            return load_open_clip_siglip(src, config=config, tokenizer=tokenizer)
         return load_open_clip(src, config=config, tokenizer=tokenizer, image_size=image_size)
     if src_format == "lavis":
         imported = load_lavis_blip(src, config=config, image_size=image_size)
@@ -103,12 +112,16 @@ def load_any(
     return ImportedModel(imported.model, chosen)
 
 
-def _open_clip_is_coca(src: str | os.PathLike[str],
-                       config: str | os.PathLike[str] | None) -> bool:
+def _open_clip_kind(src: str | os.PathLike[str], config: str | os.PathLike[str] | None) -> str:
+    """"CoCa", "SigLIP" (a timm image tower) or "clip", from the model config's towers."""
     config_path, _ = locate_files(Path(src), config)
     raw = read_json(config_path)
     model_cfg = raw.get("model_cfg", raw)
-    return isinstance(model_cfg, dict) and "multimodal_cfg" in model_cfg
+    if not isinstance(model_cfg, dict):
+        return "clip"  # the CLIP reader names what is wrong
+    if "multimodal_cfg" in model_cfg:
+        return "CoCa"
+    return "SigLIP" if is_timm_tower(model_cfg) else "clip"
 
 
 def _hf_model_type(src: str | os.PathLike[str]) -> object:
@@ -137,11 +150,14 @@ def convert(
     ``src`` is an open_clip weights file; for "lavis", a vlp BLIP preset name or config JSON
     giving the attention heads and token ids. ``architecture``: the HF BLIP class to write
     (e.g. the captioner of a pretrained BLIP); default the one holding exactly the model's parts.
+    For an open_clip SigLIP, the timm model name of its image tower; default the registered timm
+    SigLIP ViT of the model's vision shape.
     """
     if dst_format not in FORMATS:
         raise ConfigError(f"target format {dst_format!r}; expected one of {list(FORMATS)}")
-    if architecture is not None and dst_format != "hf":
-        raise ConfigError("architecture= names an HF BLIP class; only for dst_format 'hf'")
+    if architecture is not None and dst_format not in ("hf", "open_clip"):
+        raise ConfigError("architecture= names an HF BLIP class (dst_format 'hf') or the timm "
+                          "image tower of an open_clip SigLIP (dst_format 'open_clip')")
     model, loaded_tokenizer = load_any(src, src_format, tokenizer=tokenizer,
                                        image_size=image_size, config=config)
     if dst_format == "hf" and isinstance(model, BLIP2):
@@ -161,6 +177,11 @@ def convert(
         if isinstance(model, CLIP) and is_siglip(model.config):
             return save_hf_siglip(model, dst, loaded_tokenizer)
         return save_hf(model, dst, loaded_tokenizer)
+    if dst_format == "open_clip" and isinstance(model, CLIP) and is_siglip(model.config):
+        return save_open_clip_siglip(model, dst, loaded_tokenizer, architecture)
+    if dst_format == "open_clip" and architecture is not None:
+        raise ConfigError("architecture= names the timm image tower of an open_clip SigLIP; "
+                          "this model is not SigLIP-shaped")
     if dst_format == "open_clip" and isinstance(model, CoCa):
         return save_open_clip_coca(model, dst)
     if dst_format == "open_clip":
