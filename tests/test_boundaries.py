@@ -205,7 +205,7 @@ def test_an_empty_class_folder_is_refused(tmp_path):
         (tmp_path / name).mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "cat" / "1.png")
     (tmp_path / "dog" / "notes.txt").write_text("no images here")
-    with pytest.raises(DataError, match=r"class directory \['dog'\] hold no images"):
+    with pytest.raises(DataError, match=r"class directories \['dog'\] hold no images"):
         build_source("imagefolder", tmp_path)
     Image.new("RGB", (8, 8)).save(tmp_path / "dog" / "1.png")
     assert len(build_source("imagefolder", tmp_path)) == 2

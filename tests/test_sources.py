@@ -175,7 +175,7 @@ def test_image_folder_classes_labels_and_names(tmp_path: Path) -> None:
         for name in names:
             (tmp_path / class_dir / name).write_bytes(png_bytes((1, 2, 3)))
     (tmp_path / "red_circle" / "notes.txt").write_text("not an image")
-    with pytest.raises(DataError, match=r"class directory \['green_star'\] hold no images"):
+    with pytest.raises(DataError, match=r"class directories \['green_star'\] hold no images"):
         ImageFolderSource(tmp_path)  # an empty folder is no class to score
     (tmp_path / "green_star" / "s.png").write_bytes(png_bytes((1, 2, 3)))
     source = ImageFolderSource(tmp_path)

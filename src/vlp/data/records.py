@@ -8,13 +8,16 @@ without depending on each other.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from vlp.errors import DataError
+from vlp.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,3 +126,66 @@ def jsonl_rows(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, An
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             yield where, row
 
+
+def parse_label(value: Any, where: str, key: str) -> int:
+    try:
+        label = int(value)
+    except (TypeError, ValueError):
+        label = None
+    if label is None or (isinstance(value, float) and value != label):
+        raise DataError(f"{where}: label {value!r} in {key!r} is not an integer class index")
+    return label
+
+
+def require_file(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    return path
+
+
+def csv_rows(path: Path, separator: str) -> Iterator[tuple[int, list[str]]]:
+    """``(line, row)`` of a UTF-8 CSV read strictly: an unclosed quote, stray text after a
+    closing quote or a field over the csv module's limit is a DataError naming the line."""
+    if not isinstance(separator, str) or len(separator) != 1 or separator in '"\r\n':
+        raise ConfigError(f"{path}: separator {separator!r}: expected one character other "
+                          "than a quote or a line break (e.g. ',' or a tab)")
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""), delimiter=separator,
+                        strict=True)
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            reason = str(error)
+            if "end of data" in reason:
+                reason = "a quote opened here is never closed"
+            elif "field limit" in reason:
+                reason = (f"a field longer than {csv.field_size_limit()} characters (an "
+                          "unclosed quote?)")
+            raise DataError(f"{path}:{start}: not a well-formed CSV row ({reason})") from None
+        yield start, row
+
+
+def as_text(value: Any, where: str, key: str) -> str | None:
+    if value is None:
+        return value
+    if isinstance(value, str):
+        return check_text(value, f"{where}: {key!r}")
+    raise DataError(f"{where}: {key!r} should be a string, got {type(value).__name__}")
+
+
+def cell(row: list[str], column: int) -> str | None:
+    return row[column] if column < len(row) else None
+
+
+def header_columns(header: list[str], path: Any) -> dict[str, int]:
+    """A CSV header's column positions by name; a name given twice is a DataError."""
+    columns = {name.strip(): i for i, name in enumerate(header)}
+    if len(columns) < len(header):
+        doubled = sorted({name.strip() for name in header
+                          if sum(other.strip() == name.strip() for other in header) > 1})
+        raise DataError(f"{path}:1: the header names column(s) {doubled} more than once")
+    return columns

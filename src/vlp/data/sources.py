@@ -9,9 +9,7 @@ bytes) and are decoded only by the loader, so building a source never opens an i
 
 from __future__ import annotations
 
-import csv
 import inspect
-import io
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -24,10 +22,16 @@ from vlp.data.images import IMAGE_EXTENSIONS, ImageGroups, group_images
 from vlp.data.qa import read_qa_jsonl, target_answer
 from vlp.data.records import (
     Record,
+    as_text,
+    cell,
     check_text,
+    csv_rows,
+    header_columns,
     jsonl_rows,
     parse_json,
+    parse_label,
     read_utf8,
+    require_file,
     resolve_image_path,
 )
 from vlp.data.text import TextCorpus
@@ -126,21 +130,8 @@ class _TableSource(MapSource):
         return f"{type(self).__name__}({self._where!r}, {len(self)} records)"
 
 
-def _parse_label(value: Any, where: str, key: str) -> int:
-    try:
-        label = int(value)
-    except (TypeError, ValueError):
-        label = None
-    if label is None or (isinstance(value, float) and value != label):
-        raise DataError(f"{where}: label {value!r} in {key!r} is not an integer class index")
-    return label
 
 
-def _require_file(path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    return path
 
 
 class CsvSource(_TableSource):
@@ -155,25 +146,18 @@ class CsvSource(_TableSource):
         label_key: str | None = None,
         image_root: str | os.PathLike[str] | None = None,
     ) -> None:
-        path = _require_file(path)
+        path = require_file(path)
         if separator is None:
             separator = "\t" if path.suffix.lower() == ".tsv" else ","
         root = str(image_root) if image_root is not None else str(path.parent)
         images: list[str] = []
         texts: list[str | None] = []
         labels: list[int] = []
-        if not isinstance(separator, str) or len(separator) != 1 or separator in '"\r\n':
-            raise ConfigError(f"{path}: separator {separator!r}: expected one character other "
-                              "than a quote or a line break (e.g. ',' or a tab)")
-        rows = _csv_rows(path, separator)
+        rows = csv_rows(path, separator)
         header = next(rows, (1, None))[1]
         if header is None:
             raise DataError(f"{path}: empty file, expected a header row naming the columns")
-        columns = {name.strip(): i for i, name in enumerate(header)}
-        if len(columns) < len(header):
-            doubled = sorted({name.strip() for name in header
-                              if sum(other.strip() == name.strip() for other in header) > 1})
-            raise DataError(f"{path}:1: the header names column(s) {doubled} more than once")
+        columns = header_columns(header, path)
         wanted = {"image_key": image_key, "caption_key": caption_key, "label_key": label_key}
         for setting, name in wanted.items():
             if name is not None and name not in columns:
@@ -187,39 +171,17 @@ class CsvSource(_TableSource):
         for line, row in rows:
             if not row:
                 continue
-            images.append(resolve_image_path(root, _cell(row, image_col)))
+            images.append(resolve_image_path(root, cell(row, image_col)))
             if text_col is not None:
-                texts.append(_cell(row, text_col))
+                texts.append(cell(row, text_col))
             if label_col is not None:
-                labels.append(_parse_label(_cell(row, label_col), f"{path}:{line}", label_key))
+                labels.append(parse_label(cell(row, label_col), f"{path}:{line}", label_key))
         super().__init__(str(path), images, texts if caption_key is not None else None,
                          labels if label_key is not None else None)
 
 
-def _csv_rows(path: Path, separator: str) -> Iterator[tuple[int, list[str]]]:
-    """``(line, row)`` of a UTF-8 CSV read strictly: an unclosed quote, stray text after a
-    closing quote or a field over the csv module's limit is a DataError naming the line."""
-    reader = csv.reader(io.StringIO(read_utf8(path), newline=""), delimiter=separator,
-                        strict=True)
-    while True:
-        start = reader.line_num + 1
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as error:
-            reason = str(error)
-            if "end of data" in reason:
-                reason = "a quote opened here is never closed"
-            elif "field limit" in reason:
-                reason = (f"a field longer than {csv.field_size_limit()} characters (an "
-                          "unclosed quote?)")
-            raise DataError(f"{path}:{start}: not a well-formed CSV row ({reason})") from None
-        yield start, row
 
 
-def _cell(row: list[str], column: int) -> str | None:
-    return row[column] if column < len(row) else None
 
 
 class JsonlSource(_TableSource):
@@ -233,7 +195,7 @@ class JsonlSource(_TableSource):
         label_key: str | None = None,
         image_root: str | os.PathLike[str] | None = None,
     ) -> None:
-        path = _require_file(path)
+        path = require_file(path)
         root = str(image_root) if image_root is not None else str(path.parent)
         images: list[str] = []
         texts: list[str | None] = []
@@ -247,15 +209,15 @@ class JsonlSource(_TableSource):
                             if "question" in row else "")
                     raise DataError(f"{where}: no key {key!r} ({setting}); keys present: "
                                     f"{list(row)}{hint}")
-            image = resolve_image_path(root, _as_text(row[image_key], where, image_key))
+            image = resolve_image_path(root, as_text(row[image_key], where, image_key))
             captions: list[str | None] = [None]
             if caption_key is not None:
                 value = row[caption_key]
                 if isinstance(value, list):
-                    captions = [_as_text(v, where, caption_key) for v in value]
+                    captions = [as_text(v, where, caption_key) for v in value]
                 else:
-                    captions = [_as_text(value, where, caption_key)]
-            label = (_parse_label(row[label_key], where, label_key)
+                    captions = [as_text(value, where, caption_key)]
+            label = (parse_label(row[label_key], where, label_key)
                      if label_key is not None else None)
             for caption in captions:
                 images.append(image)
@@ -266,12 +228,6 @@ class JsonlSource(_TableSource):
                          labels if label_key is not None else None)
 
 
-def _as_text(value: Any, where: str, key: str) -> str | None:
-    if value is None:
-        return value
-    if isinstance(value, str):
-        return check_text(value, f"{where}: {key!r}")
-    raise DataError(f"{where}: {key!r} should be a string, got {type(value).__name__}")
 
 
 class CocoSource(_TableSource):
@@ -282,7 +238,7 @@ class CocoSource(_TableSource):
 
     def __init__(self, annotation_json: str | os.PathLike[str],
                  image_root: str | os.PathLike[str] | None = None) -> None:
-        path = _require_file(annotation_json)
+        path = require_file(annotation_json)
         root = str(image_root) if image_root is not None else str(path.parent)
         data = parse_json(read_utf8(path), str(path))
         if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
@@ -312,7 +268,7 @@ class CocoSource(_TableSource):
                 raise DataError(f"{path}: annotations[{i}] refers to image_id {image_id!r}, "
                                 f"which is not in 'images'")
             images.append(file_of_image[image_id])
-            texts.append(_as_text(annotation.get("caption"), f"{path}: annotations[{i}]",
+            texts.append(as_text(annotation.get("caption"), f"{path}: annotations[{i}]",
                                   "caption"))
             keys.append(str(annotation.get("id", i)))
         self._image_order = [file_of_image[image["id"]] for image in data["images"]]
@@ -384,11 +340,9 @@ class ImageFolderSource(MapSource):
                         labels.append(label)
             if len(paths) == before:
                 empty.append(class_dir)
-        if empty and classes is None:  # a class with no image is no class (a given
-            # label space may name classes a split lacks)
-            raise DataError(f"{root}: class director{'ies' if len(empty) > 1 else 'y'} "
-                            f"{empty[:10]} hold no images with extensions {list(suffixes)}; "
-                            "remove them or add their images")
+        if empty and classes is None:  # no image, no class (a given label space may lack some)
+            raise DataError(f"{root}: class directories {empty[:10]} hold no images with "
+                            f"extensions {list(suffixes)}; remove them or add their images")
         if not paths:
             raise DataError(f"{root}: no images with extensions {list(suffixes)} in class dirs")
         self._paths = _StringColumn(paths)
