@@ -14,7 +14,7 @@ from vlp.train.config import TrainConfig
 
 SUBCOMMANDS = [["data", "synth"], ["train"], ["eval"], ["zeroshot"], ["embed"], ["caption"],
                ["convert"], ["demo"], ["capfilt"], ["models"], ["serve"], ["benchmark"],
-               ["report"]]
+               ["report"], ["index"], ["search"]]
 
 
 def test_every_subcommand_is_covered_by_the_help_test():
