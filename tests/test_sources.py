@@ -8,12 +8,14 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from vlp.data import (
     CocoSource,
     CsvSource,
     ImageFolderSource,
+    ImageTransform,
     JsonlSource,
     ListSource,
     WebDatasetSource,
@@ -21,6 +23,7 @@ from vlp.data import (
     expand_braces,
     expand_urls,
     infer_source_kind,
+    make_loader,
 )
 from vlp.data.webdataset import scan_shard
 from vlp.errors import ConfigError, DataError
@@ -247,10 +250,44 @@ def test_webdataset_labels_and_given_sample_count(tmp_path: Path) -> None:
     assert next(iter(source)).label == 4 and source.has_labels
 
 
-def test_webdataset_uses_img2dataset_stats_for_counts(tmp_path: Path) -> None:
-    write_shard(tmp_path / "00000.tar", [{"key": "a", "image": png_bytes((0, 0, 0)), "txt": "x"}])
-    (tmp_path / "00000_stats.json").write_text(json.dumps({"successes": 5}))
-    assert WebDatasetSource(tmp_path).num_samples == 5
+def test_webdataset_stats_that_disagree_with_the_shard_are_refused(tmp_path: Path) -> None:
+    write_shard(tmp_path / "00000.tar", [{"key": k, "image": png_bytes((0, 0, i)), "txt": "x"}
+                                         for i, k in enumerate("ab")])
+    stats = tmp_path / "00000_stats.json"
+    stats.write_text(json.dumps({"successes": 2}))
+    assert WebDatasetSource(tmp_path).num_samples == 2
+    for wrong in (5, 1):  # an epoch of 5 (each sample repeated) or 1 (one never seen)
+        stats.write_text(json.dumps({"successes": wrong}))
+        with pytest.raises(DataError, match=f"^{stats}: says {wrong} samples .* holds 2; fix"):
+            _ = WebDatasetSource(tmp_path).num_samples
+
+
+def test_webdataset_duplicate_keys_are_skipped_and_named(tmp_path: Path) -> None:
+    shard = tmp_path / "0.tar"
+    write_shard(shard, [{"key": "a", "image": png_bytes((0, 0, 1)), "txt": "first"},
+                        {"key": "a", "image": png_bytes((0, 0, 2)), "txt": "second"},
+                        {"key": "b", "image": png_bytes((0, 0, 3)), "txt": "third"}])
+    samples = list(scan_shard(str(shard)))
+    assert [(s.key, s.lost, s.reason) for s in samples] == [
+        ("a", False, "truncated_shard"), ("a", True, "duplicate_key"), ("b", False,
+                                                                       "truncated_shard")]
+    assert samples[1].note == f"{shard}#a: duplicate_key"
+    source = WebDatasetSource(shard)
+    assert source.num_samples == 3 and [r.text for r in source] == ["first", "third"]
+    loader = make_loader(source, transform=ImageTransform(8, (0.5,) * 3, (0.5,) * 3, train=False),
+                         tokenizer=lambda texts: torch.ones(len(texts), 4, dtype=torch.long),
+                         batch_size=3, train=False)
+    assert sum(len(b["index"]) for b in loader) == 2
+    assert loader.skipped_report() == {"duplicate_key": 1}
+    assert loader.skipped_items() == [f"{shard}#a: duplicate_key"]
+
+
+def test_a_huge_brace_range_is_refused_before_expanding(tmp_path: Path) -> None:
+    pattern = str(tmp_path / "shard-{000000..999999999}.tar")
+    with pytest.raises(DataError, match=r"expands to more than 1,000,000 names"):
+        WebDatasetSource(pattern)
+    with pytest.raises(DataError, match=r"more than 1,000,000"):
+        expand_braces("{0..999}-{0..999}-{0..9}")
 
 
 def test_webdataset_rejects_a_non_tar_shard(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from vlp.data.records import Record
 Batch = dict[str, Any]
 Tokenizer = Callable[[list[str]], torch.Tensor]
 SKIP_REASONS = ("missing_image", "corrupt_image", "not_a_file", "missing_caption", "missing_label",
-                "truncated_shard")
+                "truncated_shard", "duplicate_key")
 MAX_SKIPPED_ITEMS = 100  # skipped samples listed per epoch (all are counted)
 # carried from workers inside each batch, popped by Loader
 _SKIPPED_KEY = "_skipped_by_reason"

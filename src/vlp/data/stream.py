@@ -186,7 +186,7 @@ class _StreamBatches(IterableDataset):
             index = (shard_index << 32) | position
             seed = derive_seed(self.seed, self.epoch, shard_index, position, pass_number)
             if sample.lost:
-                yield index, _Lost("truncated_shard", sample.note), seed, None
+                yield index, _Lost(sample.reason, sample.note), seed, None
                 continue
             read = lambda offset, size, shard=shard_index: reader.read(shard, offset, size)
             thunk = lambda sample=sample, read=read: decode_tar_sample(sample, read, label_key)

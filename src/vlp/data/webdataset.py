@@ -26,10 +26,32 @@ from vlp.errors import ConfigError, DataError
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_BRACES = re.compile(r"\{([^{}]*)\}")
+MAX_SHARD_NAMES = 1_000_000  # names one shard pattern may expand to
+
+
+def _brace_choices(body: str) -> int:
+    numeric = _RANGE.match(body)
+    if numeric:
+        return abs(int(numeric.group(2)) - int(numeric.group(1))) + 1
+    return body.count(",") + 1
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """``a-{000..002}.tar`` -> three names (zero padded as written); ``{x,y}`` -> alternatives."""
+    """``a-{000..002}.tar`` -> three names (zero padded as written); ``{x,y}`` -> alternatives.
+
+    A pattern naming more than `MAX_SHARD_NAMES` shards is a DataError, raised before any
+    name is made."""
+    total = 1
+    for body in _BRACES.findall(pattern):
+        total *= _brace_choices(body)
+        if total > MAX_SHARD_NAMES:
+            raise DataError(f"{pattern}: the shard pattern expands to more than "
+                            f"{MAX_SHARD_NAMES:,} names; expected a range of existing shards")
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> list[str]:
     match = re.search(r"\{([^{}]*)\}", pattern)
     if match is None:
         return [pattern]
@@ -43,7 +65,7 @@ def expand_braces(pattern: str) -> list[str]:
         choices = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
     else:
         choices = body.split(",")
-    return [name for choice in choices for name in expand_braces(head + choice + tail)]
+    return [name for choice in choices for name in _expand(head + choice + tail)]
 
 
 def expand_urls(urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -74,14 +96,17 @@ def expand_urls(urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
 class TarSample:
     """One sample's members in a shard: extension -> (data offset, size), read lazily.
 
-    A placeholder with `lost` set stands for a sample lost to damage (a truncated shard): it
-    has no members; its `note` (on the first placeholder of a shard only) says what was lost.
+    A placeholder with `lost` set stands for a sample that is skipped for `reason`:
+    "truncated_shard" (lost to damage: no members; its `note`, on the first placeholder of a
+    shard only, says what was lost) or "duplicate_key" (a second sample right after one with
+    the same key, which webdataset would merge into it; its `note` names shard and key).
     """
 
     key: str
     members: dict[str, tuple[int, int]] = field(default_factory=dict)
     lost: bool = False
     note: str = ""
+    reason: str = "truncated_shard"
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
@@ -109,7 +134,8 @@ def scan_shard(path: str, *, strict: bool = True) -> Iterator[TarSample]:
     """Samples of one uncompressed tar in file order, from headers only (no data is read).
 
     Consecutive members with the same key (path up to the first dot of the file name) form
-    one sample, as webdataset does.
+    one sample, as webdataset does; a member whose extension the sample already has starts a
+    second sample with that key, which is skipped as "duplicate_key" (never merged).
 
     A damaged shard (cut inside a header or a member's data, no end-of-archive block, a
     garbled header) yields the samples before the damage, then `lost` placeholders: as many
@@ -160,11 +186,16 @@ def scan_shard(path: str, *, strict: bool = True) -> Iterator[TarSample]:
                     break
                 if not wanted:
                     continue
-                if current is None or key != current.key:
+                duplicate = current is not None and key == current.key and (
+                    ext in current.members)
+                if current is None or key != current.key or duplicate:
                     if current is not None:
                         complete += 1
                         yield current
                     current = TarSample(key)
+                    if duplicate:
+                        current.lost, current.reason = True, "duplicate_key"
+                        current.note = f"{path}#{key}: duplicate_key"
                     current_start = info.offset
                 current.members[ext] = (info.offset_data, info.size)
         if current is not None:
@@ -189,6 +220,22 @@ def _lost_samples(path: str, offset: int, complete: int, cut_key: str | None
     for i in range(count):
         yield TarSample((cut_key or "") if i == 0 else "", lost=True,
                         note=note if i == 0 else "")
+
+
+def _checked_count(shard: str) -> int:
+    """Samples of a shard (lost ones included) from its tar headers. An img2dataset
+    ``_stats.json`` only says how many samples a damaged shard lost; one that disagrees with
+    what the shard holds is a DataError naming it, never an epoch of the wrong size."""
+    expected = _stats_count(shard)
+    samples = list(scan_shard(shard, strict=expected is None))
+    damaged = any(s.lost and s.reason == "truncated_shard" for s in samples)
+    intact = sum(1 for s in samples if not (s.lost and s.reason == "truncated_shard"))
+    if expected is not None and (expected < intact or (expected != intact and not damaged)):
+        stats = Path(shard).with_name(Path(shard).stem + "_stats.json")
+        raise DataError(f"{stats}: says {expected} samples (successes) but {shard} holds "
+                        f"{intact}{' before its damage' if damaged else ''}; fix or delete the "
+                        f"stats file")
+    return len(samples)
 
 
 def _stats_count(shard: str) -> int | None:
@@ -255,8 +302,8 @@ class WebDatasetSource:
     """A stream of tar shards (img2dataset layout); the loader splits shards across workers.
 
     `num_samples` sets the epoch size; without it, shards are counted once from their tar
-    headers (or img2dataset ``*_stats.json`` files). With `label_key`, labels come from a
-    ``.cls`` member or that field of the ``.json`` member.
+    headers (img2dataset ``*_stats.json`` files are checked against them). With `label_key`,
+    labels come from a ``.cls`` member or that field of the ``.json`` member.
 
     Samples lost to a truncated shard stay in the counts (see `scan_shard`), so the epoch size
     does not depend on which shards are damaged; the loader skips them as "truncated_shard".
@@ -288,8 +335,7 @@ class WebDatasetSource:
             shards = tqdm(self.shards, desc="counting WebDataset samples", unit="shard",
                           disable=len(self.shards) < 16, leave=False)
             for shard in shards:
-                count = _stats_count(shard)
-                sizes.append(count if count is not None else sum(1 for _ in scan_shard(shard)))
+                sizes.append(_checked_count(shard))
             self._shard_sizes = sizes
         return self._shard_sizes
 

@@ -109,7 +109,7 @@ def _shard_items(shard: str) -> Items:
         for sample in scan_shard(shard):
             if sample.lost:
                 items.lost.append((f"{name}#{sample.key}" if sample.key else name,
-                                   "truncated_shard"))
+                                   sample.reason))
                 continue
             fields = tar_sample_fields(sample, read)
             offset, size = sample.members.get(fields.image_ext or "", (None, None))
