@@ -10,8 +10,10 @@ timm's SigLIP pattern and let open_clip build it from the config, as it builds
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 open_clip = pytest.importorskip("open_clip")
@@ -31,6 +33,7 @@ from vlp.interop.open_clip_siglip import (  # noqa: E402
     timm_name_for,
 )
 from vlp.models import build_model  # noqa: E402
+from vlp.tokenizers import train_tokenizer  # noqa: E402
 
 ATOL = 1e-5
 IMAGE, CONTEXT, VOCAB = 32, 12, 99
@@ -172,6 +175,28 @@ def test_cli_round_trip_and_hub_name(tmp_path, monkeypatch):
     (base / "refs" / "main").write_text(commit)
     named = vlp.load("open_clip:ViT-B-16-SigLIP/webli").eval()
     assert_close(expected, vlp_outputs(named, pixels, ids), "open_clip: name")
+
+
+def test_export_with_tokenizer_runs_in_open_clip_transforms_and_tokenizer(tmp_path):
+    captions = ["a red circle", "a blue square", "two green stars", "This is a photo of"] * 5
+    tokenizer = train_tokenizer(captions, vocab_size=300, context_length=CONTEXT)
+    model_cfg = tiny_config(vocab_size=tokenizer.vocab_size)
+    save_local_dir(reference_model(model_cfg, seed=5), model_cfg, tmp_path / "oc")
+    model = load_any(tmp_path / "oc", "open_clip").model
+    vlp.save(model, tmp_path / "vlp", tokenizer=tokenizer)
+    convert(tmp_path / "vlp", tmp_path / "export", "vlp", "open_clip")
+
+    name = f"local-dir:{tmp_path / 'export'}"
+    reference, _, preprocess = open_clip.create_model_and_transforms(name)
+    their_tokenizer = open_clip.get_tokenizer(name)
+    prompts = ["a red circle", "two green stars and a blue square"]
+    assert torch.equal(their_tokenizer(prompts), tokenizer(prompts))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (47, 61, 3),
+                                                              dtype=np.uint8))
+    pixels = vlp.image_transform(model, train=False)(image)[None]
+    assert (preprocess(image)[None] - pixels).abs().max().item() <= ATOL
+    assert_close(ref_outputs(reference.eval(), pixels, their_tokenizer(prompts)),
+                 vlp_outputs(model, pixels, tokenizer(prompts)), "open_clip client")
 
 
 @pytest.mark.parametrize("name", ["ViT-B-16-SigLIP", "ViT-SO400M-14-SigLIP", "ViT-B-16-SigLIP2"])

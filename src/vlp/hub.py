@@ -63,6 +63,8 @@ PRETRAINED = (
                "OpenAI CLIP ViT-L/14 (transformers)"),
     Pretrained("open_clip:ViT-B-32/laion2b_s34b_b79k", "clip", "clip-vit-b-32",
                "LAION-2B open_clip ViT-B/32 (open_clip)"),
+    Pretrained("open_clip:ViT-B-16-SigLIP/webli", "clip", None,
+               "SigLIP ViT-B/16, WebLI (open_clip, timm image tower)"),
     Pretrained("hf-hub:Salesforce/blip-image-captioning-base", "blip", "blip-vit-b-16",
                "BLIP captioning, ViT-B (transformers)", _CAPTIONER),
     Pretrained("hf-hub:Salesforce/blip-image-captioning-large", "blip", "blip-vit-l-16",
