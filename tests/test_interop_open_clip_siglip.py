@@ -199,6 +199,23 @@ def test_export_with_tokenizer_runs_in_open_clip_transforms_and_tokenizer(tmp_pa
                  vlp_outputs(model, pixels, tokenizer(prompts)), "open_clip client")
 
 
+def test_exports_open_clip_cannot_build_are_refused(tmp_path):
+    siglip_shaped = vlp.create_model(
+        "siglip-tiny", vision={"class_token": False, "pool": "map", "pre_norm": False,
+                               "patch_bias": True},
+        text={"causal": False, "pool": "last", "padding": "none"}, image_proj=False,
+        init_logit_bias=-10.0, proj_bias=True)
+    with pytest.raises(ConfigError, match="no timm SigLIP architecture builds this vision tower "
+                                          r"\(image_size 64, patch_size 16, width 128"):
+        save_open_clip_siglip(siglip_shaped, tmp_path / "out")
+    with pytest.raises(ConfigError, match="architecture='convnext_tiny' is a timm ConvNeXt"):
+        save_open_clip_siglip(siglip_shaped, tmp_path / "out", timm_model_name="convnext_tiny")
+    vlp.save(vlp.create_model("clip-tiny"), tmp_path / "clip")
+    with pytest.raises(ConfigError, match="this model is not SigLIP-shaped"):
+        convert(tmp_path / "clip", tmp_path / "out", "vlp", "open_clip", architecture=TINY)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["ViT-B-16-SigLIP", "ViT-SO400M-14-SigLIP", "ViT-B-16-SigLIP2"])
 def test_real_configs_map_every_tensor_and_name_their_timm_tower(name):
     """On the meta device: vlp's model for the real config, through the key map, has exactly

@@ -97,11 +97,10 @@ def _timm() -> Any:
     return timm
 
 
-def timm_trunk(name: str, where: str) -> nn.Module:
+def timm_trunk(name: str, field: str) -> nn.Module:
     """The timm trunk open_clip builds for ``name`` with the MAP pool and no classifier, on the
-    meta device; CheckpointError unless it is a timm ``VisionTransformer``."""
+    meta device; CheckpointError naming ``field`` unless it is a timm ``VisionTransformer``."""
     timm = _timm()
-    field = f"{where}: vision_cfg.timm_model_name={name!r}"
     if not isinstance(name, str) or not timm.is_model(name):
         raise CheckpointError(f"{field} is not a timm architecture (timm {timm.__version__})")
     from timm.models.vision_transformer import VisionTransformer
@@ -242,7 +241,7 @@ def siglip_config_from_open_clip(model_cfg: dict[str, Any], where: str = CONFIG_
                                   f"supported; vlp reads SigLIP's timm towers ({key} {wanted!r})")
     name = vision["timm_model_name"]
     field = f"{where}: vision_cfg.timm_model_name={name!r}"
-    fields = trunk_vision_fields(timm_trunk(name, where), field)
+    fields = trunk_vision_fields(timm_trunk(name, field), field)
     size = vision.get("image_size", fields["image_size"])
     if size not in (fields["image_size"], [fields["image_size"]] * 2):
         raise CheckpointError(f"{where}: vision_cfg.image_size={size!r} differs from the "
@@ -278,8 +277,8 @@ def _shape_of(vision: VisionConfig) -> dict[str, Any]:
             "norm_eps": vision.norm_eps}
 
 
-def _trunk_shape(name: str) -> dict[str, Any]:
-    fields = trunk_vision_fields(timm_trunk(name, "timm"), f"timm model {name!r}")
+def _trunk_shape(name: str, field: str) -> dict[str, Any]:
+    fields = trunk_vision_fields(timm_trunk(name, field), field)
     return _shape_of(VisionConfig(**fields))
 
 
@@ -289,9 +288,9 @@ def timm_name_for(vision: VisionConfig, name: str | None = None) -> str:
     want = _shape_of(vision)
     if name is not None:
         try:
-            got = _trunk_shape(name)
+            got = _trunk_shape(name, f"architecture={name!r}")
         except CheckpointError as error:
-            raise ConfigError(f"architecture={name!r}: {error}") from error
+            raise ConfigError(str(error)) from error
         wrong = [f"{k} {got[k]} (model: {want[k]})" for k in want if got[k] != want[k]]
         if wrong:
             raise ConfigError(f"architecture={name!r} does not build this vision tower: "
@@ -301,7 +300,7 @@ def timm_name_for(vision: VisionConfig, name: str | None = None) -> str:
     for candidate in sorted(_timm().list_models(pattern),
                             key=lambda n: ("_gap_" in n, len(n), n)):
         try:
-            if _trunk_shape(candidate) == want:
+            if _trunk_shape(candidate, f"timm model {candidate!r}") == want:
                 return candidate
         except CheckpointError:
             continue
