@@ -4,13 +4,16 @@ lacks, a batch size below 1 or an unknown CapFilt stage is one line before any w
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 
 from vlp.cli import main
 from vlp.cliargs import range_error
 from vlp.data.images import image_batches
-from vlp.errors import ConfigError
+from vlp.errors import ConfigError, VlpError
 from vlp.train.distributed import check_device
 
 
@@ -101,3 +104,30 @@ def test_unknown_capfilt_stages_are_refused(tmp_path, capsys):
 ])
 def test_ranges(value, valid, ok):
     assert (range_error(value, valid) is None) == ok
+
+
+@pytest.mark.parametrize("change, field, expected", [
+    ({"vision": {"width": 10**9}}, "vision.width", "an integer in [1, 32768]"),
+    ({"text": {"layers": -1}}, "text.layers", "an integer in [0, 1024]"),
+    ({"text": {"vocab_size": 0}}, "text.vocab_size", "an integer in [1, 4194304]"),
+    ({"vision": {"patch_dropout": 2.0}}, "vision.patch_dropout", "a number in [0, 1]"),
+    ({"embed_dim": 10**12}, "embed_dim", "an integer in [1, 32768]"),
+])
+def test_absurd_model_config_sizes_are_refused_before_allocation(tmp_path, capsys, change,
+                                                                 field, expected):
+    import vlp
+    from vlp.config import config_to_dict, get_preset
+
+    data = config_to_dict(get_preset("clip-tiny"))
+    for key, value in change.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) else value
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(data))
+    with pytest.raises(VlpError, match=re.escape(f"config.json.{field}=")):
+        vlp.load(model_dir)
+    overrides = json.dumps(change)
+    err = _run(["train", "--model", "clip-tiny", "--model-overrides", overrides, "--train-data",
+                str(tmp_path / "none.csv"), "--output-dir", str(tmp_path / "run"),
+                "--max-steps", "1"], capsys)
+    assert f"{field}=" in err and expected in err

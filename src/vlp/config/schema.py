@@ -20,27 +20,45 @@ from vlp.errors import ConfigError
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# the largest sizes a config may declare: well above any released model, far below what would
+# exhaust memory before the first tensor is made
+MAX_IMAGE_SIZE = 16384
+MAX_WIDTH = 1 << 15
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_MLP_RATIO = 64
+MAX_VOCAB = 1 << 22
+MAX_CONTEXT = 1 << 16
+MAX_QUERIES = 4096
+MAX_QUEUE = 1 << 24
+
+
+def bounded(default: Any, low: float, high: float) -> Any:
+    """A numeric config field and its range [low, high], declared beside it; reading a config
+    from JSON (or overrides) refuses a value outside it, naming the field."""
+    return field(default=default, metadata={"bounds": (low, high)})
+
 
 @dataclass
 class VisionConfig:
-    image_size: int = 224
-    patch_size: int = 32
-    width: int = 768
-    layers: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
+    image_size: int = bounded(224, 1, MAX_IMAGE_SIZE)
+    patch_size: int = bounded(32, 1, MAX_IMAGE_SIZE)
+    width: int = bounded(768, 1, MAX_WIDTH)
+    layers: int = bounded(12, 0, MAX_LAYERS)
+    heads: int = bounded(12, 1, MAX_HEADS)
+    mlp_ratio: float = bounded(4.0, 0, MAX_MLP_RATIO)
     act: str = "gelu"  # "gelu" or "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP)
-    norm_eps: float = 1e-5
+    norm_eps: float = bounded(1e-5, 0, 1)
     pre_norm: bool = True  # LayerNorm on the embedded tokens before the blocks (open_clip ln_pre)
     class_token: bool = True  # a learned token before the patches (SigLIP has none)
     # "cls", "mean", "map" (a learned probe attends to the tokens, then a residual MLP: SigLIP's
     # attention pooling head) or "none"
     pool: str = "cls"
-    patch_dropout: float = 0.0  # FLIP: fraction of patch tokens dropped in training
-    dropout: float = 0.0
+    patch_dropout: float = bounded(0.0, 0, 1)  # FLIP: fraction of patch tokens dropped in training
+    dropout: float = bounded(0.0, 0, 1)
     # stochastic depth: the last block's drop-path rate, 0 at the first (BLIP's VQA ViT and
     # SimVLM fine-tuning: 0.1)
-    drop_path: float = 0.0
+    drop_path: float = bounded(0.0, 0, 1)
     mean: tuple[float, float, float] = OPENAI_MEAN  # image normalisation of the preprocessing
     std: tuple[float, float, float] = OPENAI_STD
     resize_mode: str = "shortest"  # eval resize: "shortest" side then center crop, or "squash"
@@ -51,14 +69,14 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    vocab_size: int = 49408
-    context_length: int = 77
-    width: int = 512
-    layers: int = 12
-    heads: int = 8
-    mlp_ratio: float = 4.0
+    vocab_size: int = bounded(49408, 1, MAX_VOCAB)
+    context_length: int = bounded(77, 1, MAX_CONTEXT)
+    width: int = bounded(512, 1, MAX_WIDTH)
+    layers: int = bounded(12, 0, MAX_LAYERS)
+    heads: int = bounded(8, 1, MAX_HEADS)
+    mlp_ratio: float = bounded(4.0, 0, MAX_MLP_RATIO)
     act: str = "gelu"
-    norm_eps: float = 1e-5
+    norm_eps: float = bounded(1e-5, 0, 1)
     causal: bool = True  # causal self-attention (CLIP text tower) or bidirectional
     # "eos": first eos_id token; "argmax": highest token id (open_clip); "first"; "mean"; "last":
     # the last position, padding included (SigLIP pads to the context and pools there)
@@ -71,8 +89,9 @@ class TextConfig:
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
-    dropout: float = 0.0
-    drop_path: float = 0.0  # stochastic depth of pre-LN text blocks (last block's rate)
+    dropout: float = bounded(0.0, 0, 1)
+    # stochastic depth of pre-LN text blocks (last block's rate)
+    drop_path: float = bounded(0.0, 0, 1)
 
 
 VQA_PROMPT = "Question: {} Short answer:"  # BLIP-2 zero-shot VQA (paper; LAVIS, OPT and FlanT5)
@@ -105,7 +124,7 @@ class ModelConfig:
 @dataclass
 class ClipConfig(ModelConfig):
     family: str = "clip"
-    embed_dim: int = 512
+    embed_dim: int = bounded(512, 1, MAX_WIDTH)
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip" (pairwise sigmoid)
@@ -124,17 +143,19 @@ class CocaConfig(ModelConfig):
     with an appended CLS and a multimodal decoder cross-attending to pooled image tokens."""
 
     family: str = "coca"
-    embed_dim: int = 512  # contrastive embedding size, also the width of the pooled image tokens
+    # contrastive embedding size, also the width of the pooled image tokens
+    embed_dim: int = bounded(512, 1, MAX_WIDTH)
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(pool="none"))
     # unimodal text decoder; context_length counts text tokens, the appended CLS takes one more
     text: TextConfig = field(default_factory=lambda: TextConfig(context_length=76))
-    decoder_layers: int = 12  # multimodal decoder, as wide as the text tower
-    decoder_heads: int = 8
+    # multimodal decoder, as wide as the text tower
+    decoder_layers: int = bounded(12, 0, MAX_LAYERS)
+    decoder_heads: int = bounded(8, 1, MAX_HEADS)
     # "separate": a 1-query contrastive pooler + a caption_queries pooler (paper); "shared": one
     # caption_queries pooler, query 0 -> contrastive, the rest -> decoder (open_clip)
     pooler: str = "separate"
-    caption_queries: int = 256
-    pooler_heads: int = 8
+    caption_queries: int = bounded(256, 1, MAX_QUERIES)
+    pooler_heads: int = bounded(8, 1, MAX_HEADS)
     tie_lm_head: bool = False  # LM head reuses the token embedding matrix
     caption_weight: float = 2.0  # lambda_Cap of the paper
     contrastive_weight: float = 1.0  # lambda_Con of the paper
@@ -153,7 +174,7 @@ class BlipConfig(ModelConfig):
     unimodal encoder (ITC), image-grounded encoder (ITM) and image-grounded decoder (LM)."""
 
     family: str = "blip"
-    embed_dim: int = 256  # ITC projection size
+    embed_dim: int = bounded(256, 1, MAX_WIDTH)  # ITC projection size
     # BLIP's ViT: no pre-norm, final LN, patch conv with bias; eps 1e-6 (HF BLIP: 1e-5)
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(
         image_size=224, patch_size=16, norm_eps=1e-6, pre_norm=False, patch_bias=True))
@@ -172,7 +193,7 @@ class BlipConfig(ModelConfig):
     text_decoder: bool = True  # causal text transformer + LM head (captions, VQA answers)
     retrieval_heads: bool = True  # vision_proj, text_proj, itm_head and the ITC temperature
     # ITC feature queue; 0: no momentum encoders or queue (plain in-batch ITC, as imported)
-    queue_size: int = 57600
+    queue_size: int = bounded(57600, 0, MAX_QUEUE)
     momentum: float = 0.995  # EMA of the momentum encoders
     alpha: float = 0.4  # weight of the momentum soft targets in ITC
     alpha_warmup_steps: int = 0  # alpha ramps linearly from 0 over these steps (BLIP: 2 epochs)
@@ -198,9 +219,10 @@ class Blip2Config(ModelConfig):
     BERT-style transformer) and, in stage 2, a frozen LLM fed the projected query outputs."""
 
     family: str = "blip2"
-    embed_dim: int = 256  # ITC projection size
-    num_queries: int = 32
-    cross_attention_freq: int = 2  # queries cross-attend to the image in layers 0, k, 2k, ...
+    embed_dim: int = bounded(256, 1, MAX_WIDTH)  # ITC projection size
+    num_queries: int = bounded(32, 1, MAX_QUERIES)
+    # queries cross-attend to the image in layers 0, k, 2k, ...
+    cross_attention_freq: int = bounded(2, 1, MAX_LAYERS)
     # the Q-Former: bert-base-uncased + [DEC] (30522); post-LN; dropout 0.1 (LAVIS, HF)
     text: TextConfig = field(default_factory=lambda: TextConfig(
         vocab_size=30523, context_length=512, width=768, layers=12, heads=12, act="gelu",
@@ -234,7 +256,7 @@ class Blip2Config(ModelConfig):
     # tokenizer directory; None: llm_path's) to at most llm_context_length tokens (LAVIS
     # max_txt_len); `text` stays the Q-Former's
     llm_tokenizer: str | None = None
-    llm_context_length: int = 32
+    llm_context_length: int = bounded(32, 1, MAX_CONTEXT)
     init_temp: float = 0.07  # ITC temperature, learnable and unclamped (LAVIS)
     itc_label_smoothing: float = 0.1
     label_smoothing: float = 0.1  # ITG cross-entropy
@@ -275,8 +297,10 @@ class SimvlmConfig(ModelConfig):
         image_size=224, patch_size=16, width=768, layers=12, heads=12, pool="none"))
     text: TextConfig = field(default_factory=lambda: TextConfig(
         vocab_size=32000, context_length=64, width=768, layers=12, heads=12))
-    conv_blocks: int = 3  # ResNet-style stages before the patch projection; 0: plain ViT patches
-    conv_width: int = 64  # channels of the first stage, doubled by each further stage
+    # ResNet-style stages before the patch projection; 0: plain ViT patches
+    conv_blocks: int = bounded(3, 0, 16)
+    # channels of the first stage, doubled by each further stage
+    conv_width: int = bounded(64, 1, MAX_WIDTH)
     # ablation (§4.4): one stack of vision.layers + text.layers blocks, prefix-masked, instead
     # of encoder + decoder
     decoder_only: bool = False
@@ -324,11 +348,17 @@ def _from_dict(cls: type, data: dict, where: str) -> Any:
     check_fields(cls, data, where)
     kwargs = {}
     hints = typing.get_type_hints(cls)
+    bounds = {f.name: f.metadata["bounds"] for f in dataclasses.fields(cls)
+              if "bounds" in f.metadata}
     for key, value in data.items():
         if key in _NESTED and isinstance(value, dict):
             value = _from_dict(_NESTED[key], value, f"{where}.{key}")
         else:
             _check_type(value, hints.get(key), f"{where}.{key}")
+            if key in bounds and not bounds[key][0] <= value <= bounds[key][1]:
+                kind = "an integer" if isinstance(value, int) else "a number"
+                raise ConfigError(f"{where}.{key}={value!r}: expected {kind} in "
+                                  f"[{bounds[key][0]}, {bounds[key][1]}]")
             if isinstance(value, list):
                 value = tuple(value)
         kwargs[key] = value
