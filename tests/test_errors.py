@@ -71,3 +71,26 @@ def test_debug_shows_the_traceback(tmp_path, malicious, how, capsys, monkeypatch
         assert err.count("\n") == 1
     else:
         assert "Traceback (most recent call last)" in err and "read_state_dict" in err
+
+
+def _image_folder(root):
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(root / name / "0.png")
+    return root
+
+
+def test_an_image_folder_as_training_data_with_a_tokenizer_is_one_line(tmp_path, capsys):
+    from vlp.tokenizers import train_tokenizer
+
+    train_tokenizer(["a cat", "a dog"], vocab_size=300, context_length=16).save(tmp_path / "tok")
+    folder = _image_folder(tmp_path / "folder")
+    code = main(["train", "--model", "clip-tiny", "--train-data", str(folder), "--tokenizer",
+                 str(tmp_path / "tok"), "--max-steps", "1", "--batch-size", "2",
+                 "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"train_data: {folder} holds images without captions" in err
+    assert not list((tmp_path / "run").glob("checkpoint-*"))

@@ -97,6 +97,11 @@ def check_batch_kind(model: PretrainModel, source: Any, field: str, path: str) -
     if source.has_images and IMAGE_TEXT not in model.batch_kinds:
         raise ConfigError(f"train config {field}: {path} holds images but {name} trains on "
                           "text alone; expected a text corpus (kind text: .txt or JSONL)")
+    if source.has_images and not source.has_text and not source.has_answers:
+        raise ConfigError(f"train config {field}: {path} holds images without captions (an "
+                          f"image folder's classes are for zero-shot evaluation) but {name} "
+                          "trains on images with text; expected captioned data (CSV/TSV, "
+                          "JSONL, COCO or WebDataset shards)")
 
 
 def _transform(model: PretrainModel, source: Any, train: bool) -> Any:
