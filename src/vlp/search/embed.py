@@ -175,6 +175,10 @@ class PartWorker:
                 rows = [items.rows[i] for i in result.indices.tolist()]
                 unreadable += [{"id": id_, "reason": reason}
                                for id_, reason in zip(result.skipped, result.reasons)]
+        if embeddings is not None and embeddings.ndim != 2:
+            raise ConfigError(f"{cfg.model}: the {self.model.config.family} family embeds an "
+                              f"input as {tuple(embeddings.shape[1:])} vectors; vlp embed "
+                              "--out DIR indexes one vector per input")
         array = (embeddings.numpy() if embeddings is not None
                  else np.zeros((0, self.dim()), np.float32)).astype(cfg.dtype)
         atomic_write(npy, lambda temp: np.save(temp, array))

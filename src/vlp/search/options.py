@@ -111,11 +111,11 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
                         "queries (default: %(default)s)")
     p.add_argument("--queries", type=positive_int, default=500,
                    help="held-out tuning queries (default: %(default)s)")
-    p.add_argument("--nlist", type=int, default=0, help="ivf-pq lists (default: ~4 sqrt(n))")
+    p.add_argument("--nlist", type=int, default=0, help="ivf-pq lists (default: ~sqrt(n))")
     p.add_argument("--pq-bytes", type=int, default=0,
                    help="ivf-pq code bytes per vector (default: dim / 8)")
     p.add_argument("--train-size", type=int, default=0,
-                   help="ivf-pq training sample (default: 256 per list, at least 10000)")
+                   help="ivf-pq training sample (default: 64 per list, at least 10000)")
     p.add_argument("--hnsw-m", type=positive_int, default=32, help="hnsw links per node "
                                                          "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="faiss threads (default: all)")
@@ -139,7 +139,8 @@ def add_search_args(p: argparse.ArgumentParser, model_help: str) -> None:
     query.add_argument("--image", metavar="PATH", help="an image query")
     query.add_argument("--texts-file", metavar="FILE",
                        help="one text query per line; one JSON object per line out")
-    p.add_argument("-k", type=positive_int, default=10, help="results per query (default: %(default)s)")
+    p.add_argument("-k", type=positive_int, default=10,
+                   help="results per query (default: %(default)s)")
     p.add_argument("--model", help=model_help + " (default: the one the index was built with)")
     p.add_argument("--device", default="cpu", help="(default: %(default)s)")
 
