@@ -94,3 +94,15 @@ def test_an_image_folder_as_training_data_with_a_tokenizer_is_one_line(tmp_path,
     assert code == 2 and err.count("\n") == 1
     assert f"train_data: {folder} holds images without captions" in err
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_an_empty_shard_says_the_training_data_is_empty(tmp_path, capsys):
+    import tarfile
+
+    shard = tmp_path / "empty-000000.tar"
+    tarfile.open(shard, "w").close()
+    code = main(["train", "--model", "clip-tiny", "--train-data", str(shard), "--max-steps", "1",
+                 "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "train_tokenizer" not in err
+    assert f"{shard}: the training data holds no captions (no samples" in err

@@ -18,7 +18,7 @@ from torch import nn
 
 from vlp.config import load_config
 from vlp.data.text import TextCorpus
-from vlp.errors import ConfigError
+from vlp.errors import ConfigError, DataError
 from vlp.factory import is_model_path, model_config, text_context_length
 from vlp.models import build_model
 from vlp.store import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, model_dir
@@ -58,13 +58,16 @@ def _captions(source: Any, where: str) -> Iterator[str]:
     if not source.has_text:
         raise ConfigError(f"{where}: has no captions to train a tokenizer on; pass "
                           "tokenizer=<a tokenizer directory>")
+    found = False
     for record in source:
-        if record.segments:  # a text-only document: every segment
-            yield from record.segments
-        elif record.text:
-            yield record.text
-        if record.answer:  # VQA rows: the answers are text the model reads too
-            yield record.answer
+        texts = [*(record.segments or [record.text]), record.answer]
+        for text in texts:  # a document's segments, a caption, a VQA row's answer
+            if text:
+                found = True
+                yield text
+    if not found:
+        raise DataError(f"{where}: the training data holds no captions (no samples, or only "
+                        "empty ones); nothing to train a tokenizer or a model on")
 
 
 def model_and_tokenizer(cfg: TrainConfig, output_dir: Path, env: DistEnv
