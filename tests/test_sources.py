@@ -135,6 +135,26 @@ def test_jsonl_bad_line_and_missing_key_name_file_and_line(tmp_path: Path) -> No
         JsonlSource(path)
 
 
+
+def test_a_row_without_caption_is_skipped_and_counted_in_jsonl_as_in_csv(tmp_path: Path) -> None:
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "d.jsonl").write_text('{"image": "0.png", "caption": "zero"}\n'
+                                      '{"image": "1.png"}\n{"image": "2.png", "caption": "two"}\n')
+    (tmp_path / "d.csv").write_text("filepath,caption\n0.png,zero\n1.png\n2.png,two\n")
+    for source in (JsonlSource(tmp_path / "d.jsonl"), CsvSource(tmp_path / "d.csv")):
+        loader = make_loader(source, transform=ImageTransform(8, (0.5,) * 3, (0.5,) * 3,
+                                                              train=False),
+                             tokenizer=lambda texts: torch.ones(len(texts), 4, dtype=torch.long),
+                             batch_size=3, train=False)
+        assert torch.cat([b["index"] for b in loader]).tolist() == [0, 2]
+        assert loader.skipped_report() == {"missing_caption": 1}, source
+    (tmp_path / "none.jsonl").write_text('{"image": "0.png", "text": "zero"}\n')
+    with pytest.raises(DataError, match=r"none\.jsonl: no row has key 'caption' \(caption_key\); "
+                                        r"keys present: \['image', 'text'\]"):
+        JsonlSource(tmp_path / "none.jsonl")
+
+
 # -- COCO ---------------------------------------------------------------------------------
 
 

@@ -130,10 +130,6 @@ class _TableSource(MapSource):
         return f"{type(self).__name__}({self._where!r}, {len(self)} records)"
 
 
-
-
-
-
 class CsvSource(_TableSource):
     """CSV/TSV with a header row; image paths are relative to the file's directory (or root)."""
 
@@ -180,12 +176,10 @@ class CsvSource(_TableSource):
                          labels if label_key is not None else None)
 
 
-
-
-
-
 class JsonlSource(_TableSource):
-    """One JSON object per line; a caption may be a string or a list (one record per caption)."""
+    """One JSON object per line; a caption may be a string or a list (one record per caption).
+    A row without the caption key is a record without caption (the loader skips and counts it,
+    as it does a CSV row without its caption cell); no row with it is a DataError."""
 
     def __init__(
         self,
@@ -200,9 +194,12 @@ class JsonlSource(_TableSource):
         images: list[str] = []
         texts: list[str | None] = []
         labels: list[int] = []
+        first_keys: list[str] | None = None
+        captioned = False  # some row has caption_key; a row without it is skipped, as in CSV
         for where, row in jsonl_rows(path):
-            wanted = {"image_key": image_key, "caption_key": caption_key,
-                      "label_key": label_key}
+            first_keys = list(row) if first_keys is None else first_keys
+            captioned = captioned or (caption_key is not None and caption_key in row)
+            wanted = {"image_key": image_key, "label_key": label_key}
             for setting, key in wanted.items():
                 if key is not None and key not in row:
                     hint = ("; QA rows (question + answer) are read as kind 'qa'"
@@ -212,7 +209,7 @@ class JsonlSource(_TableSource):
             image = resolve_image_path(root, as_text(row[image_key], where, image_key))
             captions: list[str | None] = [None]
             if caption_key is not None:
-                value = row[caption_key]
+                value = row.get(caption_key)
                 if isinstance(value, list):
                     captions = [as_text(v, where, caption_key) for v in value]
                 else:
@@ -224,10 +221,11 @@ class JsonlSource(_TableSource):
                 texts.append(caption)
                 if label is not None:
                     labels.append(label)
+        if caption_key is not None and first_keys is not None and not captioned:
+            raise DataError(f"{path}: no row has key {caption_key!r} (caption_key); keys "
+                            f"present: {first_keys}")
         super().__init__(str(path), images, texts if caption_key is not None else None,
                          labels if label_key is not None else None)
-
-
 
 
 class CocoSource(_TableSource):
