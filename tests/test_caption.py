@@ -82,3 +82,19 @@ def test_caption_csv_with_a_model_matches_the_checkpoint_run(checkpoint, tmp_pat
 def test_caption_model_needs_a_tokenizer(checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="tokenizer"):
         caption(vlp.load(checkpoint), tmp_path, tmp_path / "x.jsonl", progress=False)
+
+
+def test_missing_or_unknown_images_name_the_kinds_caption_accepts(tmp_path):
+    from vlp.caption import resolve_images
+    from vlp.cli import build_parser
+    from vlp.errors import DataError
+
+    with pytest.raises(DataError, match=r"missing_dir: no such image directory or data file$"):
+        resolve_images(str(tmp_path / "missing_dir"))
+    (tmp_path / "odd.bin").write_bytes(b"x")
+    with pytest.raises(DataError, match="cannot tell the data format") as refused:
+        resolve_images(str(tmp_path / "odd.bin"))
+    parser = build_parser()
+    caption_parser = parser._subparsers._group_actions[0].choices["caption"]
+    kind = next(a for a in caption_parser._actions if a.dest == "kind")
+    assert str([k for k in kind.choices if k != "auto"]) in str(refused.value)

@@ -21,6 +21,7 @@ from vlp.store.files import atomic_write_text
 logger = logging.getLogger(__name__)
 
 CAPTIONLESS_KINDS = ("csv", "tsv", "jsonl")  # image lists need no caption column to be captioned
+KINDS = ("csv", "tsv", "jsonl", "coco", "wds")  # kind= (vlp caption --kind) besides auto
 
 
 def resolve_images(images: Any, *, kind: str = "auto",
@@ -34,7 +35,13 @@ def resolve_images(images: Any, *, kind: str = "auto",
             files = [str(p) for p in images_in_directory(path)]
             return files, list(files)
         if kind == "auto":
-            kind = infer_source_kind(path)
+            if not any(mark in path for mark in ("{", "::")) and not os.path.exists(path):
+                raise DataError(f"{path}: no such image directory or data file")
+            try:
+                kind = infer_source_kind(path)
+            except DataError:
+                raise DataError(f"{path}: cannot tell the data format; pass --kind (kind=) one "
+                                f"of {list(KINDS)}") from None
         if kind in CAPTIONLESS_KINDS:
             source_options.setdefault("caption_key", None)
         images = build_source(kind, path, **source_options)
