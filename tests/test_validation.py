@@ -131,3 +131,34 @@ def test_absurd_model_config_sizes_are_refused_before_allocation(tmp_path, capsy
                 str(tmp_path / "none.csv"), "--output-dir", str(tmp_path / "run"),
                 "--max-steps", "1"], capsys)
     assert f"{field}=" in err and expected in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "MODEL", "--device", "tpu"],
+    ["embed", "MODEL", "--images", "IMAGES", "--out", "OUT.npy", "--device", "tpu"],
+    ["embed", "MODEL", "--images", "IMAGES", "--out", "OUT_DIR", "--device", "tpu"],
+    ["search", "INDEX", "--text", "a cat", "--device", "tpu"],
+    ["report", "RUN", "--device", "tpu"],
+])
+def test_device_is_checked_by_serve_embed_search_and_report(tmp_path, capsys, argv):
+    argv = [str(tmp_path / a) if a.isupper() else a for a in argv]
+    assert "device='tpu': not a device name" in _run(argv, capsys)
+
+
+def test_embed_one_file_reads_the_sources_its_help_names(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import vlp
+
+    model = vlp.create_model("clip-tiny")
+    vlp.save(model, tmp_path / "model")
+    for i in range(3):
+        Image.new("RGB", (16, 16), (80 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "list.csv").write_text("filepath\n0.png\n1.png\n2.png\n")
+    (tmp_path / "list.jsonl").write_text("".join(f'{{"image": "{i}.png"}}\n' for i in range(3)))
+    for data in ("list.csv", "list.jsonl"):
+        out = tmp_path / f"{data}.npy"
+        assert main(["embed", str(tmp_path / "model"), "--images", str(tmp_path / data),
+                     "--out", str(out), "--batch-size", "2", "--no-progress"]) == 0
+        assert np.load(out).shape[0] == 3

@@ -31,7 +31,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def report_from_args(args: argparse.Namespace) -> dict[str, Any]:
     from vlp.report import write_report
+    from vlp.train.distributed import check_device
 
+    check_device(args.device)
     if args.examples < 0:
         raise ConfigError(f"--examples {args.examples}: expected an int >= 0")
     if args.out is not None and not Path(args.out).resolve().parent.is_dir():

@@ -21,6 +21,13 @@ def _print(data: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def _check_device(name: str) -> Any:
+    """The torch device `name` names if this machine has it (ConfigError otherwise)."""
+    from vlp.train.distributed import check_device
+
+    return check_device(name)
+
+
 def add_embed_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("checkpoint", help=model_help)
     p.add_argument("--data", "--images", dest="images", metavar="SOURCE",
@@ -59,6 +66,7 @@ def add_embed_args(p: argparse.ArgumentParser, model_help: str) -> None:
 def embed_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if bool(args.images) == bool(args.texts):
         raise ConfigError("vlp embed: give exactly one of --data/--images or --texts")
+    _check_device(args.device)
     if Path(args.out).suffix.lower() in SINGLE_FILE:
         return _embed_one_file(args)
     from vlp.search.embed import EmbedConfig, embed_collection
@@ -77,11 +85,20 @@ def embed_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _embed_one_file(args: argparse.Namespace) -> dict[str, Any]:
     import vlp
+    from vlp.data import build_source, infer_source_kind
     from vlp.eval import embed_images, embed_texts, save_embeddings
 
-    model = vlp.load(args.checkpoint)
+    model = vlp.load(args.checkpoint).to(_check_device(args.device))
     if args.images:
-        result = embed_images(model, args.images, batch_size=args.batch_size,
+        images: Any = args.images  # an image directory, else a source (CSV/JSONL/COCO/shards)
+        kind = args.kind if args.kind != "auto" else infer_source_kind(args.images)
+        if kind != "imagefolder" or not Path(args.images).is_dir():
+            options = {k: v for k in ("image_key", "caption_key", "separator", "image_root")
+                       if (v := getattr(args, k)) is not None}
+            if kind in ("csv", "tsv", "jsonl"):
+                options.setdefault("caption_key", None)  # a list of images needs no captions
+            images = build_source(kind, args.images, **options)
+        result = embed_images(model, images, batch_size=args.batch_size,
                               num_workers=args.num_workers, progress=not args.no_progress)
         embeddings, ids, skipped = result.embeddings, result.ids, len(result.skipped)
     else:
@@ -148,7 +165,7 @@ def add_search_args(p: argparse.ArgumentParser, model_help: str) -> None:
 def search_from_args(args: argparse.Namespace) -> None:
     from vlp.search.searcher import Index
 
-    index = Index(args.index, model=args.model, device=args.device)
+    index = Index(args.index, model=args.model, device=str(_check_device(args.device)))
     if args.texts_file:
         file = Path(args.texts_file)
         if not file.is_file():

@@ -52,11 +52,13 @@ def add_serve_args(p: argparse.ArgumentParser, model_help: str) -> None:
 def serve_from_args(args: argparse.Namespace) -> None:
     from vlp.serve import serve
     from vlp.serve.limits import Limits
+    from vlp.train.distributed import check_device
 
     limits = Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels,
                     max_text_chars=args.max_text_chars, max_texts=args.max_texts,
                     max_labels=args.max_labels, max_results=args.max_results,
                     timeout_s=args.timeout)
+    check_device(args.device)  # before the model is read or the port is taken
     serve(args.model, host=args.host, port=args.port, device=args.device, index=args.index,
           log_level=args.log_level, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
           max_queue=args.max_queue, api_key=args.api_key or os.environ.get("VLP_API_KEY"),
