@@ -98,3 +98,39 @@ def test_missing_or_unknown_images_name_the_kinds_caption_accepts(tmp_path):
     caption_parser = parser._subparsers._group_actions[0].choices["caption"]
     kind = next(a for a in caption_parser._actions if a.dest == "kind")
     assert str([k for k in kind.choices if k != "auto"]) in str(refused.value)
+
+
+def test_eval_and_caption_count_samples_lost_to_a_truncated_shard(checkpoint, tmp_path, caplog):
+    import io
+    import tarfile
+
+    from vlp.data import WebDatasetSource
+    from vlp.eval.captioning import caption_eval
+    from vlp.eval.retrieval import retrieval_eval
+
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, colour, text in zip("abc", ["red", "blue", "green"], CAPTIONS):
+            image = io.BytesIO()
+            Image.new("RGB", (40, 40), colour).save(image, "PNG")
+            for ext, data in (("png", image.getvalue()), ("txt", text.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = shard.read_bytes()
+    cut = data.rindex(b"c.png") + 512 + 20  # inside c's image
+    shard.write_bytes(data[:cut])
+    model, tokenizer = vlp.load(checkpoint), vlp.load_tokenizer(checkpoint)
+    lost = [f"{shard}#c"]
+    captioned = caption_eval(model, tokenizer, WebDatasetSource(shard), batch_size=2,
+                             max_new_tokens=3, num_beams=1, progress=False)
+    assert captioned["num_images"] == 2 and captioned["skipped"] == lost
+    assert captioned["num_skipped"] == 1
+    retrieved = retrieval_eval(model, tokenizer, WebDatasetSource(shard), batch_size=2,
+                               progress=False)
+    assert retrieved["num_images"] == 2 and retrieved["skipped"] == lost
+    with caplog.at_level(logging.WARNING, logger="vlp.caption"):
+        out = caption(checkpoint, shard, tmp_path / "captions.jsonl", batch_size=2,
+                      max_new_tokens=3, num_beams=1, progress=False)
+    assert len(read_jsonl(out)) == 2
+    assert f"skipped 1 unreadable (first: {shard}#c: truncated_shard)" in caplog.text

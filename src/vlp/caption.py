@@ -12,7 +12,7 @@ from torch import nn
 
 from vlp import factory
 from vlp.data import build_source, infer_source_kind
-from vlp.data.images import ImageInput, image_inputs, images_in_directory
+from vlp.data.images import ImageInput, group_images, image_inputs, images_in_directory
 from vlp.errors import ConfigError, DataError
 from vlp.eval.captioning import generate_captions
 from vlp.hub import resolve
@@ -24,16 +24,17 @@ CAPTIONLESS_KINDS = ("csv", "tsv", "jsonl")  # image lists need no caption colum
 KINDS = ("csv", "tsv", "jsonl", "coco", "wds")  # kind= (vlp caption --kind) besides auto
 
 
-def resolve_images(images: Any, *, kind: str = "auto",
-                   **source_options: Any) -> tuple[list[ImageInput], list[str]]:
-    """(images, ids) to caption: a directory of image files (recursively; a directory of .tar
-    shards is read as WebDataset), a CSV/TSV/JSONL/COCO file or a shard pattern (through
-    `vlp.data.build_source`), a source, or a list of paths. Each distinct image once."""
+def resolve_images(images: Any, *, kind: str = "auto", **source_options: Any
+                   ) -> tuple[list[ImageInput], list[str], list[tuple[str, str]]]:
+    """(images, ids, lost) to caption: a directory of image files (recursively; a directory of
+    .tar shards is read as WebDataset), a CSV/TSV/JSONL/COCO file or a shard pattern (through
+    `vlp.data.build_source`), a source, or a list of paths. Each distinct image once; ``lost``
+    names the samples a source skipped before reading (name, reason: a truncated shard's)."""
     if isinstance(images, str | os.PathLike):
         path = str(images)
         if kind == "auto" and os.path.isdir(path) and infer_source_kind(path) != "wds":
             files = [str(p) for p in images_in_directory(path)]
-            return files, list(files)
+            return files, list(files), []
         if kind == "auto":
             if not any(mark in path for mark in ("{", "::")) and not os.path.exists(path):
                 raise DataError(f"{path}: no such image directory or data file")
@@ -47,7 +48,10 @@ def resolve_images(images: Any, *, kind: str = "auto",
         images = build_source(kind, path, **source_options)
     elif source_options:
         raise ConfigError(f"source options {sorted(source_options)} need images given as a path")
-    return image_inputs(images)
+    if hasattr(images, "has_images"):  # a vlp.data source: its unique images and lost samples
+        groups = group_images(images)
+        return groups.images, groups.ids, groups.lost
+    return (*image_inputs(images), [])
 
 
 def caption(checkpoint_or_model: str | os.PathLike[str] | nn.Module, images: Any,
@@ -68,15 +72,17 @@ def caption(checkpoint_or_model: str | os.PathLike[str] | nn.Module, images: Any
         directory = resolve(checkpoint_or_model)  # a hub name: its converted directory
         model = factory.load(directory)
         tokenizer = tokenizer or factory.load_tokenizer(directory)
-    image_list, ids = resolve_images(images, kind=kind, **source_options)
+    image_list, ids, lost = resolve_images(images, kind=kind, **source_options)
     if not image_list:
         raise DataError(f"no images to caption in {images}")
     result = generate_captions(model, tokenizer, image_list, ids, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, num_beams=num_beams,
                                prompt=prompt, num_workers=num_workers, progress=progress)
-    if result.skipped:
+    skipped = [f"{name}: {reason}" for name, reason in lost] + [
+        f"{name}: {reason}" for name, reason in zip(result.skipped, result.reasons)]
+    if skipped:
         logger.warning("captioned %d images, skipped %d unreadable (first: %s)",
-                       len(result.pairs), len(result.skipped), result.skipped[0])
+                       len(result.pairs), len(skipped), skipped[0])
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({"image": image, "caption": text}, ensure_ascii=False) + "\n"

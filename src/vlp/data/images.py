@@ -112,13 +112,15 @@ class ImageGroups:
 
     ``ids[i]`` names ``images[i]`` (its path, or the key of the record that brought its bytes);
     ``text_to_image[t]`` is the image of caption ``texts[t]``. Missing or empty captions are
-    left out (an image may then have none: see `captioned`).
+    left out (an image may then have none: see `captioned`). ``lost`` lists the samples the
+    source skipped before any image was read (name, reason), e.g. a truncated shard's.
     """
 
     images: list[ImageInput] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     text_to_image: list[int] = field(default_factory=list)
+    lost: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def image_to_texts(self) -> list[list[int]]:
@@ -138,7 +140,8 @@ class ImageGroups:
         kept = [i for i in range(len(self.images)) if i in has_text]
         new_index = {old: new for new, old in enumerate(kept)}
         return ImageGroups([self.images[i] for i in kept], [self.ids[i] for i in kept],
-                           list(self.texts), [new_index[i] for i in self.text_to_image])
+                           list(self.texts), [new_index[i] for i in self.text_to_image],
+                           list(self.lost))
 
 
 def group_images(records: Iterable[Any]) -> ImageGroups:
@@ -158,6 +161,7 @@ def group_images(records: Iterable[Any]) -> ImageGroups:
         if text is not None and text.strip():
             groups.texts.append(text)
             groups.text_to_image.append(position[identity])
+    groups.lost = list(getattr(records, "lost_samples", ()))  # a stream's skipped samples
     return groups
 
 

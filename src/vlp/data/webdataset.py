@@ -326,6 +326,7 @@ class WebDatasetSource:
         self.label_key = label_key
         self.has_labels = label_key is not None
         self.has_text = has_text
+        self.lost_samples: list[tuple[str, str]] = []  # of the last pass (see __iter__)
 
     @property
     def shard_sizes(self) -> list[int]:
@@ -351,11 +352,17 @@ class WebDatasetSource:
         return sum(self.shard_sizes)
 
     def __iter__(self) -> Iterator[Record]:
+        """Records of the readable samples; the skipped ones (a truncated shard's, repeated
+        keys) are left out and listed in `lost_samples` as (name, reason) while reading."""
+        self.lost_samples = []
         for shard in self.shards:
             with open(shard, "rb") as f:
                 read = _file_reader(f)
                 for sample in scan_shard(shard):
-                    if not sample.lost:
+                    if sample.lost:
+                        name = f"{shard}#{sample.key}" if sample.key else shard
+                        self.lost_samples.append((name, sample.reason))
+                    else:
                         yield decode_tar_sample(sample, read, self.label_key)
 
     def __repr__(self) -> str:

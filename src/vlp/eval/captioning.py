@@ -322,6 +322,7 @@ def caption_eval(model: nn.Module, tokenizer: Any, source: Any, *, batch_size: i
     metrics: dict[str, Any] = caption_metrics({i: references[i] for i in candidates},
                                               candidates, backend=backend)
     metrics["num_images"] = len(candidates)
-    metrics["num_skipped"] = len(generated.skipped)
-    metrics["skipped"] = generated.skipped
+    skipped = [name for name, _ in groups.lost] + generated.skipped  # lost shards' samples too
+    metrics["num_skipped"] = len(skipped)
+    metrics["skipped"] = skipped
     return metrics

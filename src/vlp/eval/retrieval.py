@@ -208,6 +208,7 @@ def retrieval_eval(
         ks=ks,
         similarity=model.similarity,
     )
-    metrics["num_skipped"] = len(embedded.skipped)
-    metrics["skipped"] = embedded.skipped
+    skipped = [name for name, _ in groups.lost] + embedded.skipped  # lost shards' samples too
+    metrics["num_skipped"] = len(skipped)
+    metrics["skipped"] = skipped
     return metrics
