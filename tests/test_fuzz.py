@@ -198,6 +198,40 @@ def test_model_config_json(tmp_path_factory, report, data, raw):
     outcome(report("config.json"), lambda: load_config(path))
 
 
+SIZES = st.sampled_from([-1, 0, 1, 2, 3, 4, 8, 10**9])
+
+
+PER_KIND = settings(FUZZ, max_examples=max(10, EXAMPLES // 4))  # targets with several kinds
+
+
+@pytest.mark.parametrize("preset", ["clip-tiny", "coca-tiny", "blip-tiny", "simvlm-tiny",
+                                    "gpt2-tiny", "siglip-tiny", "blip2-tiny"])
+@PER_KIND
+@given(vision=st.fixed_dictionaries({}, optional={
+           "image_size": st.sampled_from([0, 8, 16, 17]), "patch_size": SIZES,
+           "width": SIZES, "layers": SIZES, "heads": SIZES,
+           "mlp_ratio": st.sampled_from([0.0, 0.5, 2.0, float("nan")]),
+           "pool": st.sampled_from(["cls", "mean", "map", "none", "x"])}),
+       text=st.fixed_dictionaries({}, optional={
+           "vocab_size": SIZES, "context_length": SIZES, "width": SIZES, "layers": SIZES,
+           "heads": SIZES, "pad_id": SIZES, "eos_id": SIZES}),
+       top=st.dictionaries(st.sampled_from(["embed_dim", "decoder_layers", "decoder_heads",
+                                            "caption_queries", "pooler_heads", "conv_blocks"]),
+                           SIZES, max_size=2))
+def test_model_configs_are_built(report, preset, vision, text, top):
+    """A preset with generated sizes (tiny, or absurd: refused before allocation) is built."""
+    import dataclasses
+
+    import vlp
+    from vlp.config import get_preset
+
+    fields = {f.name for f in dataclasses.fields(get_preset(preset))}
+    top = {key: value for key, value in top.items() if key in fields}
+    overrides = {**top, **({"vision": vision} if vision and preset != "gpt2-tiny" else {}),
+                 **({"text": text} if text else {})}
+    outcome(report(f"model build ({preset})"), lambda: vlp.create_model(preset, **overrides))
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from test_checkpoint import training_objects
@@ -266,3 +300,48 @@ def test_command_line_arguments(tmp_path_factory, report, capsys, flags):
 
     outcome(report("command line"), run)
     assert not (root / "run" / "log.jsonl").exists()
+
+
+COMMANDS = {  # a command line whose model does not exist, and the flags to fuzz
+    "eval": (["eval", "{root}/absent-model", "--retrieval-data", "{root}/absent.csv"],
+             ["--eval-batch-size", "--num-beams", "--max-new-tokens", "--min-new-tokens",
+              "--repetition-penalty", "--itm-k", "--separator", "--retrieval-kind",
+              "--vqa-mode", "--num-workers"]),
+    "zeroshot": (["zeroshot", "{root}/absent-model", "--data", "{root}/absent-dir"],
+                 ["--eval-batch-size", "--num-workers", "--classnames", "--templates"]),
+    "caption": (["caption", "{root}/absent-model", "--images", "{root}/absent-dir", "--out",
+                 "{root}/captions.jsonl"],
+                ["--batch-size", "--num-beams", "--max-new-tokens", "--kind", "--separator",
+                 "--num-workers"]),
+    "convert": (["convert", "{root}/absent-model", "{root}/converted"],
+                ["--from", "--to", "--image-size", "--tokenizer", "--config",
+                 "--architecture"]),
+}
+VALUES = NUMBERS | st.sampled_from(["cpu", "vlp", "hf", "open_clip", "lavis", "csv", "wds",
+                                    "rank", ";;", ""])
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@PER_KIND
+@given(data=st.data())
+def test_other_commands_arguments(tmp_path_factory, report, capsys, command, data):
+    from vlp.cli import main
+
+    root = tmp_path_factory.mktemp("cli")
+    base, names = COMMANDS[command]
+    flags = data.draw(st.lists(st.tuples(st.sampled_from(names), VALUES), max_size=4))
+    argv = [a.format(root=root) for a in base]
+    for flag, value in flags:
+        argv += [flag, value]
+
+    def run() -> None:
+        try:
+            code = main(argv)
+        except SystemExit as done:  # argparse's refusal of a flag's value
+            code = done.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "error:" in err, err
+        raise VlpError("refused")
+
+    outcome(report(f"command line ({command})"), run)
+    assert sorted(p.name for p in root.iterdir()) == []  # nothing written

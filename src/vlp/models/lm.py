@@ -15,6 +15,7 @@ from torch import Tensor
 
 from vlp.config import LMConfig
 from vlp.contract import TEXT, PretrainModel
+from vlp.errors import ConfigError
 from vlp.losses import IGNORE_INDEX, caption_nll
 from vlp.models.registry import register
 from vlp.nn import TextTransformer
@@ -34,7 +35,7 @@ class CausalLM(PretrainModel):
     def __init__(self, config: LMConfig) -> None:
         super().__init__()
         if not config.text.causal:
-            raise ValueError("lm: text.causal must be True (a decoder-only language model)")
+            raise ConfigError("lm: text.causal must be True (a decoder-only language model)")
         self.config = config
         self.text = TextTransformer(config.text, output_dim=None)
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlp.errors import ConfigError
+
 
 class KVCache(NamedTuple):
     """Keys and values already projected, ``(B, heads, T, head_dim)`` each."""
@@ -103,7 +105,8 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"attention dim {dim} is not divisible by heads {heads}")
+            raise ConfigError(f"attention width {dim} is not divisible by heads {heads}; "
+                              "expected a width that is a multiple of heads")
         self.heads = heads
         self.head_dim = dim // heads
         self.is_cross = context_dim is not None

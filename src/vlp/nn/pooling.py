@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from vlp.errors import ConfigError
 from vlp.nn.attention import Attention
 from vlp.nn.transformer import Mlp
 
@@ -26,7 +27,7 @@ def eos_positions(input_ids: Tensor, eos_id: int, fallback: str = "last") -> Ten
     """Position of the first ``eos_id`` in each row; rows without one use their last position,
     or index 0 with ``fallback="first"`` (what HF CLIP and open_clip's "eos" pool do)."""
     if fallback not in ("last", "first"):
-        raise ValueError(f"eos fallback {fallback!r}; expected 'last' or 'first'")
+        raise ConfigError(f"eos fallback {fallback!r}; expected 'last' or 'first'")
     is_eos = input_ids == eos_id
     first = is_eos.int().argmax(dim=1)
     if fallback == "first":
