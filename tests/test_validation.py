@@ -108,7 +108,7 @@ def test_ranges(value, valid, ok):
 
 @pytest.mark.parametrize("change, field, expected", [
     ({"vision": {"width": 10**9}}, "vision.width", "an integer in [1, 32768]"),
-    ({"text": {"layers": -1}}, "text.layers", "an integer in [0, 1024]"),
+    ({"text": {"layers": -1}}, "text.layers", "an integer in [1, 1024]"),
     ({"text": {"vocab_size": 0}}, "text.vocab_size", "an integer in [1, 4194304]"),
     ({"vision": {"patch_dropout": 2.0}}, "vision.patch_dropout", "a number in [0, 1]"),
     ({"embed_dim": 10**12}, "embed_dim", "an integer in [1, 32768]"),

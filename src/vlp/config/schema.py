@@ -44,7 +44,7 @@ class VisionConfig:
     image_size: int = bounded(224, 1, MAX_IMAGE_SIZE)
     patch_size: int = bounded(32, 1, MAX_IMAGE_SIZE)
     width: int = bounded(768, 1, MAX_WIDTH)
-    layers: int = bounded(12, 0, MAX_LAYERS)
+    layers: int = bounded(12, 1, MAX_LAYERS)
     heads: int = bounded(12, 1, MAX_HEADS)
     mlp_ratio: float = bounded(4.0, 0, MAX_MLP_RATIO)
     act: str = "gelu"  # "gelu" or "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP)
@@ -72,7 +72,7 @@ class TextConfig:
     vocab_size: int = bounded(49408, 1, MAX_VOCAB)
     context_length: int = bounded(77, 1, MAX_CONTEXT)
     width: int = bounded(512, 1, MAX_WIDTH)
-    layers: int = bounded(12, 0, MAX_LAYERS)
+    layers: int = bounded(12, 1, MAX_LAYERS)
     heads: int = bounded(8, 1, MAX_HEADS)
     mlp_ratio: float = bounded(4.0, 0, MAX_MLP_RATIO)
     act: str = "gelu"
@@ -149,7 +149,7 @@ class CocaConfig(ModelConfig):
     # unimodal text decoder; context_length counts text tokens, the appended CLS takes one more
     text: TextConfig = field(default_factory=lambda: TextConfig(context_length=76))
     # multimodal decoder, as wide as the text tower
-    decoder_layers: int = bounded(12, 0, MAX_LAYERS)
+    decoder_layers: int = bounded(12, 1, MAX_LAYERS)
     decoder_heads: int = bounded(8, 1, MAX_HEADS)
     # "separate": a 1-query contrastive pooler + a caption_queries pooler (paper); "shared": one
     # caption_queries pooler, query 0 -> contrastive, the rest -> decoder (open_clip)
