@@ -294,6 +294,9 @@ def create_app(model: ServedModel, settings: Settings = Settings()) -> FastAPI:
             raise RequestError(400, "send exactly one of 'text' and 'image'")
         k = check_int(fields.get("k"), "k", 10, 1, limits.max_results)
         if not has_image:
+            if model.tokenizer is None:
+                raise RequestError(400, "text queries need the model's tokenizer, which its "
+                                        "directory lacks; send an image")
             query: tuple[str, Any] = ("text", check_text(fields.get("text"), "text", limits))
         else:
             upload = fields["image"]
