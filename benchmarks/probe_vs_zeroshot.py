@@ -1,8 +1,8 @@
 """Linear probe vs zero-shot vs few-shot on the synthetic world's 48 classes, for a clip-tiny
 trained for a few minutes and for the same model untrained, all through the `vlp` command.
 
-    .venv/bin/python benchmarks/probe_vs_zeroshot.py [--steps 600] [--train 3000] [--out DIR]
-                                                     [--threads 1]
+    .venv/bin/python benchmarks/probe_vs_zeroshot.py [--steps 600] [--train 2000] [--test 500]
+                                                     [--out DIR] [--threads 1] [--result PATH]
 
 Steps: `vlp data synth` (csv + imagefolder), `vlp train --model clip-tiny`, then one
 `vlp benchmark --suite` per model (zero-shot with the world's templates, linear probe on the
@@ -42,8 +42,8 @@ def vlp(*argv: str, cwd: Path, threads: int) -> tuple[dict, float, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/bench_probe", help="work directory")
-    parser.add_argument("--train", type=int, default=3000, help="training images")
-    parser.add_argument("--test", type=int, default=1000, help="held-out images")
+    parser.add_argument("--train", type=int, default=2000, help="training images")
+    parser.add_argument("--test", type=int, default=500, help="held-out images")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
