@@ -145,7 +145,7 @@ def finished(tmp_path_factory, pairs):
     ({"betas": (0.9, 0.95)}, "betas: [0.9, 0.98] -> [0.9, 0.95]"),
     ({"lr": 1e-4}, "lr: 0.002 -> 0.0001"),
     ({"tokenizer": "elsewhere"}, "tokenizer: None -> 'elsewhere'"),
-    ({"grad_clip": 0.5, "batch_size": 2}, "grad_clip: 1.0 -> 0.5; batch_size: 4 -> 2"),
+    ({"grad_clip": 0.5, "batch_size": 2}, "grad_clip: 1.0 -> 0.5; global_batch_size: 4 -> 2"),
     ({"train_data": "same-length"}, "data_fingerprint: "),
 ])
 def test_resume_refuses_a_changed_run_listing_the_differences(tmp_path, finished, pairs,

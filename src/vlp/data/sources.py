@@ -222,8 +222,10 @@ class JsonlSource(_TableSource):
                 if label is not None:
                     labels.append(label)
         if caption_key is not None and first_keys is not None and not captioned:
+            hint = ("; QA rows (question + answer) are read as kind 'qa'"
+                    if "question" in first_keys else "")
             raise DataError(f"{path}: no row has key {caption_key!r} (caption_key); keys "
-                            f"present: {first_keys}")
+                            f"present: {first_keys}{hint}")
         super().__init__(str(path), images, texts if caption_key is not None else None,
                          labels if label_key is not None else None)
 

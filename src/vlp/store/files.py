@@ -151,10 +151,13 @@ _held: dict[str, tuple[int, int]] = {}  # resolved lock path -> (fd, depth) in t
 @contextmanager
 def directory_lock(directory: str | os.PathLike[str], what: str = "run") -> Iterator[Path]:
     """Hold an exclusive lock on `directory` (created if missing) while the block runs: a
-    ``run.lock`` file inside it, locked with ``flock`` and holding this process's pid. Another
-    process asking for it gets a ConfigError naming the holder's pid; the operating system
-    releases the lock when its holder ends, however it ends, so a killed run never blocks the
-    next one. Re-entrant within one process."""
+    ``run.lock`` file inside it, locked with a POSIX record lock (``lockf``) and holding this
+    process's pid. Another process asking for it gets a ConfigError naming the holder's pid;
+    the operating system releases the lock when its holder ends, however it ends, so a killed
+    run never blocks the next one. A record lock belongs to the process, not to the open file,
+    so forked children (data loader workers) never hold it and cannot outlive a killed holder
+    with the lock (``flock`` would be inherited by them); the holder must not open and close
+    ``run.lock`` itself while it holds it. Re-entrant within one process."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"{directory}: exists and is not a directory; expected a {what} "
@@ -182,11 +185,11 @@ def directory_lock(directory: str | os.PathLike[str], what: str = "run") -> Iter
 def _acquire(path: Path, directory: Path, what: str) -> int:
     try:
         import fcntl
-    except ImportError:  # no flock on this platform: no lock
+    except ImportError:  # no POSIX locks on this platform: no lock
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)

@@ -123,8 +123,9 @@ def rank_data_state(saved: dict[str, Any], rank: int, world_size: int) -> dict[s
 CHECKPOINT_SETTINGS = ("model", "model_overrides", "tokenizer", "lr", "weight_decay", "betas",
                        "eps", "warmup_steps", "min_lr_ratio")
 # these the config sets, and a change alters the run from here on
-RUN_SETTINGS = ("grad_clip", "batch_size", "grad_accum", "accum_features", "train_data",
-                "train_kind", "text_data", "text_ratio", "image_key", "caption_key",
+# (the batch as every rank's together: a run resumes on another world size with the same one)
+RUN_SETTINGS = ("grad_clip", "global_batch_size", "grad_accum", "accum_features",
+                "train_data", "train_kind", "text_data", "text_ratio", "image_key", "caption_key",
                 "separator", "image_root", "seed", "precision")
 FINGERPRINT_READ = 64 << 20  # bytes hashed from each end of a larger file
 
@@ -162,9 +163,10 @@ def _shard_files(path: str) -> list[str]:
         return [path]
 
 
-def run_settings(cfg: TrainConfig, fingerprint: str) -> dict[str, Any]:
+def run_settings(cfg: TrainConfig, fingerprint: str, world_size: int = 1) -> dict[str, Any]:
     """What a checkpoint records of the run that wrote it."""
     values = cfg.to_dict()
+    values["global_batch_size"] = cfg.batch_size * world_size
     settings = {name: values[name] for name in CHECKPOINT_SETTINGS + RUN_SETTINGS}
     settings["betas"] = list(settings["betas"])
     settings["data_fingerprint"] = fingerprint

@@ -216,7 +216,8 @@ class _Trainer:
         resumed run whose settings differ from its checkpoint's is refused, listing them,
         unless cfg.resume_changes."""
         saved = None
-        settings = run_settings(self.cfg, data_fingerprint(self.cfg.train_data))
+        settings = run_settings(self.cfg, data_fingerprint(self.cfg.train_data),
+                                self.env.world_size)
         if resume_dir is not None:
             state = read_json_object(resume_dir / TRAIN_STATE_FILE, CheckpointError)
             extra = state.get("extra")
