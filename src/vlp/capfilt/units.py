@@ -18,7 +18,7 @@ from pathlib import Path
 from vlp.capfilt.config import CapfiltConfig
 from vlp.data import build_source, infer_source_kind
 from vlp.data.records import jsonl_rows
-from vlp.data.webdataset import expand_urls, scan_shard, tar_sample_fields
+from vlp.data.webdataset import expand_urls, shard_fields
 from vlp.errors import ConfigError, DataError
 
 
@@ -81,23 +81,17 @@ def load_items(cfg: CapfiltConfig, unit: WorkUnit) -> list[Item]:
 # -- WebDataset shards -------------------------------------------------------------------------
 
 def _shard_items(shard: str) -> Iterator[Item]:
-    with open(shard, "rb") as f:
-        def read(offset: int, size: int) -> bytes:
-            f.seek(offset)
-            return f.read(size)
-
-        for sample in scan_shard(shard):
-            if sample.lost:
-                continue
-            fields = tar_sample_fields(sample, read)
-            caption = fields.text or None
-            # the synthetic world records the kind of noise, or null for a clean caption
-            noisy = bool(fields.meta["noisy"]) if "noisy" in fields.meta else None
-            yield Item(key=sample.key, image=fields.image,
-                       image_ref=f"{os.path.basename(shard)}#{sample.key}",
-                       image_ext=fields.image_ext or "jpg",
-                       captions=[caption] if caption else [],
-                       noisy=[noisy] if caption else [])
+    for sample, fields in shard_fields(shard):
+        if fields is None:
+            continue
+        caption = fields.text or None
+        # the synthetic world records the kind of noise, or null for a clean caption
+        noisy = bool(fields.meta["noisy"]) if "noisy" in fields.meta else None
+        yield Item(key=sample.key, image=fields.image,
+                   image_ref=f"{os.path.basename(shard)}#{sample.key}",
+                   image_ext=fields.image_ext or "jpg",
+                   captions=[caption] if caption else [],
+                   noisy=[noisy] if caption else [])
 
 
 # -- table sources (CSV/TSV/JSONL/COCO) --------------------------------------------------------

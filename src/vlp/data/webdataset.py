@@ -375,3 +375,12 @@ def _file_reader(f: Any) -> Callable[[int, int], bytes]:
         return f.read(size)
 
     return read
+
+
+def shard_fields(shard: str) -> Iterator[tuple[TarSample, TarFields | None]]:
+    """Every sample of one shard in file order with its fields; None for a skipped one (a
+    truncated shard's, a repeated key: see `scan_shard`), whose ``reason`` says why."""
+    with open(shard, "rb") as f:
+        read = _file_reader(f)
+        for sample in scan_shard(shard):
+            yield sample, None if sample.lost else tar_sample_fields(sample, read)

@@ -3,7 +3,7 @@
 a text file. The plan depends only on the data and the part size, never on the backend or the
 number of processes, so every backend writes the same parts.
 
-Sources are read through `vlp.data` (`build_source`, `group_images`, `scan_shard`); images
+Sources are read through `vlp.data` (`build_source`, `group_images`, `shard_fields`); images
 stay encoded (paths or shard bytes) until `vlp.eval.embed_images` reads them.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from vlp.data import build_source, group_images, infer_source_kind
 from vlp.data.images import images_in_directory
-from vlp.data.webdataset import expand_urls, scan_shard, tar_sample_fields
+from vlp.data.webdataset import expand_urls, shard_fields
 from vlp.errors import ConfigError, DataError
 
 IMAGE_KINDS = ("csv", "tsv", "jsonl", "coco", "imagefolder", "wds")
@@ -101,21 +101,14 @@ def _row(id_: str, path: str, caption: str | None = None, key: str | None = None
 def _shard_items(shard: str) -> Items:
     items = Items()
     name, path = os.path.basename(shard), str(Path(shard).resolve())
-    with open(shard, "rb") as f:
-        def read(offset: int, size: int) -> bytes:
-            f.seek(offset)
-            return f.read(size)
-
-        for sample in scan_shard(shard):
-            if sample.lost:
-                items.lost.append((f"{name}#{sample.key}" if sample.key else name,
-                                   sample.reason))
-                continue
-            fields = tar_sample_fields(sample, read)
-            offset, size = sample.members.get(fields.image_ext or "", (None, None))
-            items.inputs.append(fields.image)
-            items.rows.append(_row(f"{name}#{sample.key}", path, fields.text or None,
-                                   sample.key, offset, size))
+    for sample, fields in shard_fields(shard):
+        if fields is None:
+            items.lost.append((f"{name}#{sample.key}" if sample.key else name, sample.reason))
+            continue
+        offset, size = sample.members.get(fields.image_ext or "", (None, None))
+        items.inputs.append(fields.image)
+        items.rows.append(_row(f"{name}#{sample.key}", path, fields.text or None,
+                               sample.key, offset, size))
     return items
 
 
