@@ -281,7 +281,6 @@ TRAIN_FLAGS = ["--lr", "--weight-decay", "--beta1", "--beta2", "--eps", "--grad-
 @given(flags=st.lists(st.tuples(st.sampled_from(TRAIN_FLAGS), NUMBERS | st.sampled_from(
     ["cpu", "cuda", "tpu", ";;", "bf16"])), max_size=4))
 def test_command_line_arguments(tmp_path_factory, report, capsys, flags):
-    from vlp.cli import main
 
     root = tmp_path_factory.mktemp("cli")
     argv = ["train", "--train-data", str(root / "absent.csv"), "--output-dir",
@@ -289,17 +288,22 @@ def test_command_line_arguments(tmp_path_factory, report, capsys, flags):
     for flag, value in flags:
         argv += [flag, value]
 
-    def run() -> None:
-        try:
-            code = main(argv)
-        except SystemExit as done:  # argparse's refusal of a flag's value
-            code = done.code
-        err = capsys.readouterr().err
-        assert code == 2 and err.count("\n") == 1 and "error:" in err, err
-        raise VlpError("refused")  # counted as a refusal
-
-    outcome(report("command line"), run)
+    outcome(report("command line"), lambda: _refused(argv, capsys))
     assert not (root / "run" / "log.jsonl").exists()
+
+
+def _refused(argv: list[str], capsys) -> None:
+    """Run the command line; it must end in one error line and exit 2 (argparse's refusal of a
+    flag's value included), counted as a refusal."""
+    from vlp.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as done:  # argparse's refusal of a flag's value
+        code = done.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "error:" in err, err
+    raise VlpError("refused")
 
 
 COMMANDS = {  # a command line whose model does not exist, and the flags to fuzz
@@ -325,7 +329,6 @@ VALUES = NUMBERS | st.sampled_from(["cpu", "vlp", "hf", "open_clip", "lavis", "c
 @PER_KIND
 @given(data=st.data())
 def test_other_commands_arguments(tmp_path_factory, report, capsys, command, data):
-    from vlp.cli import main
 
     root = tmp_path_factory.mktemp("cli")
     base, names = COMMANDS[command]
@@ -334,14 +337,5 @@ def test_other_commands_arguments(tmp_path_factory, report, capsys, command, dat
     for flag, value in flags:
         argv += [flag, value]
 
-    def run() -> None:
-        try:
-            code = main(argv)
-        except SystemExit as done:  # argparse's refusal of a flag's value
-            code = done.code
-        err = capsys.readouterr().err
-        assert code == 2 and err.count("\n") == 1 and "error:" in err, err
-        raise VlpError("refused")
-
-    outcome(report(f"command line ({command})"), run)
+    outcome(report(f"command line ({command})"), lambda: _refused(argv, capsys))
     assert sorted(p.name for p in root.iterdir()) == []  # nothing written
