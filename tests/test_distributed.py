@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import vlp
+from vlp.errors import ConfigError
 from vlp.losses import clip_loss, siglip_loss
-from vlp.train.distributed import GatherExchange
+from vlp.train.distributed import GatherExchange, first_slurm_host, slurm_launch_env
 
 MODES = ("local", "global", "siglip")
 LAYOUTS = {"even": (4, 4), "uneven": (3, 5)}  # rows per rank; uneven as after skipped samples
@@ -319,3 +321,58 @@ def test_fsdp_trains_blip2_stage1_with_qformer_layers_sharded(data: Path, tmp_pa
     losses = [r["loss"] for r in _log(run) if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
     assert vlp.load(run).config.family == "blip2"
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM: rank and world from its environment when not under torchrun
+
+
+def test_slurm_environment_gives_rank_world_and_rendezvous() -> None:
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "gpu-[007-010,012],cpu3", "SLURM_JOB_ID": "4242"}
+    assert slurm_launch_env(env) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                     "MASTER_ADDR": "gpu-007", "MASTER_PORT": "24242"}
+    # set variables win; torchrun's WORLD_SIZE means SLURM is not asked; one task is no group
+    assert slurm_launch_env({**env, "MASTER_PORT": "1234", "MASTER_ADDR": "h"}) == {
+        "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}
+    assert slurm_launch_env({**env, "WORLD_SIZE": "2"}) == {}
+    assert slurm_launch_env({**env, "SLURM_NTASKS": "1"}) == {}
+    assert slurm_launch_env({}) == {}
+    assert first_slurm_host("node17") == "node17"
+    assert first_slurm_host("r[2-3]-n[04,01]") == "r2-n04"
+    with pytest.raises(ConfigError, match="SLURM_PROCID=8 with SLURM_NTASKS=8"):
+        slurm_launch_env({**env, "SLURM_PROCID": "8"})
+    with pytest.raises(ConfigError, match="SLURM_JOB_NODELIST"):
+        slurm_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_slurm_tasks_step_equals_one_process(data: Path, single_step: Path,
+                                                 tmp_path: Path) -> None:
+    """Two processes started the way srun starts them (SLURM variables only, no torchrun)
+    form one gloo group: same samples, loss and gradient as one process on the whole batch."""
+    out = tmp_path / "run"
+    command = [*VLP, "train", "--train-data", str(data), "--output-dir", str(out),
+               "--batch-size", "8", *ONE_STEP]
+    base = {key: value for key, value in ENV.items()
+            if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    base.update({"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "127.0.0.1",
+                 "MASTER_PORT": str(_free_port())})
+    tasks = [subprocess.Popen(command, env={**base, "SLURM_PROCID": str(rank),
+                                            "SLURM_LOCALID": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    outputs = [task.communicate(timeout=300) for task in tasks]
+    for task, (_, err) in zip(tasks, outputs):
+        assert task.returncode == 0, err[-4000:]
+    assert json.loads(outputs[0][0].strip().splitlines()[-1])["step"] == 1
+    assert outputs[1][0].strip() == ""  # one answer, from rank 0
+    two, one = _log(out)[0], _log(single_step)[0]
+    assert (two["samples"], two["index_sum"]) == (one["samples"], one["index_sum"])
+    assert abs(two["loss"] - one["loss"]) < 1e-6
+    assert abs(two["grad_norm"] - one["grad_norm"]) < 1e-5

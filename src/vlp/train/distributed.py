@@ -7,7 +7,9 @@ MASTER_ADDR, MASTER_PORT):
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 \\
         --rdzv_backend c10d --rdzv_endpoint host0:29500 -m vlp.cli train ...    # per node
 
-Without those variables everything here is a no-op and training runs in one process.
+Under SLURM without torchrun (``srun python -m vlp train ...``, one task per device), the same
+variables come from SLURM's (`slurm_launch_env`). Without either, everything here is a no-op
+and training runs in one process.
 Contrastive features cross ranks through `GatherExchange`; checkpoints are full (unsharded)
 state dicts written by rank 0, so a run resumes on any world size.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -71,10 +74,58 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+SLURM_DEFAULT_PORT_BASE = 20000  # MASTER_PORT under SLURM: this + job id % 10000
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[003-006,9],cpu1`` -> ``gpu003``."""
+    first = re.match(r"[^,\[]*(\[[^\]]*\][^,\[]*)*", nodelist.strip()).group(0)
+    # each bracket group keeps its first choice; a range starts at its first number
+    host = re.sub(r"\[([^,\]-]*)[^\]]*\]", lambda m: m.group(1), first)
+    if not host:
+        raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r}: expected a SLURM host list "
+                          "such as node[01-04]")
+    return host
+
+
+def slurm_launch_env(environ: dict[str, str] | os._Environ) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT from a SLURM task's
+    environment (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first host of
+    SLURM_JOB_NODELIST, MASTER_PORT or a port from SLURM_JOB_ID); {} under torchrun (WORLD_SIZE
+    set), outside SLURM, or for a one-task job. Variables already set win."""
+    if "WORLD_SIZE" in environ or "SLURM_PROCID" not in environ:
+        return {}
+    try:
+        world = int(environ.get("SLURM_NTASKS", "1"))
+        rank, local = int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", "0"))
+    except ValueError:
+        raise ConfigError("SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID: expected integers, got "
+                          f"{environ.get('SLURM_PROCID')!r}, {environ.get('SLURM_NTASKS')!r}, "
+                          f"{environ.get('SLURM_LOCALID')!r}") from None
+    if world <= 1:
+        return {}
+    if not 0 <= rank < world:
+        raise ConfigError(f"SLURM_PROCID={rank} with SLURM_NTASKS={world}: expected 0 <= "
+                          "SLURM_PROCID < SLURM_NTASKS")
+    launch = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local)}
+    if "MASTER_ADDR" not in environ:
+        nodelist = environ.get("SLURM_JOB_NODELIST", environ.get("SLURM_NODELIST"))
+        if not nodelist:
+            raise ConfigError("SLURM_NTASKS > 1 but SLURM_JOB_NODELIST is not set; set "
+                              "MASTER_ADDR to the first node's host name")
+        launch["MASTER_ADDR"] = first_slurm_host(nodelist)
+    if "MASTER_PORT" not in environ:
+        job = environ.get("SLURM_JOB_ID", "0")
+        launch["MASTER_PORT"] = str(SLURM_DEFAULT_PORT_BASE
+                                    + (int(job) if job.isdigit() else 0) % 10000)
+    return launch
+
+
 def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> tuple[DistEnv,
                                                                                    torch.device]:
-    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU) and pick this
-    rank's device; one process without torchrun."""
+    """Join the process group torchrun (or SLURM: `slurm_launch_env`) describes (NCCL on
+    CUDA, gloo on CPU) and pick this rank's device; one process without either."""
+    os.environ.update(slurm_launch_env(os.environ))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         if device == "auto":
@@ -83,8 +134,8 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> tuple
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device not in ("auto", "cuda", "cpu"):
-        raise ConfigError(f"device={device!r} under torchrun: expected 'auto', 'cuda' or 'cpu' "
-                          "(each rank takes cuda:LOCAL_RANK)")
+        raise ConfigError(f"device={device!r} under torchrun or SLURM: expected 'auto', 'cuda' "
+                          "or 'cpu' (each rank takes cuda:LOCAL_RANK)")
     if use_cuda:
         torch.cuda.set_device(local_rank)
     chosen = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
