@@ -219,6 +219,42 @@ def test_conv_stem_sees_where_things_are():
     assert change.argmax() == 0
 
 
+def test_resnet_stem_is_resnet_50s_first_three_stages_at_stride_16():
+    torchvision = pytest.importorskip("torchvision")
+    config = get_preset("simvlm-base")
+    assert (config.stem, config.conv_blocks, config.conv_width) == ("resnet50", 3, 64)
+    v = config.vision
+    embed = ConvPatchEmbed(v.image_size, v.patch_size, v.width, blocks=config.conv_blocks,
+                           channels=config.conv_width, stem=config.stem).eval()
+    assert embed.stride == 16 and embed.proj.kernel_size == (1, 1)
+    # the same convolutions, in the same order and shapes, as torchvision's ResNet-50 conv1 +
+    # layer1..3 (GroupNorm in place of BatchNorm: the same two vectors per norm)
+    reference = torchvision.models.resnet50()
+    ours = [p.shape for p in embed.stages.parameters()]
+    theirs = [p.shape for m in (reference.conv1, reference.bn1, reference.layer1,
+                                reference.layer2, reference.layer3) for p in m.parameters()]
+    assert sorted(ours) == sorted(theirs)
+    assert sum(p.numel() for p in embed.stages.parameters()) == 8_543_296
+    with torch.no_grad():
+        pixels = torch.randn(1, 3, 224, 224)
+        assert embed.stages(pixels).shape == (1, 1024, 14, 14)
+        assert embed(pixels).shape == (1, 196, 768)
+    deep = ConvPatchEmbed(224, 16, 768, blocks=3, channels=64, stem="resnet101")
+    assert sum(p.numel() for p in deep.stages.parameters()) == 27_535_424
+    light = ConvPatchEmbed(224, 16, 768, blocks=3, channels=64)
+    assert sum(p.numel() for p in light.stages.parameters()) == 1_188_352
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"stem": "resnet18"}, "expected one of"),
+    ({"stem": "resnet50", "conv_blocks": 0}, "1 to 4 ResNet stages"),
+    ({"stem": "resnet50", "conv_blocks": 4}, "stride 32"),
+])
+def test_resnet_stem_refuses_bad_settings(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        build_model(_config(**overrides))
+
+
 def test_model_grid_matches_config():
     model = _model()
     v = model.config.vision
@@ -492,6 +528,41 @@ def test_trainer_mixes_text_only_rows_and_resumes(tmp_path, synthetic_train_csv)
     # the corpus words are in the tokenizer trained for the run
     tokenizer = vlp.load_tokenizer(full["checkpoint"])
     assert len(tokenizer.encode(" what colour is the")) <= 4
+
+
+def test_resnet_stem_trains_saves_and_loads(tmp_path, synthetic_train_csv):
+    import json
+
+    from vlp.run import train
+    from vlp.train import TrainConfig
+
+    small = {"vision": {"layers": 1}, "text": {"layers": 1}, "stem": "resnet50",
+             "conv_width": 8}
+    result = train(TrainConfig(model="simvlm-tiny", model_overrides=small,
+                               train_data=str(synthetic_train_csv(32)), batch_size=8,
+                               max_steps=3, num_workers=0, progress=False, lr=1e-3,
+                               output_dir=str(tmp_path / "run")))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
+    loaded = vlp.load(result["checkpoint"]).eval()
+    assert loaded.config.stem == "resnet50"
+    assert len(loaded.image_embed.stages) == 4  # root + three stages of bottleneck blocks
+    trained = loaded.image_embed.stages[1][0].norm3.weight
+    assert trained.abs().sum() > 0  # zero-initialised, moved by training
+    again = vlp.load(result["checkpoint"]).eval()
+    pixels = _pixels(loaded.config)
+    torch.testing.assert_close(again.generate(pixels, max_new_tokens=4),
+                               loaded.generate(pixels, max_new_tokens=4))
+    # a model directory written before the stem field loads with the light stem it was made with
+    light = _model()
+    vlp.save(light, tmp_path / "old")
+    data = json.loads((tmp_path / "old" / "config.json").read_text())
+    del data["stem"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(data))
+    old = vlp.load(tmp_path / "old").eval()
+    assert old.config.stem == "light"
+    torch.testing.assert_close(old.generate(pixels, max_new_tokens=4),
+                               light.generate(pixels, max_new_tokens=4))
 
 
 def test_trainer_rejects_text_data_for_other_families_and_bad_ratios(tmp_path,

@@ -190,8 +190,9 @@ def _simvlm_tiny() -> SimvlmConfig:
 @register_preset("simvlm-base")
 def _simvlm_base() -> SimvlmConfig:
     # the paper's Base shape: ViT-Base-sized 12-layer encoder and 12-layer decoder (768 wide,
-    # 12 heads, MLP 3072), 224 px in 16 px patches after 3 ResNet-style conv blocks, 32k vocab
-    return SimvlmConfig()
+    # 12 heads, MLP 3072), 224 px in 16 px patches after the first three stages of ResNet-50
+    # (8.5M parameters, 1024 channels at stride 16, projected 1x1 to 768), 32k vocab
+    return SimvlmConfig(stem="resnet50")
 
 
 @register_preset("gpt2")

@@ -297,9 +297,15 @@ class SimvlmConfig(ModelConfig):
         image_size=224, patch_size=16, width=768, layers=12, heads=12, pool="none"))
     text: TextConfig = field(default_factory=lambda: TextConfig(
         vocab_size=32000, context_length=64, width=768, layers=12, heads=12))
-    # ResNet-style stages before the patch projection; 0: plain ViT patches
+    # the conv stage before the patch projection (`vlp.nn.convstem`): "light" (basic residual
+    # blocks, each halving the resolution: 1.2M parameters at width 64, 3 blocks), "resnet50" or
+    # "resnet101" (a ResNet's 7x7 root, max pool and first `conv_blocks` stages of bottleneck
+    # blocks, the paper's conv stage: 8.5M / 27.5M parameters at width 64, 3 stages, stride 16)
+    stem: str = "light"
+    # light: residual blocks (0: plain ViT patches); resnet*: ResNet stages, 1 to 4
     conv_blocks: int = bounded(3, 0, 16)
-    # channels of the first stage, doubled by each further stage
+    # channels of the first block (light) or bottleneck width of the first stage (resnet*),
+    # doubled by each further one
     conv_width: int = bounded(64, 1, MAX_WIDTH)
     # ablation (§4.4): one stack of vision.layers + text.layers blocks, prefix-masked, instead
     # of encoder + decoder

@@ -411,7 +411,8 @@ def build_simvlm(config: SimvlmConfig) -> SimVLM:
     if len({text.bos_id, text.eos_id}) != 2:
         raise ConfigError("simvlm: text.bos_id and text.eos_id must differ")
     image_embed = ConvPatchEmbed(vision.image_size, vision.patch_size, vision.width,
-                                 blocks=config.conv_blocks, channels=config.conv_width)
+                                 blocks=config.conv_blocks, channels=config.conv_width,
+                                 stem=config.stem)
     shape = dict(mlp_ratio=vision.mlp_ratio, act=vision.act, norm_eps=vision.norm_eps,
                  dropout=vision.dropout)
     if config.decoder_only:
