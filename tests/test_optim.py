@@ -11,7 +11,7 @@ import torch
 from vlp.config import get_preset
 from vlp.errors import ConfigError
 from vlp.models import build_model
-from vlp.train.optim import WarmupCosine, build_optimizer, param_groups
+from vlp.train.optim import LrSchedule, WarmupCosine, build_optimizer, param_groups
 
 
 def tiny_clip():
@@ -125,3 +125,36 @@ def test_schedule_rejects_bad_shape():
     optimizer = build_optimizer(tiny_clip(), lr=1.0, weight_decay=0.1)
     with pytest.raises(ConfigError, match="min_lr_ratio"):
         WarmupCosine(optimizer, 1, 10, min_lr_ratio=2.0)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "constant", "linear", "constant-cooldown"])
+def test_every_schedule_gives_its_formula_per_step(kind):
+    """lr per update, written out by hand for each kind: warmup 2, 10 updates, floor 0.1 of
+    the peak 2.0, a cooldown over the last 4 updates with power 2."""
+    model = tiny_clip()
+    optimizer = build_optimizer(model, lr=2.0, weight_decay=0.1)
+    scheduler = LrSchedule(optimizer, 2, 10, 0.1, kind, cooldown_steps=4, cooldown_power=2.0)
+    lrs = lrs_over(scheduler, optimizer, 12)
+    warmup = [1.0, 2.0]
+    if kind == "cosine":
+        after = [2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, i / 8))))
+                 for i in range(10)]
+    elif kind == "constant":
+        after = [2.0] * 10
+    elif kind == "linear":
+        after = [2.0 * (1 - 0.9 * min(1.0, i / 8)) for i in range(10)]
+    else:  # constant until update 6, then 0.1 + 0.9 (1 - (i - 6) / 4)^2 of the peak
+        after = [2.0] * 4 + [2.0 * (0.1 + 0.9 * (1 - min(1.0, i / 4)) ** 2) for i in range(6)]
+    assert lrs == pytest.approx(warmup + after, abs=1e-12)
+    assert lrs[10] == pytest.approx(2.0 if kind == "constant" else 0.2)
+    assert scheduler.state_dict()["kind"] == kind
+
+
+def test_cooldown_needs_room_after_warmup():
+    optimizer = build_optimizer(tiny_clip(), lr=1.0, weight_decay=0.1)
+    with pytest.raises(ConfigError, match="cooldown_steps=9"):
+        LrSchedule(optimizer, 2, 10, kind="constant-cooldown", cooldown_steps=9)
+    with pytest.raises(ConfigError, match="cooldown_steps=0"):
+        LrSchedule(optimizer, 2, 10, kind="constant-cooldown")
+    with pytest.raises(ConfigError, match="schedule='step'"):
+        LrSchedule(optimizer, 2, 10, kind="step")

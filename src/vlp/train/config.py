@@ -12,6 +12,7 @@ from vlp.data.sources import source_option
 from vlp.errors import ConfigError
 from vlp.train.dashboards import parse_report_to
 from vlp.train.distributed import STRATEGIES
+from vlp.train.schedules import SCHEDULES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # imagefolder: no captions
@@ -60,8 +61,16 @@ class TrainConfig:
                                         metavar=("BETA1", "BETA2"), valid="beta")
     eps: float = option(1e-6, "AdamW epsilon", valid="positive")
     warmup_steps: int = option(0, "linear warmup steps to the peak lr", valid="count")
-    min_lr_ratio: float = option(0.0, "the cosine schedule ends at min_lr_ratio * lr",
-                                 valid="probability")
+    min_lr_ratio: float = option(0.0, "the schedule ends at min_lr_ratio * lr (cosine, "
+                                 "linear, constant-cooldown)", valid="probability")
+    schedule: str = option("cosine", "learning rate after the warmup: cosine, constant, linear "
+                           "(down to min_lr_ratio * lr at the last step), constant-cooldown "
+                           "(constant, then cooldown_steps down to min_lr_ratio * lr)",
+                           choices=SCHEDULES)
+    cooldown_steps: int = option(0, "with schedule constant-cooldown: the last steps that "
+                                 "decay the lr", valid="count")
+    cooldown_power: float = option(1.0, "shape of the cooldown: 1 linear, 2 quadratic, ...",
+                                   valid="positive")
     max_steps: int | None = option(None, "optimizer steps (with epochs too, whichever ends "
                                    "first)", valid="positive_count")
     epochs: int | None = option(None, "passes over the training data (with max_steps too, "
@@ -143,6 +152,9 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"train config strategy={cfg.strategy!r}; expected one of "
                           f"{list(STRATEGIES)}")
+    if cfg.schedule == "constant-cooldown" and cfg.cooldown_steps < 1:
+        raise ConfigError("train config schedule='constant-cooldown' needs cooldown_steps >= 1 "
+                          "(the last steps, over which the lr decays)")
     if not cfg.train_data:
         raise ConfigError("train config train_data is empty; expected a data file or directory")
     parse_report_to(cfg.report_to)

@@ -1,12 +1,7 @@
-"""Optimizer parameter groups, AdamW, and the warmup + cosine learning-rate schedule.
-
-The schedule is a small class of its own (not ``LambdaLR``) so its state is plain JSON and a
-resumed run can extend ``total_steps`` without unpickling a closure.
-"""
+"""Optimizer parameter groups and AdamW (the learning-rate schedules: `vlp.train.schedules`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 from typing import Any
 
@@ -15,6 +10,9 @@ from torch import nn
 
 from vlp.contract import unwrap_model
 from vlp.errors import ConfigError
+from vlp.train.schedules import LrSchedule, WarmupCosine
+
+__all__ = ["LrSchedule", "WarmupCosine", "build_optimizer", "param_groups"]
 
 FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -79,71 +77,3 @@ def build_optimizer(
         except RuntimeError:  # a build without the fused kernel for this device
             pass
     return torch.optim.AdamW(groups, **options)
-
-
-class WarmupCosine:
-    """Linear warmup to each group's peak lr, then half a cosine down to ``min_lr_ratio * peak``.
-
-    ``lr_factor(i)`` is the multiplier for optimizer update ``i`` (0-based): ``(i + 1) / warmup``
-    during warmup (so the first update already moves), 1 at ``i = warmup - 1``, and exactly
-    ``min_lr_ratio`` at ``i = total_steps``. Call `step()` after each ``optimizer.step()``.
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        warmup_steps: int,
-        total_steps: int,
-        min_lr_ratio: float = 0.0,
-    ) -> None:
-        if warmup_steps < 0 or total_steps < 0:
-            raise ConfigError(f"warmup_steps={warmup_steps}, total_steps={total_steps}: "
-                              "expected both >= 0")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ConfigError(f"min_lr_ratio={min_lr_ratio}: expected a value in [0, 1]")
-        self.optimizer = optimizer
-        self.warmup_steps = warmup_steps
-        self.total_steps = total_steps
-        self.min_lr_ratio = min_lr_ratio
-        self.base_lrs = [float(group.get("initial_lr", group["lr"]))
-                         for group in optimizer.param_groups]
-        for group, base_lr in zip(optimizer.param_groups, self.base_lrs, strict=True):
-            group["initial_lr"] = base_lr
-        self.step_count = 0  # optimizer updates done so far
-        self._apply()
-
-    def lr_factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        decay_steps = self.total_steps - self.warmup_steps
-        if decay_steps <= 0:
-            return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
-
-    def _apply(self) -> None:
-        factor = self.lr_factor(self.step_count)
-        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base_lr * factor
-
-    def step(self) -> None:
-        self.step_count += 1
-        self._apply()
-
-    def get_last_lr(self) -> list[float]:
-        return [group["lr"] for group in self.optimizer.param_groups]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step_count": self.step_count, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "min_lr_ratio": self.min_lr_ratio,
-                "base_lrs": list(self.base_lrs)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the position only; the shape (peak, warmup, total) stays this instance's, so
-        a resumed run may extend its schedule."""
-        step_count = state.get("step_count")
-        if not isinstance(step_count, int) or step_count < 0:
-            raise ConfigError(f"scheduler state step_count={step_count!r}: expected an int >= 0")
-        self.step_count = step_count
-        self._apply()

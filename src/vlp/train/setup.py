@@ -121,7 +121,8 @@ def rank_data_state(saved: dict[str, Any], rank: int, world_size: int) -> dict[s
 # the checkpoint holds these (its model, tokenizer, optimizer state and schedule): a resumed
 # run continues with the checkpoint's whatever the config says
 CHECKPOINT_SETTINGS = ("model", "model_overrides", "tokenizer", "lr", "weight_decay", "betas",
-                       "eps", "warmup_steps", "min_lr_ratio")
+                       "eps", "warmup_steps", "min_lr_ratio", "schedule", "cooldown_steps",
+                       "cooldown_power")
 # these the config sets, and a change alters the run from here on
 # (the batch as every rank's together: a run resumes on another world size with the same one)
 RUN_SETTINGS = ("grad_clip", "global_batch_size", "grad_accum", "accum_features",

@@ -47,7 +47,7 @@ from vlp.train.distributed import (
     sync_replicated_grads,
     wrap_model,
 )
-from vlp.train.optim import WarmupCosine, build_optimizer
+from vlp.train.optim import LrSchedule, build_optimizer
 from vlp.train.runlog import EpochStream, RunLog, eval_line, is_finite, nonfinite_message
 from vlp.train.setup import (
     CHECKPOINT_SETTINGS,
@@ -179,8 +179,9 @@ class _Trainer:
         self.total_steps = count_total_steps(cfg, len(self.loader))
         self.optimizer = build_optimizer(self.raw_model, cfg.lr, cfg.weight_decay,
                                          tuple(cfg.betas), cfg.eps)
-        self.scheduler = WarmupCosine(self.optimizer, cfg.warmup_steps, self.total_steps,
-                                      cfg.min_lr_ratio)
+        self.scheduler = LrSchedule(self.optimizer, cfg.warmup_steps, self.total_steps,
+                                    cfg.min_lr_ratio, cfg.schedule, cfg.cooldown_steps,
+                                    cfg.cooldown_power)
         dtype = autocast_dtype(cfg.precision, self.device)
         self.autocast = functools.partial(autocast, dtype, self.device)
         self.scaler = (torch.amp.GradScaler(self.device.type) if dtype == torch.float16
