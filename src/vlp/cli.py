@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from vlp.cliargs import add_config_args, config_from_args, positive_int
+from vlp.cliargs import add_config_args, apply_config_file, config_from_args, positive_int
 from vlp.errors import VlpError, print_error
 
 
@@ -261,8 +261,21 @@ def _add_capfilt_parser(sub: Any) -> None:
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, as the library's errors (the usage is in --help)."""
 
+    reads_config = False  # a subcommand whose flags may come from --config FILE
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        if self.reads_config:  # the file's values become the flags' defaults: flags override
+            pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+            pre.add_argument("--config")
+            given, _ = pre.parse_known_args(list(sys.argv[1:] if args is None else args))
+            if given.config is not None:
+                apply_config_file(self, given.config, skip=("config",))
+        return super().parse_known_args(args, namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model",
                         description="Train a model from a preset (or a checkpoint) on "
                                     "image-text data, with checkpoints and exact resume.")
+    tr.add_argument("--config", metavar="FILE",
+                    help="JSON or YAML object of these options (names without '--', e.g. "
+                         "max_steps: 100); flags given beside it override its values; a run's "
+                         "train_config.json reruns it")
+    tr.reads_config = True
     add_config_args(tr, TrainConfig, required=("train_data",),
                     flags={"keep_last": ("--keep-last", "--keep")},
                     item_flags={"betas": ("--beta1", "--beta2")})
@@ -444,7 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except VlpError as error:  # a --config file that cannot be read
+        print_error(error, "--debug" in (sys.argv[1:] if argv is None else argv))
+        return 2
     try:
         return args.func(args)
     except VlpError as error:  # a user's mistake: one line; a bug stays a traceback

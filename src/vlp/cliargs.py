@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import types
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from vlp.errors import ConfigError
@@ -86,9 +88,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *,
         text = f.metadata.get("help", "").replace("%", "%%")
         if default not in (None, "", {}) and name not in required:
             text += " (default: %(default)s)" if text else "default: %(default)s"
-        group.add_argument(*flags.get(name, [flag_name(name)]), dest=prefix + name,
-                           default=default,
-                           required=name in required, help=text, **kwargs)
+        action = group.add_argument(*flags.get(name, [flag_name(name)]), dest=prefix + name,
+                                    default=default, required=name in required, help=text,
+                                    **kwargs)
+        action.nullable = _strip_none(hints[name]) is not hints[name]  # a file may say null
         for index, item in enumerate(item_flags.get(name, ())):
             group.add_argument(item, dest=prefix + name, action=_SetItem, index=index,
                                type=kwargs["type"], default=argparse.SUPPRESS,
@@ -212,3 +215,106 @@ def check_ranges(config: Any, where: str) -> None:
             problem = range_error(item, valid)
             if problem is not None:
                 raise ConfigError(f"{where} {f.name}={value!r} ({flag_name(f.name)}): {problem}")
+
+
+# ---------------------------------------------------------------------------------------------
+# a command's flags from a file (`vlp train --config FILE`)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The object a JSON file (or, with PyYAML installed, a ``.yaml``/``.yml`` file) holds."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path}: a YAML config needs PyYAML (pip install 'vlp[yaml]'); "
+                              "or write the same keys as a JSON object") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected an object of option: value (the flags' names "
+                          f"without '--'), got a {type(data).__name__}")
+    return data
+
+
+def apply_config_file(parser: argparse.ArgumentParser, path: str,
+                      skip: Collection[str] = ()) -> None:
+    """Make the values of the config file at ``path`` the defaults of ``parser``'s flags, so
+    flags given on the command line override them. A key is a flag's name without ``--``
+    (``max_steps`` or ``max-steps``); an unknown key, or a value the flag cannot take, is one
+    ConfigError naming the file and the key. A flag the file sets is no longer required."""
+    values = read_config_file(path)
+    actions = {}
+    for action in parser._actions:
+        longs = [s for s in action.option_strings if s.startswith("--")]
+        if longs and action.dest not in skip and not isinstance(action, _SetItem | (
+                argparse._HelpAction)):
+            actions[longs[0][2:].replace("-", "_")] = action
+    for key, value in values.items():
+        action = actions.get(str(key).replace("-", "_"))
+        if action is None:
+            close = difflib.get_close_matches(str(key).replace("-", "_"), actions, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}: unknown key {key!r}{hint}; expected the name of a "
+                              f"{parser.prog} flag without '--' (see {parser.prog} --help)")
+        problem = _file_value_error(action, value)
+        if problem is not None:
+            raise ConfigError(f"{path}: {key}={value!r}: {problem}")
+        if isinstance(value, list) and action.nargs is not None:
+            value = list(value)
+        action.default = value
+        action.required = False
+
+
+def _file_value_error(action: argparse.Action, value: Any) -> str | None:
+    """What stops ``action``'s flag from taking ``value`` read from a file; None when fine."""
+    if value is None:
+        return None if action.default is None or getattr(action, "nullable", False) \
+            else "expected a value (this option has no 'none')"
+    if isinstance(action, argparse.BooleanOptionalAction | argparse._StoreTrueAction |
+                  argparse._StoreFalseAction):
+        return None if isinstance(value, bool) else "expected true or false"
+    if action.nargs not in (None, "?"):
+        if not isinstance(value, list):
+            return "expected a list"
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            return f"expected a list of {action.nargs} values"
+        items = value
+    else:
+        items = [value]
+    for item in items:
+        problem = _item_error(action, item)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _item_error(action: argparse.Action, item: Any) -> str | None:
+    kind = action.type
+    if kind is json_object:
+        return None if isinstance(item, dict) else "expected an object"
+    if kind is int and (isinstance(item, bool) or not isinstance(item, int)):
+        return "expected an integer"
+    if kind is float and (isinstance(item, bool) or not isinstance(item, int | float)):
+        return "expected a number"
+    if kind in (None, str) and not isinstance(item, str):
+        return "expected a string"
+    if kind not in (None, str, int, float):  # a checking type such as positive_int
+        try:
+            kind(str(item))
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
+            return str(error) or "not a valid value"
+    if action.choices is not None and item not in action.choices:
+        return f"expected one of {list(action.choices)}"
+    return None

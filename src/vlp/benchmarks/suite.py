@@ -64,8 +64,8 @@ def read_suite(path: str | os.PathLike[str], defaults: dict[str, Any] | None = N
         try:
             import yaml
         except ImportError:
-            raise ConfigError(f"{path}: a YAML suite needs PyYAML; write it as JSON (a list "
-                              f"of task objects)") from None
+            raise ConfigError(f"{path}: a YAML suite needs PyYAML (pip install 'vlp[yaml]'); "
+                              "or write it as JSON (a list of task objects)") from None
         try:
             entries = yaml.safe_load(text)
         except yaml.YAMLError as error:
