@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"config", "cliargs", "htmlpage"},  # htmlpage: what HTML reports share
     {"store"},
     {"tokenizers", "losses", "generate"},
-    {"contract"},
+    {"contract", "vocabularies"},  # vocabularies: standard vocabularies found on disk
     {"nn", "data"},
     {"models", "eval", "train"},
     {"factory"},

@@ -10,6 +10,7 @@ whatever ``cfg.model`` says.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from vlp.train.config import TrainConfig, check_config
 from vlp.train.distributed import DistEnv, barrier, init_distributed
 from vlp.train.setup import build_run_source, find_resume_dir, seed_everything
 from vlp.train.trainer import AfterBackward, EvalFn, fit, run_directory
+from vlp.vocabularies import standard_tokenizer
 
 
 def train(cfg: TrainConfig, eval_fn: EvalFn | None = None, *,
@@ -104,19 +106,28 @@ def model_and_tokenizer(cfg: TrainConfig, output_dir: Path, env: DistEnv
 
 def _text_tokenizer(cfg: TrainConfig, init_dir: Path | None, vocab_size: int,
                     context_length: int, output_dir: Path, env: DistEnv) -> Tokenizer:
-    """The given tokenizer, else the init directory's, else a BPE on the captions (distributed:
-    rank 0 trains it and every rank loads it)."""
+    """The given tokenizer, else the init directory's, else a standard vocabulary at hand that
+    fits the text tower, else a BPE trained on at most ``cfg.tokenizer_train_samples`` captions
+    (and as many text_data texts): rank 0 trains it once and writes it to the run
+    directory, every other rank waits and reads that file."""
     if cfg.tokenizer is not None:
         return load_tokenizer(cfg.tokenizer, context_length=context_length)
     if init_dir is not None and (init_dir / TOKENIZER_FILE).is_file():
         return load_tokenizer(init_dir, context_length=context_length)
+    standard = standard_tokenizer(vocab_size, context_length)
+    if standard is not None:
+        if env.is_main:
+            print(f"vlp: tokenizer: {standard[1]}", file=sys.stderr, flush=True)
+        return standard[0]
     shared = output_dir / "tokenizer"
     if env.is_main:
+        limit = cfg.tokenizer_train_samples
         source = build_run_source(cfg.train_kind, cfg.train_data, cfg)
         corpus: Iterable[str] = (TextCorpus(cfg.text_data, cfg.caption_key)
                                  if cfg.text_data is not None else ())
-        tokenizer = train_tokenizer(itertools.chain(_captions(source, cfg.train_data), corpus),
-                                    vocab_size=vocab_size, context_length=context_length)
+        texts = itertools.chain(itertools.islice(_captions(source, cfg.train_data), limit),
+                                itertools.islice(corpus, limit))
+        tokenizer = train_tokenizer(texts, vocab_size=vocab_size, context_length=context_length)
         if env.distributed:
             tokenizer.save(shared)
     barrier(env)
