@@ -26,8 +26,10 @@ LAYERS: list[set[str]] = [
     {"nn", "data"},
     {"models", "eval", "train"},
     {"factory"},
-    {"interop", "run"},
-    {"hub"},  # pretrained names: hub snapshots converted through interop into vlp's cache
+    {"interop"},
+    # pretrained names: hub snapshots converted through interop into vlp's cache; run: a
+    # training run, whose towers may start from other checkpoints read through interop
+    {"hub", "run"},
     {"vlp"},  # the package's own __init__: the public API (vlp.load, vlp.save, ...)
     {"search"},  # embed parts, faiss indexes, Index: below serve, which answers /v1/search
     {"capfilt", "caption", "serve", "benchmarks", "report"},  # serve: the HTTP API over

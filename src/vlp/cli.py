@@ -103,8 +103,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlp.hub import is_pretrained_name, resolve
     from vlp.train.distributed import shutdown
 
-    if is_pretrained_name(cfg.model):  # fine-tune from a hub name: its converted directory
-        cfg.model = str(resolve(cfg.model))
+    for field in ("model", "init_vision", "init_text"):  # a hub name: its converted directory
+        if is_pretrained_name(getattr(cfg, field)):
+            setattr(cfg, field, str(resolve(getattr(cfg, field))))
     spec = _eval_spec(args, progress=cfg.progress)
     spec.check()  # every evaluation file read before the first step
     from vlp.benchmarks.suite import training_eval_fn  # and --eval-suite's, here

@@ -3,8 +3,10 @@ factory), then the trainer (`vlp.train.fit`), which receives them built.
 
 ``train(cfg)`` is what ``vlp train``, the recipes and CapFilt call. A fresh run starts from
 ``cfg.model`` (a preset, or a model directory whose weights start the run) with
-``cfg.model_overrides`` merged; a resumed run from its checkpoint's own config and tokenizer,
-whatever ``cfg.model`` says.
+``cfg.model_overrides`` merged, then ``cfg.init_vision`` / ``cfg.init_text`` load one tower
+each from another checkpoint (`vlp.interop.towers`; what was loaded and what stayed fresh is
+the first record of ``log.jsonl``); a resumed run from its checkpoint's own config and
+tokenizer, whatever ``cfg.model`` says.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from vlp.config import load_config
 from vlp.data.text import TextCorpus
 from vlp.errors import ConfigError, DataError
 from vlp.factory import is_model_path, model_config, text_context_length
+from vlp.interop.towers import init_text_, init_vision_
 from vlp.models import build_model
 from vlp.store import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, model_dir
 from vlp.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
@@ -47,13 +50,31 @@ def _train(cfg: TrainConfig, env: DistEnv, eval_fn: EvalFn | None,
     barrier(env)
     seed_everything(cfg.seed)  # before the model's random init
     resume_dir = find_resume_dir(cfg, output_dir)
+    reports: list[dict[str, Any]] = []
     if resume_dir is None:
         model, tokenizer = model_and_tokenizer(cfg, output_dir, env)
+        reports = init_towers(cfg, model)
+        for report in reports if env.is_main and cfg.progress else ():
+            print(f"init {report['tower']} from {report['source']}: {len(report['loaded'])} "
+                  f"tensors loaded, {len(report['fresh'])} left fresh "
+                  f"({', '.join(report['fresh'][:4])}{', ...' if len(report['fresh']) > 4 else ''})"
+                  + "".join(f"; {note}" for note in report["notes"]), file=sys.stderr)
     else:  # the checkpoint's own config and tokenizer, whatever cfg.model says
         model = build_model(load_config(resume_dir / CONFIG_FILE))
         tokenizer = load_tokenizer(resume_dir, context_length=text_context_length(model.config))
     return fit(cfg, model, tokenizer, eval_fn, after_backward=after_backward,
-               build_model=build_model)
+               build_model=build_model, first_records=[{"init": r} for r in reports])
+
+
+def init_towers(cfg: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
+    """Load ``cfg.init_vision`` / ``cfg.init_text`` into the fresh `model`'s towers; one
+    report (tower, source, loaded and fresh tensor names, notes) per tower loaded."""
+    reports = []
+    if cfg.init_vision is not None:
+        reports.append(init_vision_(model, cfg.init_vision))
+    if cfg.init_text is not None:
+        reports.append(init_text_(model, cfg.init_text))
+    return reports
 
 
 def _captions(source: Any, where: str) -> Iterator[str]:
@@ -106,14 +127,15 @@ def model_and_tokenizer(cfg: TrainConfig, output_dir: Path, env: DistEnv
 
 def _text_tokenizer(cfg: TrainConfig, init_dir: Path | None, vocab_size: int,
                     context_length: int, output_dir: Path, env: DistEnv) -> Tokenizer:
-    """The given tokenizer, else the init directory's, else a standard vocabulary at hand that
-    fits the text tower, else a BPE trained on at most ``cfg.tokenizer_train_samples`` captions
-    (and as many text_data texts): rank 0 trains it once and writes it to the run
-    directory, every other rank waits and reads that file."""
+    """The given tokenizer, else the init directory's or the text tower's (``init_text``), else
+    a standard vocabulary at hand that fits the text tower, else a BPE trained on at most
+    ``cfg.tokenizer_train_samples`` captions (and as many text_data texts): rank 0 trains it
+    once and writes it to the run directory, every other rank waits and reads that file."""
     if cfg.tokenizer is not None:
         return load_tokenizer(cfg.tokenizer, context_length=context_length)
-    if init_dir is not None and (init_dir / TOKENIZER_FILE).is_file():
-        return load_tokenizer(init_dir, context_length=context_length)
+    for directory in (init_dir, cfg.init_text and Path(cfg.init_text)):
+        if directory and (directory / TOKENIZER_FILE).is_file():
+            return load_tokenizer(directory, context_length=context_length)
     standard = standard_tokenizer(vocab_size, context_length)
     if standard is not None:
         if env.is_main:

@@ -281,7 +281,8 @@ def save_hf_blip2(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
 
 def bert_state_from_hf(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """An HF BERT directory (BertModel, BertForMaskedLM, ...) as a vlp `BertTextTransformer`
-    state dict (the layout `vlp.nn.qformer.load_bert_` reads)."""
+    state dict (the layout `vlp.nn.qformer.load_bert_` reads), plus BERT's MLM head as
+    ``lm_head.*`` (BLIP's `LMPredictionHead` names) when the file holds one."""
 
     directory = Path(path)
     hf_config = read_json(directory / CONFIG_FILE)
@@ -295,6 +296,12 @@ def bert_state_from_hf(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     for ours, refs in fused:
         if all(ref in state for ref in refs):
             out[ours] = torch.cat([state[ref] for ref in refs])
+    head = "cls.predictions."
+    for ours, theirs in (*linear_pairs("lm_head.dense", f"{head}transform.dense"),
+                         *linear_pairs("lm_head.norm", f"{head}transform.LayerNorm"),
+                         ("lm_head.bias", f"{head}bias")):
+        if theirs in state:
+            out[ours] = state[theirs]
     if "token_embed.weight" not in out:
         raise CheckpointError(f"{source}: no BERT word embeddings under '{prefix}embeddings.'")
     return out

@@ -31,13 +31,23 @@ class TrainConfig:
         factory=dict, help="nested model config fields set over the preset's or the "
         "checkpoint's, e.g. {\"text\": {\"layers\": 2}}")
     tokenizer: str | None = option(None, "tokenizer directory (default: the init directory's, "
-                                   "else a standard vocabulary at hand that fits the model "
-                                   "(CLIP's BPE for a 49,408-token text tower, with open_clip "
-                                   "installed), else a BPE trained on the captions)")
+                                   "else --init-text's, else a standard vocabulary at hand "
+                                   "that fits the model (CLIP's BPE for a 49,408-token text "
+                                   "tower, with open_clip installed), else a BPE trained on the "
+                                   "captions)")
     tokenizer_train_samples: int = option(
         1_000_000, "a BPE trained for a new run (no tokenizer at hand) learns from at most "
         "this many of the first captions (and as many text_data texts), on rank 0 "
         "before training starts", valid="positive_count")
+    init_vision: str | None = option(None, "start the ViT (clip, coca, blip, blip2's vlp ViT) "
+                                     "from a vision checkpoint: a transformers ViTModel / "
+                                     "non-distilled DeiT / CLIPVisionModel / BLIP directory, an "
+                                     "open_clip directory (its visual tower), a vlp model "
+                                     "directory or a hub name; shapes must match the model")
+    init_text: str | None = option(None, "start BLIP's text encoder, decoder and LM head, or "
+                                   "BLIP-2's Q-Former (self-attention and FFNs; cross-attention "
+                                   "stays fresh), from a transformers BERT directory "
+                                   "(BertModel, BertForMaskedLM, ...) or a vlp BLIP directory")
     train_data: str = option("", "training data: a file or directory", section="data")
     train_kind: str = option("auto", "format of the training data; auto: from the path; qa: "
                              "VQA JSONL rows (image, question, answer(s)) that fine-tune the "

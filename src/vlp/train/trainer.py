@@ -118,7 +118,8 @@ class _Trainer:
 
     def __init__(self, cfg: TrainConfig, model: PretrainModel, tokenizer: Any,
                  eval_fn: EvalFn | None, after_backward: AfterBackward | None,
-                 build_model: Callable[[Any], PretrainModel] | None) -> None:
+                 build_model: Callable[[Any], PretrainModel] | None,
+                 first_records: list[dict[str, Any]]) -> None:
         self.cfg = cfg
         self.eval_fn = eval_fn
         self.after_backward = after_backward
@@ -211,6 +212,8 @@ class _Trainer:
         dashboards = (open_dashboards(cfg.report_to, self.output_dir, cfg.to_dict(), resume_step)
                       if self.env.is_main else None)
         self.log = RunLog(self.output_dir / LOG_FILE, resume_step, self.env, sink=dashboards)
+        for record in first_records if resume_dir is None else ():
+            self.log.write({"step": 0, **record})
 
     def _check_resume(self, resume_dir: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
         """This run's settings (recorded in each checkpoint) and the config that runs; a
@@ -459,7 +462,8 @@ class _Trainer:
 
 def fit(cfg: TrainConfig, model: PretrainModel, tokenizer: Any, eval_fn: EvalFn | None = None, *,
         after_backward: AfterBackward | None = None,
-        build_model: Callable[[Any], PretrainModel] | None = None) -> dict[str, Any]:
+        build_model: Callable[[Any], PretrainModel] | None = None,
+        first_records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train the built `model` (and the `tokenizer` its batches are made with) per `cfg`;
     returns ``{"step", "epoch", "loss", "checkpoint", "eval", "nonfinite_steps",
     "output_dir"}`` (``eval``: the last evaluation's metrics, {} when none ran).
@@ -473,12 +477,14 @@ def fit(cfg: TrainConfig, model: PretrainModel, tokenizer: Any, eval_fn: EvalFn 
     step's gradients are complete, before clipping (to inspect or edit gradients). A step
     whose loss or gradient is not finite is skipped and logged (``"skipped": "nonfinite"``);
     `max_nonfinite` in a row stop the run. On CPU a resumed run repeats an uninterrupted one
-    exactly. Under ``torchrun`` every rank calls this.
+    exactly. `first_records` go into ``log.jsonl`` at step 0 of a fresh run (how the model
+    was initialised). Under ``torchrun`` every rank calls this.
     """
     check_config(cfg)
     env, _ = init_distributed(cfg.device)
     with run_directory(cfg.output_dir, env):
-        return _Trainer(cfg, model, tokenizer, eval_fn, after_backward, build_model).run()
+        return _Trainer(cfg, model, tokenizer, eval_fn, after_backward, build_model,
+                        first_records or []).run()
 
 
 def run_directory(output_dir: str, env: Any) -> contextlib.AbstractContextManager:
