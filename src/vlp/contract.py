@@ -15,6 +15,8 @@ Capabilities with defaults:
   fine-tuning), ``"text"`` (batches of text-only documents alone: a language model).
 - ``accumulates_features``: False where ``features`` has side effects (momentum encoders,
   queues); accumulated micro-batches then run independently.
+- ``tower_groups()``: the image and text towers' parameters in layer order (locking a tower,
+  layer-wise learning-rate decay).
 - ``no_weight_decay()``, ``set_grad_checkpointing()``, ``shard_units()`` (the modules FSDP
   shards one at a time), ``check_tokenizer()``, ``init_from()`` (start from another
   checkpoint's weights), ``after_optimizer_step()`` (keep parameters within their bounds: the
@@ -77,6 +79,22 @@ def partial_grad(value: Tensor, share: float) -> Tensor:
     return detached + share * (value - detached)
 
 
+def tower_names(model: nn.Module, tower: str, heads: tuple[str, ...] = ()) -> list[list[str]]:
+    """The `layer_groups()` of the model's submodule `tower` as the model names them, with the
+    parameters of the model's modules `heads` (attributes; None: absent) added to the last
+    group: a `tower_groups` entry. A name the model does not list (a weight tied to another)
+    is left out."""
+    names = {name for name, _ in model.named_parameters()}
+    out = [[f"{tower}.{name}" for name in group if f"{tower}.{name}" in names]
+           for group in model.get_submodule(tower).layer_groups()]
+    for head in heads:
+        module = getattr(model, head)
+        if module is not None:
+            out[-1] += [f"{head}.{name}" for name, _ in module.named_parameters()
+                        if f"{head}.{name}" in names]
+    return out
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module under DDP/FSDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
     while True:
@@ -135,6 +153,15 @@ class PretrainModel(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called by the trainer after every optimizer step that was taken: clamp parameters
         that must stay within bounds (CLIP's logit scale, BLIP's temperature)."""
+
+    def tower_groups(self) -> dict[str, list[list[str]]]:
+        """The family's unimodal towers, ``"image"`` and/or ``"text"``, each as its parameter
+        names (as ``named_parameters`` gives them) in layer order: ``[0]`` the embeddings,
+        ``[i]`` block ``i``, ``[-1]`` the final norm and the heads that project the tower's
+        output. What ``--lock-image`` / ``--lock-text`` freeze and layer-wise learning-rate
+        decay scales; parts outside every tower (cross-modal decoders, temperatures) are in
+        none. Default: no towers."""
+        return {}
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Raise ConfigError when `tokenizer` cannot feed this model's batches."""

@@ -16,7 +16,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.config import BlipConfig
-from vlp.contract import CAPTION, EMBED, IMAGE_TEXT, ITM, QA, VQA, PretrainModel, partial_grad
+from vlp.contract import (
+    CAPTION,
+    EMBED,
+    IMAGE_TEXT,
+    ITM,
+    QA,
+    VQA,
+    PretrainModel,
+    partial_grad,
+    tower_names,
+)
 from vlp.errors import ConfigError
 from vlp.generate import generate as generate_tokens
 from vlp.generate import new_token_budget
@@ -85,6 +95,12 @@ class BLIP(PretrainModel):
             if getattr(self, tower) is not None:
                 names |= {f"{tower}.{n}" for n in getattr(self, tower).no_weight_decay()}
         return names
+
+    def tower_groups(self) -> dict[str, list[list[str]]]:
+        """The ViT and the text encoder, each with its projection (momentum copies: by EMA)."""
+        return {name: tower_names(self, tower, (head,)) for name, tower, head in (
+            ("image", "visual", "vision_proj"), ("text", "text_encoder", "text_proj"))
+            if getattr(self, tower) is not None}
 
     def shard_units(self) -> list[nn.Module]:
         """The ViT blocks, and with separate text towers (``share="none"``) every BERT layer;

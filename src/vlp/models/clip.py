@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.config import ClipConfig
-from vlp.contract import EMBED, PretrainModel, partial_grad
+from vlp.contract import EMBED, PretrainModel, partial_grad, tower_names
 from vlp.errors import ConfigError
 from vlp.losses import clip_loss, siglip_loss
 from vlp.models.registry import register
@@ -42,6 +42,14 @@ class LogitScaled(PretrainModel):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.visual.transformer.grad_checkpointing = enable
         self.text.transformer.grad_checkpointing = enable
+
+    def tower_heads(self) -> tuple[str, ...]:
+        """Modules outside ``visual`` that belong to the image tower's last group."""
+        return ()
+
+    def tower_groups(self) -> dict[str, list[list[str]]]:
+        return {"image": tower_names(self, "visual", self.tower_heads()),
+                "text": tower_names(self, "text")}
 
 
 class CLIP(LogitScaled):

@@ -86,6 +86,11 @@ class CoCa(LogitScaled):
         super().set_grad_checkpointing(enable)
         self.decoder.grad_checkpointing = enable
 
+    def tower_heads(self) -> tuple[str, ...]:
+        """The attentional poolers and the contrastive projection finish the image tower."""
+        heads = ("pooler", "pool_norm", "image_proj")
+        return heads + (("contrastive_pooler",) if self.contrastive_pooler is not None else ())
+
     # -- image side ------------------------------------------------------------------------------
 
     def forward_image(self, pixels: Tensor) -> CocaImageOutput:

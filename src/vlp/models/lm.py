@@ -14,7 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from vlp.config import LMConfig
-from vlp.contract import TEXT, PretrainModel
+from vlp.contract import TEXT, PretrainModel, tower_names
 from vlp.errors import ConfigError
 from vlp.losses import IGNORE_INDEX, caption_nll
 from vlp.models.registry import register
@@ -45,6 +45,9 @@ class CausalLM(PretrainModel):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.text.transformer.grad_checkpointing = enable
+
+    def tower_groups(self) -> dict[str, list[list[str]]]:
+        return {"text": tower_names(self, "text")}
 
     def logits(self, input_ids: Tensor) -> Tensor:
         """``(B, L, vocab)`` next-token logits; position t predicts token t + 1."""

@@ -15,7 +15,14 @@ from torch import Tensor, nn
 from vlp.config import TextConfig
 from vlp.errors import ConfigError
 from vlp.nn.attention import Attention
-from vlp.nn.transformer import BlockCache, Mlp, make_activation, run_blocks, run_blocks_cached
+from vlp.nn.transformer import (
+    BlockCache,
+    Mlp,
+    layer_groups,
+    make_activation,
+    run_blocks,
+    run_blocks_cached,
+)
 
 
 class PostNormBlock(nn.Module):
@@ -139,6 +146,11 @@ class BertTextTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}
+
+    def layer_groups(self) -> list[list[str]]:
+        """Parameter names: token and position embeddings and their norm; each layer; nothing
+        after the last layer (post-LN layers end normalised)."""
+        return layer_groups(self, "blocks", ("token_embed", "pos_embed", "embed_norm"))
 
     def embed(self, input_ids: Tensor, start: int = 0) -> Tensor:
         """Normalised token + position embeddings of ids placed at positions ``start...``."""

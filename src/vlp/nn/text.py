@@ -10,7 +10,7 @@ from vlp.config import TextConfig
 from vlp.errors import ConfigError
 from vlp.nn.attention import causal_mask
 from vlp.nn.pooling import pool_argmax, pool_eos, pool_mean
-from vlp.nn.transformer import BlockCache, Transformer, init_transformer_
+from vlp.nn.transformer import BlockCache, Transformer, init_transformer_, layer_groups
 
 
 class TextTransformer(nn.Module):
@@ -45,6 +45,10 @@ class TextTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}
+
+    def layer_groups(self) -> list[list[str]]:
+        """Parameter names: token and position embeddings; each block; final norm and head."""
+        return layer_groups(self, "transformer.blocks", ("token_embed", "pos_embed"))
 
     def padding_mask(self, input_ids: Tensor) -> Tensor:
         """True for real tokens: everything up to and including the first eos."""
@@ -161,6 +165,11 @@ class ClsTextTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
+
+    def layer_groups(self) -> list[list[str]]:
+        """Parameter names: token and position embeddings and the appended CLS token; each
+        block; final norm and head."""
+        return layer_groups(self, "transformer.blocks", ("token_embed", "pos_embed", "cls_token"))
 
     def real_tokens(self, input_ids: Tensor) -> Tensor:
         """True for real tokens: everything up to and including the first eos."""

@@ -269,3 +269,20 @@ def init_transformer_(transformer: Transformer, std_scale: float = 1.0) -> None:
         nn.init.zeros_(block.mlp.fc1.bias)
         nn.init.normal_(block.mlp.fc2.weight, std=proj_std)
         nn.init.zeros_(block.mlp.fc2.bias)
+
+
+def layer_groups(tower: nn.Module, blocks: str, embeddings: tuple[str, ...]) -> list[list[str]]:
+    """`tower`'s parameter names in layer order: ``[0]`` those under the `embeddings`
+    attributes, ``[i]`` those of block ``i - 1`` of the ``ModuleList`` at `blocks`, ``[-1]``
+    the rest (final norms, pooling and projection heads): what locking a tower and layer-wise
+    learning-rate decay read (`PretrainModel.tower_groups`)."""
+    count = len(tower.get_submodule(blocks))
+    groups: list[list[str]] = [[] for _ in range(count + 2)]
+    for name, _ in tower.named_parameters():
+        if name.startswith(blocks + "."):
+            groups[int(name[len(blocks) + 1:].split(".")[0]) + 1].append(name)
+        elif name.split(".")[0] in embeddings:
+            groups[0].append(name)
+        else:
+            groups[-1].append(name)
+    return groups

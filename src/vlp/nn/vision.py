@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from vlp.config import VisionConfig
 from vlp.errors import ConfigError
 from vlp.nn.pooling import MapHead, pool_cls, pool_mean
-from vlp.nn.transformer import Transformer, init_transformer_
+from vlp.nn.transformer import Transformer, init_transformer_, layer_groups
 
 
 def resize_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int = 1,
@@ -109,6 +109,12 @@ class VisionTransformer(nn.Module):
         if self.map_head is not None:
             names.add("map_head.probe")
         return names
+
+    def layer_groups(self) -> list[list[str]]:
+        """Parameter names: the patch embedding, class token, positions and pre-norm; each
+        block; the final norm, pooling head and projection (`layer_groups`)."""
+        return layer_groups(self, "transformer.blocks",
+                            ("patch_embed", "class_token", "pos_embed", "norm_pre"))
 
     def set_image_size(self, image_size: int) -> None:
         """Serve another input size by interpolating the learned positions."""

@@ -33,7 +33,7 @@ from vlp.store.layout import (
     update_latest_link,
     write_model_files,
 )
-from vlp.store.tensors import checked_weights, read_safetensors
+from vlp.store.tensors import checked_weights, read_safetensors, write_safetensors
 from vlp.train.state import (
     apply_rng_state,
     load_model_state,
@@ -45,6 +45,7 @@ from vlp.train.state import (
 )
 
 RNG_FILE = "rng.safetensors"
+TRAIN_WEIGHTS_FILE = "train_weights.safetensors"
 TRAIN_STATE_VERSION = 2
 
 
@@ -63,13 +64,16 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     rng_states: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] | None = None,
+    weight_files: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoint-{step:07d}`` atomically, then point ``checkpoint-latest`` at
     it and delete all but the newest `keep_last` checkpoints (0 keeps every one).
 
     Distributed runs gather first (`full_model_state`, `full_optimizer_state`, every rank's
     `rng_state`) and pass them in from rank 0; by default they are taken from `model`,
-    `optimizer` and this process at call time.
+    `optimizer` and this process at call time. `weight_files` (file name -> state) are more
+    weight files beside the model's: ``train_weights.safetensors``, the weights training
+    resumes from when ``model.safetensors`` holds the exported ones (`vlp.train.levers`).
     """
     run_dir = Path(run_dir)
     target = checkpoint_dir(run_dir, step)
@@ -92,6 +96,8 @@ def save_checkpoint(
         with atomic_directory(target) as staging:
             write_model_files(staging, raw.config, model_state if model_state is not None
                               else raw.state_dict(), tokenizer)
+            for name, tensors in (weight_files or {}).items():
+                write_safetensors(tensors, staging / name)
             if optimizer_state is not None:
                 write_optimizer(optimizer_state, type(optimizer).__name__, staging)
             save_file(rng_tensors, staging / RNG_FILE)
@@ -146,7 +152,9 @@ def load_checkpoint(
                               f"{train_state.get('version')!r}, expected {TRAIN_STATE_VERSION}")
     _check_train_state(train_state, directory / TRAIN_STATE_FILE)
     # read and check everything before changing anything: a bad file leaves all untouched
-    weights = checked_weights(unwrap_model(model), directory / WEIGHTS_FILE)
+    train_weights = directory / TRAIN_WEIGHTS_FILE  # when model.safetensors is the export
+    weights = checked_weights(unwrap_model(model), train_weights if train_weights.is_file()
+                              else directory / WEIGHTS_FILE)
     optimizer_state = (read_optimizer(model, optimizer, directory) if optimizer is not None
                        else None)
     if restore_rng:

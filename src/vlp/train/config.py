@@ -95,6 +95,32 @@ class TrainConfig:
                                      "is still logged)", valid="non_negative")
     max_nonfinite: int = option(10, "consecutive non-finite steps (each skipped) before the "
                                 "run stops", valid="count")
+    lock_image: bool = option(False, "freeze the image tower but its last "
+                              "lock_image_unlocked_groups layer groups (groups: embeddings, "
+                              "each block, final norm and heads)", section="fine-tuning")
+    lock_image_unlocked_groups: int = option(0, "with lock_image: trailing groups left "
+                                             "trainable (1: the heads, 2: the last block too, "
+                                             "...)", valid="count")
+    lock_text: bool = option(False, "freeze the text tower but its last "
+                             "lock_text_unlocked_groups layer groups")
+    lock_text_unlocked_groups: int = option(0, "with lock_text: trailing groups left "
+                                            "trainable", valid="count")
+    layer_decay: float = option(1.0, "layer-wise lr decay: group l of a tower's groups 0..L "
+                                "trains at lr * layer_decay^(L - l); 1: off",
+                                valid="probability")
+    ema_decay: float | None = option(None, "keep an exponential moving average of the weights "
+                                     "(ema = decay * ema + (1 - decay) * weights each step, "
+                                     "e.g. 0.999); evaluation and the exported model use it",
+                                     valid="probability")
+    lora_rank: int = option(0, "LoRA adapters of this rank on lora_targets, every other weight "
+                            "frozen (extra vlp[lora]); checkpoints hold the merged model; "
+                            "0: off", valid="count")
+    lora_alpha: float = option(16.0, "LoRA scale numerator (adapters scaled alpha / rank)",
+                               valid="positive")
+    lora_targets: str = option("qkv,q,kv,proj", "comma-separated names of the Linear modules "
+                               "LoRA adapts (default: attention projections; fc1,fc2: MLPs)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA adapters' input",
+                                 valid="probability")
     output_dir: str = option("runs/train", "run directory", section="run")
     eval_every: int = option(0, "optimizer steps between evaluations (0: none); evaluation "
                              "also runs at the end", valid="count")
@@ -168,6 +194,9 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"train config strategy={cfg.strategy!r}; expected one of "
                           f"{list(STRATEGIES)}")
+    if cfg.layer_decay <= 0:
+        raise ConfigError(f"train config layer_decay={cfg.layer_decay!r}: expected a value in "
+                          "(0, 1]")
     if cfg.schedule == "constant-cooldown" and cfg.cooldown_steps < 1:
         raise ConfigError("train config schedule='constant-cooldown' needs cooldown_steps >= 1 "
                           "(the last steps, over which the lr decays)")

@@ -127,7 +127,10 @@ CHECKPOINT_SETTINGS = ("model", "model_overrides", "tokenizer", "lr", "weight_de
 # (the batch as every rank's together: a run resumes on another world size with the same one)
 RUN_SETTINGS = ("grad_clip", "global_batch_size", "grad_accum", "accum_features",
                 "train_data", "train_kind", "text_data", "text_ratio", "image_key", "caption_key",
-                "separator", "image_root", "seed", "precision")
+                "separator", "image_root", "seed", "precision", "lock_image",
+                "lock_image_unlocked_groups", "lock_text", "lock_text_unlocked_groups",
+                "layer_decay", "ema_decay", "lora_rank", "lora_alpha", "lora_targets",
+                "lora_dropout")
 FINGERPRINT_READ = 64 << 20  # bytes hashed from each end of a larger file
 
 

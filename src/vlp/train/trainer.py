@@ -47,6 +47,7 @@ from vlp.train.distributed import (
     sync_replicated_grads,
     wrap_model,
 )
+from vlp.train.levers import Levers
 from vlp.train.optim import LrSchedule, build_optimizer
 from vlp.train.runlog import EpochStream, RunLog, eval_line, is_finite, nonfinite_message
 from vlp.train.setup import (
@@ -138,6 +139,7 @@ class _Trainer:
         model.to(self.device)
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        self.levers = Levers(cfg, model, is_main=self.env.is_main, sharded=cfg.strategy == "fsdp")
         if self.env.distributed:
             model.exchange = GatherExchange(local_loss=cfg.local_loss,
                                             with_grad=cfg.gather_with_grad)
@@ -179,7 +181,8 @@ class _Trainer:
                                           num_workers=cfg.num_workers, answer_tokenizer=answers)
         self.total_steps = count_total_steps(cfg, len(self.loader))
         self.optimizer = build_optimizer(self.raw_model, cfg.lr, cfg.weight_decay,
-                                         tuple(cfg.betas), cfg.eps)
+                                         tuple(cfg.betas), cfg.eps,
+                                         lr_scales=self.levers.lr_scales)
         self.scheduler = LrSchedule(self.optimizer, cfg.warmup_steps, self.total_steps,
                                     cfg.min_lr_ratio, cfg.schedule, cfg.cooldown_steps,
                                     cfg.cooldown_power)
@@ -194,6 +197,7 @@ class _Trainer:
             state = load_checkpoint(resume_dir, self.model, self.optimizer, self.scheduler,
                                     rank=rank)
             self.step, epoch = state["step"], state["epoch"]
+            self.levers.load(state["path"])
             self.nonfinite_total = state["extra"].get("nonfinite_steps", 0)
             if self.scaler is not None and state["extra"].get("grad_scaler"):
                 self.scaler.load_state_dict(state["extra"]["grad_scaler"])
@@ -313,6 +317,8 @@ class _Trainer:
             self.optimizer.step()
             self.raw_model.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            self.levers.after_step()  # the weight average
         self.scheduler.step()  # a skipped step still spends its batch and its schedule slot
         self.step += 1
         record: dict[str, Any] = {"step": self.step, "epoch": batch_epoch, "lr": lr}
@@ -364,6 +370,10 @@ class _Trainer:
         return copy.to(self.device)
 
     def evaluate(self) -> None:
+        with self.levers.exported():  # with ema_decay: the weight average is evaluated
+            self._evaluate()
+
+    def _evaluate(self) -> None:
         model = self._eval_model()
         metrics: dict[str, Any] = {}
         if self.env.is_main and model is not None:
@@ -401,6 +411,7 @@ class _Trainer:
         text_states = (gather_objects(self.text_batches.state_dict(), self.env)
                        if self.text_batches is not None else None)
         if self.env.is_main:
+            model_state, weight_files = self.levers.checkpoint_files(model_state)
             extra = {"nonfinite_steps": self.nonfinite_total,
                      "grad_scaler": self.scaler.state_dict() if self.scaler else None,
                      "world_size": self.env.world_size, "settings": self.settings}
@@ -410,7 +421,8 @@ class _Trainer:
                 data_state={"ranks": data_states, "text": text_states},
                 epoch=self.batches.epoch, extra=extra,
                 keep_last=self.cfg.keep_last, model_state=model_state,
-                optimizer_state=optimizer_state, rng_states=rng_states))
+                optimizer_state=optimizer_state, rng_states=rng_states,
+                weight_files=weight_files))
         self.checkpoint_path = broadcast_object(self.checkpoint_path, self.env)
 
     # -- the run ---------------------------------------------------------------------------
