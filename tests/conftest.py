@@ -37,3 +37,22 @@ def synthetic_train_csv(tmp_path_factory):
         return made[n_train]
 
     return make
+
+
+@pytest.fixture
+def bench(capsys):
+    """``bench(model, *argv)``: `vlp benchmark MODEL ...` in process on the CPU (no progress, no
+    workers, batch 16); asserts exit 0 and returns the printed JSON."""
+    import json
+
+    from vlp.cli import main
+
+    def run(model, *argv):
+        capsys.readouterr()
+        code = main(["benchmark", model, "--no-progress", "--num-workers", "0", "--batch-size",
+                     "16", "--device", "cpu", *map(str, argv)])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return json.loads(captured.out)
+
+    return run

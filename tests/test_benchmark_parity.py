@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlp.cli import main
 from vlp.data.synthetic import generate
 from vlp.data.synthetic_world import CLASS_NAMES
 
@@ -60,15 +59,6 @@ def model_dir(data, tmp_path_factory):
             for name in ("clip-tiny", "blip-tiny")}
 
 
-def _bench(capsys, model, *argv):
-    capsys.readouterr()
-    code = main(["benchmark", model, "--no-progress", "--num-workers", "0", "--batch-size",
-                 "16", "--device", "cpu", *map(str, argv)])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return json.loads(captured.out)
-
-
 def _for_clip_benchmark(path: str):
     """vlp's model, its image transform, its tokenizer, and that tokenizer called as
     CLIP_benchmark calls one (a list of texts -> a tensor of ids)."""
@@ -88,7 +78,7 @@ def _topk_accuracy(logits, target, topk=(1,)):
     return [int((best[:, :k] == target[:, None]).any(dim=1).sum()) / len(target) for k in topk]
 
 
-def test_zeroshot_equals_clip_benchmark(data, model_dir, capsys, tmp_path, monkeypatch):
+def test_zeroshot_equals_clip_benchmark(data, model_dir, tmp_path, monkeypatch, bench):
     from clip_benchmark.datasets.builder import build_dataset
     from clip_benchmark.metrics import zeroshot_classification as cb
 
@@ -96,7 +86,7 @@ def test_zeroshot_equals_clip_benchmark(data, model_dir, capsys, tmp_path, monke
 
     monkeypatch.setattr(cb, "accuracy", _topk_accuracy)
 
-    ours = _bench(capsys, model_dir["clip-tiny"], "--task", "zeroshot", "--format", "imagenet",
+    ours = bench(model_dir["clip-tiny"], "--task", "zeroshot", "--format", "imagenet",
                   "--root", data["root"] / "in")
     templates = ours["protocol"]["templates"]
     assert ours["num_items"] == N_TEST and ours["num_classes"] == len(data["classnames"]) >= 5
@@ -128,12 +118,12 @@ def test_zeroshot_equals_clip_benchmark(data, model_dir, capsys, tmp_path, monke
     torch.testing.assert_close(ours_weights, weights.float(), atol=1e-5, rtol=1e-5)
 
 
-def test_retrieval_equals_clip_benchmark(data, model_dir, capsys, tmp_path):
+def test_retrieval_equals_clip_benchmark(data, model_dir, tmp_path, bench):
     from clip_benchmark.datasets.builder import build_dataset, get_dataset_collate_fn
     from clip_benchmark.metrics import zeroshot_retrieval as cb
 
     coco = data["root"] / "coco"
-    ours = _bench(capsys, model_dir["clip-tiny"], "--task", "retrieval", "--format",
+    ours = bench(model_dir["clip-tiny"], "--task", "retrieval", "--format",
                   "coco-karpathy", "--root", coco)
     assert ours["num_items"] == N_TEST and ours["num_texts"] == 5 * N_TEST
     # CLIP_benchmark reads COCO's Karpathy test split as a COCO captions file over val2014/
@@ -159,7 +149,7 @@ def test_retrieval_equals_clip_benchmark(data, model_dir, capsys, tmp_path):
     assert 0 < ours["t2i_r10"] < 1 and 0 < ours["i2t_r10"] < 1
 
 
-def test_captioning_equals_pycocoevalcap_on_the_server_file(data, model_dir, capsys, tmp_path):
+def test_captioning_equals_pycocoevalcap_on_the_server_file(data, model_dir, tmp_path, bench):
     """The COCO caption evaluation as its users run it: the references as a COCO annotation
     file, vlp's server result file read with loadRes, both tokenised by PTBTokenizer and scored
     by pycocoevalcap's scorers (COCOEvalCap.evaluate's steps, less SPICE, whose Stanford
@@ -176,7 +166,7 @@ def test_captioning_equals_pycocoevalcap_on_the_server_file(data, model_dir, cap
     from pycocotools.coco import COCO
 
     coco = data["root"] / "coco"
-    ours = _bench(capsys, model_dir["blip-tiny"], "--task", "captioning", "--format",
+    ours = bench(model_dir["blip-tiny"], "--task", "captioning", "--format",
                   "coco-karpathy", "--root", coco, "--num-beams", "1", "--max-new-tokens", "8",
                   "--caption-backend", "pycocoevalcap", "--out", tmp_path)
     assert ours["protocol"]["caption_backend"] == "pycocoevalcap"

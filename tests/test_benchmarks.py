@@ -142,15 +142,6 @@ def models(world, tmp_path_factory):
     return paths
 
 
-def _bench(capsys, model, *argv):
-    capsys.readouterr()
-    code = main(["benchmark", model, "--no-progress", "--num-workers", "0", "--batch-size",
-                 "16", "--device", "cpu", *map(str, argv)])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return json.loads(captured.out)
-
-
 def test_cifar_binary_records_are_parsed_byte_by_byte(tmp_path):
     directory = tmp_path / "cifar-100-binary"
     directory.mkdir()
@@ -213,11 +204,11 @@ def test_the_whole_imagenet_without_names_takes_open_clips_names_and_clip_templa
     assert read_classification("imagenet", tmp_path).classnames[:2] == ["c0", "c1"]
 
 
-def test_zeroshot_on_every_classification_layout(world, models, capsys):
+def test_zeroshot_on_every_classification_layout(world, models, bench):
     root = world["root"]
-    folder = _bench(capsys, models["clip-tiny"], "--task", "zeroshot", "--format",
+    folder = bench(models["clip-tiny"], "--task", "zeroshot", "--format",
                     "imagefolder", "--root", root / "if")
-    imagenet = _bench(capsys, models["clip-tiny"], "--task", "zeroshot", "--format",
+    imagenet = bench(models["clip-tiny"], "--task", "zeroshot", "--format",
                       "imagenet", "--root", root / "in")
     assert imagenet["split"] == "val" and imagenet["num_items"] == N_TEST
     # the same images and classes in two layouts: the same numbers
@@ -225,7 +216,7 @@ def test_zeroshot_on_every_classification_layout(world, models, capsys):
         assert imagenet[key] == folder[key]
     assert imagenet["protocol"]["templates"][0] == "a photo of a {}."
     for fmt, classes in (("cifar10", 10), ("cifar100", 48)):
-        result = _bench(capsys, models["clip-tiny"], "--task", "zeroshot", "--format", fmt,
+        result = bench(models["clip-tiny"], "--task", "zeroshot", "--format", fmt,
                         "--root", root / "cifar")
         assert result["num_items"] == N_TEST and result["num_classes"] == classes
         assert 0 <= result["zeroshot_top1"] <= result["zeroshot_top5"] <= 1
@@ -245,12 +236,12 @@ def _hand_recall(scores: torch.Tensor, text_to_image: list[int], k: int) -> tupl
     return i2t / n, t2i / m
 
 
-def test_retrieval_recall_equals_the_hand_count(world, models, capsys):
+def test_retrieval_recall_equals_the_hand_count(world, models, bench):
     import vlp
     from vlp.eval import embed_images, embed_texts
 
     coco = world["root"] / "coco"
-    result = _bench(capsys, models["clip-tiny"], "--task", "retrieval", "--format",
+    result = bench(models["clip-tiny"], "--task", "retrieval", "--format",
                     "coco-karpathy", "--root", coco)
     assert result["num_items"] == N_TEST and result["num_texts"] == 5 * N_TEST
     karpathy = json.loads((coco / "dataset_coco.json").read_text())["images"]
@@ -265,27 +256,27 @@ def test_retrieval_recall_equals_the_hand_count(world, models, capsys):
         i2t, t2i = _hand_recall(scores, text_to_image, k)
         assert result[f"i2t_r{k}"] == pytest.approx(i2t, abs=1e-9)
         assert result[f"t2i_r{k}"] == pytest.approx(t2i, abs=1e-9)
-    flickr = _bench(capsys, models["clip-tiny"], "--task", "retrieval", "--format",
+    flickr = bench(models["clip-tiny"], "--task", "retrieval", "--format",
                     "flickr30k-karpathy", "--root", world["root"] / "flickr")
     assert flickr["i2t_r1"] == result["i2t_r1"] and flickr["t2i_r5"] == result["t2i_r5"]
     table = world["root"] / "test.csv"  # vlp's own caption file of the same pairs
     table.write_text("filepath,caption\n" + "".join(
         f"coco/val2014/{im['filename']},{s['raw']}\n" for im in test for s in im["sentences"]))
-    own = _bench(capsys, models["clip-tiny"], "--task", "retrieval", "--format", "csv",
+    own = bench(models["clip-tiny"], "--task", "retrieval", "--format", "csv",
                  "--root", table)
     assert own["split"] == "test" and own["t2i_r1"] == result["t2i_r1"]
-    reranked = _bench(capsys, models["blip-tiny"], "--task", "retrieval", "--format",
+    reranked = bench(models["blip-tiny"], "--task", "retrieval", "--format",
                       "coco-karpathy", "--root", coco, "--itm-k", "3")
     assert reranked["protocol"]["itm_k"] == 3
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"):
         assert 0 <= reranked[f"itm_{key}"] <= 1 and key in reranked
 
 
-def test_captioning_scores_and_the_coco_server_file(world, models, capsys, tmp_path):
+def test_captioning_scores_and_the_coco_server_file(world, models, tmp_path, bench):
     from vlp.eval.captioning import caption_metrics
 
     coco = world["root"] / "coco"
-    result = _bench(capsys, models["blip-tiny"], "--task", "captioning", "--format",
+    result = bench(models["blip-tiny"], "--task", "captioning", "--format",
                     "coco-karpathy", "--root", coco, "--num-beams", "1", "--max-new-tokens",
                     "5", "--caption-backend", "vlp", "--out", tmp_path)
     assert result["protocol"]["caption_backend"] == "vlp" and result["num_items"] == N_TEST
@@ -298,7 +289,7 @@ def test_captioning_scores_and_the_coco_server_file(world, models, capsys, tmp_p
                             {r["image_id"]: r["caption"] for r in rows}, backend="vlp")
     for key in ("bleu_4", "rouge_l", "cider"):
         assert result[key] == pytest.approx(again[key], abs=1e-12)
-    nocaps = _bench(capsys, models["blip-tiny"], "--task", "captioning", "--format", "nocaps",
+    nocaps = bench(models["blip-tiny"], "--task", "captioning", "--format", "nocaps",
                     "--root", world["root"] / "nocaps", "--num-beams", "1",
                     "--max-new-tokens", "5", "--caption-backend", "vlp")
     assert nocaps["split"] == "val" and nocaps["num_items"] == N_TEST
@@ -329,9 +320,9 @@ def test_official_accuracy_formula_on_hand_made_answers():
     ("vqav2", ("v2_OpenEnded_mscoco_val2014_questions.json",
                "v2_mscoco_val2014_annotations.json")),
     ("okvqa", ("OpenEnded_mscoco_val2014_questions.json", "mscoco_val2014_annotations.json"))])
-def test_vqa_accuracy_equals_the_official_formula(fmt, files, world, models, capsys, tmp_path):
+def test_vqa_accuracy_equals_the_official_formula(fmt, files, world, models, tmp_path, bench):
     coco = world["root"] / "coco"
-    result = _bench(capsys, models["blip-tiny"], "--task", "vqa", "--format", fmt, "--root",
+    result = bench(models["blip-tiny"], "--task", "vqa", "--format", fmt, "--root",
                     coco, "--vqa-mode", "rank", "--vqa-candidates", world["candidates"],
                     "--out", tmp_path)
     questions = json.loads((coco / files[0]).read_text())["questions"]
@@ -356,7 +347,7 @@ def test_vqa_accuracy_equals_the_official_formula(fmt, files, world, models, cap
             "answers": [a["answer"] for a in annotations[q["question_id"]]["answers"]],
             "type": annotations[q["question_id"]]["answer_type"]}) + "\n" for q in questions))
         (tmp_path / "val2014").symlink_to(coco / "val2014")
-        again = _bench(capsys, models["blip-tiny"], "--task", "vqa", "--format", "qa", "--root",
+        again = bench(models["blip-tiny"], "--task", "vqa", "--format", "qa", "--root",
                        own, "--vqa-mode", "rank", "--vqa-candidates", world["candidates"])
         assert again["vqa_accuracy"] == pytest.approx(result["vqa_accuracy"], abs=1e-12)
 
@@ -388,14 +379,14 @@ def test_few_shot_accuracy_rises_with_k(one_thread):
     assert all(result[f"fewshot_k{k}_std"] >= 0 for k in (1, 2, 4))
 
 
-def test_linear_probe_and_few_shot_through_the_command(world, models, capsys, one_thread):
+def test_linear_probe_and_few_shot_through_the_command(world, models, one_thread, bench):
     for fmt, root in (("imagefolder", world["root"] / "if"), ("cifar10",
                                                             world["root"] / "cifar")):
-        result = _bench(capsys, models["clip-tiny"], "--task", "linear-probe", "--format", fmt,
+        result = bench(models["clip-tiny"], "--task", "linear-probe", "--format", fmt,
                         "--root", root, "--l2-grid", "1e-4", "1e-2")
         assert 0 <= result["probe_top1"] <= 1 and result["num_train"] == N_TRAIN
         assert result["probe_l2"] in (1e-4, 1e-2) and result["protocol"]["holdout"] == 0.2
-    shots = _bench(capsys, models["clip-tiny"], "--task", "few-shot", "--format", "cifar10",
+    shots = bench(models["clip-tiny"], "--task", "few-shot", "--format", "cifar10",
                    "--root", world["root"] / "cifar", "--shots", "1", "2", "--seeds", "2")
     assert shots["protocol"]["shots"] == [1, 2] and shots["protocol"]["seeds"] == 2
     assert 0 <= shots["fewshot_k2_mean"] <= 1 and shots["fewshot_k1_std"] >= 0

@@ -8,6 +8,7 @@ either kind resumes with only the missing units.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from vlp.capfilt.config import CapfiltConfig
 from vlp.capfilt.stages import WORKERS, resolve_device, unit_path
 from vlp.capfilt.units import WorkUnit
-from vlp.errors import ConfigError
+from vlp.errors import require_extra
 
 
 def pending_units(cfg: CapfiltConfig, stage: str, units: Sequence[WorkUnit]) -> list[WorkUnit]:
@@ -48,14 +49,9 @@ def run_stage(cfg: CapfiltConfig, stage: str, units: Sequence[WorkUnit]) -> dict
 # -- Ray -------------------------------------------------------------------------------------------
 
 def import_ray() -> Any:
-    """The ``ray`` module, or a ConfigError saying how to install it (an optional extra)."""
-    try:
-        import ray
-        import ray.data  # noqa: F401  (Ray Data ships in ray[data])
-    except ImportError as error:
-        raise ConfigError("capfilt backend='ray' needs Ray Data, which is not installed: "
-                          "pip install 'vlp[ray]'") from error
-    return ray
+    """The ``ray`` module (with Ray Data), or a ConfigError saying how to install it."""
+    require_extra("ray.data", "ray", "capfilt backend='ray'")
+    return sys.modules["ray"]
 
 
 class RayStageActor:

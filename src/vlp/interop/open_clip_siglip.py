@@ -28,7 +28,7 @@ from torch import nn
 
 from vlp.config import ClipConfig, TextConfig, VisionConfig
 from vlp.data.transforms import RESIZE_MODES
-from vlp.errors import CheckpointError, ConfigError
+from vlp.errors import CheckpointError, ConfigError, require_extra
 from vlp.interop.keymap import KeyMap, Pairs, export_from, linear_pairs
 from vlp.interop.open_clip import (
     EXPORTED_TOKENIZER_NAME,
@@ -89,12 +89,8 @@ ACTS = {"none": "gelu", "tanh": "gelu_tanh"}  # nn.GELU(approximate=...) -> vlp 
 # -- timm -----------------------------------------------------------------------------------------
 
 def _timm() -> Any:
-    try:
-        import timm
-    except ImportError as error:
-        raise ConfigError("open_clip models with a timm image tower (vision_cfg.timm_model_name) "
-                          "need timm: pip install 'vlp[interop]'") from error
-    return timm
+    return require_extra("timm", "interop", "an open_clip model with a timm image tower "
+                         "(vision_cfg.timm_model_name)")
 
 
 def timm_trunk(name: str, field: str) -> nn.Module:

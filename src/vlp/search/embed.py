@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlp import factory
-from vlp.errors import ConfigError, DataError
+from vlp.errors import ConfigError, DataError, require_extra
 from vlp.eval.embed import embed_images, embed_texts
 from vlp.hub import is_pretrained_name, resolve
 from vlp.search.parts import METADATA_COLUMNS, Part, SourceSpec, load_items, plan_parts
@@ -206,13 +207,8 @@ def write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def import_pyarrow() -> tuple[Any, Any]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as error:
-        raise ConfigError("vlp embed --out DIR writes Parquet metadata with pyarrow, which is "
-                          "not installed: pip install 'vlp[faiss]'") from error
-    return pa, pq
+    pq = require_extra("pyarrow.parquet", "faiss", "vlp embed --out DIR (Parquet metadata)")
+    return sys.modules["pyarrow"], pq
 
 
 # -- running the parts --------------------------------------------------------------------------
@@ -278,13 +274,8 @@ def finish(out: Path, modality: str, parts: list[Part]) -> dict[str, Any] | None
 # -- Ray ------------------------------------------------------------------------------------------
 
 def import_ray() -> Any:
-    try:
-        import ray
-        import ray.data  # noqa: F401  (Ray Data ships in ray[data])
-    except ImportError as error:
-        raise ConfigError("vlp embed --backend ray needs Ray Data, which is not installed: "
-                          "pip install 'vlp[ray]'") from error
-    return ray
+    require_extra("ray.data", "ray", "vlp embed --backend ray")
+    return sys.modules["ray"]
 
 
 class RayPartActor:

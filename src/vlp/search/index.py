@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from vlp.errors import ConfigError, DataError
+from vlp.errors import ConfigError, DataError, require_extra
 from vlp.search.embed import FORMAT, MANIFEST, finish, part_files
 from vlp.search.parts import Part
 from vlp.store.files import atomic_write, atomic_write_text, read_json_object
@@ -39,12 +39,7 @@ EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 def import_faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as error:
-        raise ConfigError("vlp index and vlp search need faiss, which is not installed: "
-                          "pip install 'vlp[faiss]'") from error
-    return faiss
+    return require_extra("faiss", "faiss", "vlp index and vlp search")
 
 
 @dataclass
