@@ -14,20 +14,17 @@ import warnings
 
 from torch import Tensor, nn
 
-from vlp.errors import ConfigError
+from vlp.errors import ConfigError, require_extra
 
 ADAPTER = "default"
 
 
 def _peft():
-    try:
-        with warnings.catch_warnings():  # PEFT warns about the transformers version it finds
-            warnings.simplefilter("ignore")
-            import peft
-            from peft.tuners.lora import LoraLayer
-    except ImportError as error:
-        raise ConfigError("lora_rank needs PEFT: pip install 'vlp[lora]'") from error
-    return peft, LoraLayer
+    with warnings.catch_warnings():  # PEFT warns about the transformers version it finds
+        warnings.simplefilter("ignore")
+        peft = require_extra("peft", "lora", "train config lora_rank (LoRA adapters)")
+        lora = require_extra("peft.tuners.lora", "lora", "train config lora_rank")
+    return peft, lora.LoraLayer
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, targets: str,

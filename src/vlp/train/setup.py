@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vlp.contract import IMAGE_TEXT, TEXT, PretrainModel
 from vlp.data import build_source
 from vlp.errors import ConfigError, VlpError
 from vlp.store import find_checkpoint, list_checkpoints
@@ -73,6 +74,25 @@ def build_run_source(kind: str, path: str, cfg: TrainConfig) -> Any:
     options = {name: getattr(cfg, name) for name in ("image_key", "caption_key", "separator",
                                                      "image_root")}
     return build_source(kind, path, **{k: v for k, v in options.items() if v is not None})
+
+
+def check_batch_kind(model: PretrainModel, source: Any, field: str, path: str) -> None:
+    """ConfigError unless ``model`` trains on the batches ``source`` gives: text-only documents
+    (kind "text") for a family with ``"text"`` batches (a language model), images for the
+    others."""
+    name = type(model).__name__
+    if not source.has_images and TEXT not in model.batch_kinds:
+        raise ConfigError(f"train config {field}: {path} holds text-only documents but {name} "
+                          "trains on images and text; text-only rows join its batches through "
+                          "text_data (simvlm)")
+    if source.has_images and IMAGE_TEXT not in model.batch_kinds:
+        raise ConfigError(f"train config {field}: {path} holds images but {name} trains on "
+                          "text alone; expected a text corpus (kind text: .txt or JSONL)")
+    if source.has_images and not source.has_text and not source.has_answers:
+        raise ConfigError(f"train config {field}: {path} holds images without captions (an "
+                          f"image folder's classes are for zero-shot evaluation) but {name} "
+                          "trains on images with text; expected captioned data (CSV/TSV, "
+                          "JSONL, COCO or WebDataset shards)")
 
 
 def find_resume_dir(cfg: TrainConfig, output_dir: Path) -> Path | None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from vlp.contract import IMAGE_TEXT, QA, TEXT, TEXT_ONLY, Accumulated, PretrainModel
+from vlp.contract import QA, TEXT_ONLY, Accumulated, PretrainModel
 from vlp.data import image_transform, make_loader
 from vlp.data.qa import AnswerTokenizer
 from vlp.data.text import TextBatches, TextCorpus
@@ -55,6 +55,7 @@ from vlp.train.setup import (
     autocast,
     autocast_dtype,
     build_run_source,
+    check_batch_kind,
     count_total_steps,
     data_fingerprint,
     find_resume_dir,
@@ -84,25 +85,6 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         return batch
     return {key: value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
             for key, value in batch.items()}
-
-
-def check_batch_kind(model: PretrainModel, source: Any, field: str, path: str) -> None:
-    """ConfigError unless ``model`` trains on the batches ``source`` gives: text-only documents
-    (kind "text") for a family with ``"text"`` batches (a language model), images for the
-    others."""
-    name = type(model).__name__
-    if not source.has_images and TEXT not in model.batch_kinds:
-        raise ConfigError(f"train config {field}: {path} holds text-only documents but {name} "
-                          "trains on images and text; text-only rows join its batches through "
-                          "text_data (simvlm)")
-    if source.has_images and IMAGE_TEXT not in model.batch_kinds:
-        raise ConfigError(f"train config {field}: {path} holds images but {name} trains on "
-                          "text alone; expected a text corpus (kind text: .txt or JSONL)")
-    if source.has_images and not source.has_text and not source.has_answers:
-        raise ConfigError(f"train config {field}: {path} holds images without captions (an "
-                          f"image folder's classes are for zero-shot evaluation) but {name} "
-                          "trains on images with text; expected captioned data (CSV/TSV, "
-                          "JSONL, COCO or WebDataset shards)")
 
 
 def _transform(model: PretrainModel, source: Any, train: bool) -> Any:
