@@ -125,7 +125,8 @@ def test_yaml_without_pyyaml_names_the_extra_and_json_still_works(tmp_path, caps
     config = tmp_path / "recipe.yaml"
     config.write_text("train_data: a.csv\n")
     assert main(["train", "--config", str(config)]) == 2
-    assert "needs PyYAML (pip install 'vlp[yaml]')" in _error_line(capsys)
+    assert "recipe.yaml: a YAML config (or the same keys as a JSON object) needs yaml, which " \
+        "is not installed: pip install 'vlp[yaml]'" in _error_line(capsys)
     (tmp_path / "recipe.json").write_text('{"train_data": "a.csv", "max_steps": 2}')
     assert _train_config(["--config", str(tmp_path / "recipe.json")]).max_steps == 2
 

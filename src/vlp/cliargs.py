@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vlp.errors import ConfigError
+from vlp.errors import ConfigError, require_extra
 
 T = TypeVar("T")
 
@@ -228,11 +228,8 @@ def read_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found")
     text = file.read_text(encoding="utf-8")
     if file.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(f"{path}: a YAML config needs PyYAML (pip install 'vlp[yaml]'); "
-                              "or write the same keys as a JSON object") from None
+        yaml = require_extra("yaml", "yaml", f"{path}: a YAML config (or the same keys as a "
+                             "JSON object)")
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as error:

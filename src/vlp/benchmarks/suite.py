@@ -29,7 +29,7 @@ from vlp.benchmarks.tasks import (
     settings_given,
     task_fields,
 )
-from vlp.errors import ConfigError, VlpError
+from vlp.errors import ConfigError, VlpError, require_extra
 from vlp.store.files import atomic_write_text
 
 HEADLINE = {  # task -> the metrics the markdown table shows
@@ -61,11 +61,8 @@ def read_suite(path: str | os.PathLike[str], defaults: dict[str, Any] | None = N
         raise ConfigError(f"{path}: suite file not found")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(f"{path}: a YAML suite needs PyYAML (pip install 'vlp[yaml]'); "
-                              "or write it as JSON (a list of task objects)") from None
+        yaml = require_extra("yaml", "yaml", f"{path}: a YAML suite (or JSON: a list of task "
+                             "objects)")
         try:
             entries = yaml.safe_load(text)
         except yaml.YAMLError as error:
