@@ -210,15 +210,25 @@ def test_vlp_train_starts_blip_from_vit_and_bert(tmp_path, synthetic_train_csv):
     assert 0 < change <= 3e-4
 
 
-def test_vlp_train_starts_blip2_from_bert(tmp_path, synthetic_train_csv):
+def test_vlp_train_starts_blip2_from_vit_and_bert(tmp_path, synthetic_train_csv):
+    vit = _save_vit(tmp_path / "vit")
     _save_bert(tmp_path / "bert", layers=2)
     run = tmp_path / "run"
     assert main(["train", "--model", "blip2-tiny", "--train-data", str(synthetic_train_csv(32)),
-                 "--init-text", str(tmp_path / "bert"), "--output-dir", str(run),
-                 "--max-steps", "2", "--batch-size", "8", "--num-workers", "0",
-                 "--no-progress"]) == 0
+                 "--init-vision", str(tmp_path / "vit"), "--init-text", str(tmp_path / "bert"),
+                 "--output-dir", str(run), "--max-steps", "2", "--batch-size", "8",
+                 "--num-workers", "0", "--no-progress"]) == 0
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert records[0]["step"] == 0 and records[0]["init"]["tower"] == "text"
+    assert [r["init"]["tower"] for r in records if "init" in r] == ["vision", "text"]
+    # blip2-tiny reads 3 of the ViT's 4 blocks: the last block and final norm go unused
+    assert "18 checkpoint tensors past the blocks" in records[0]["init"]["notes"][0]
+    assert all(r["step"] == 0 for r in records if "init" in r)
+    # the frozen ViT is saved with the checkpoint and still holds the ViT's tensors exactly
+    tower = vlp.load(run).visual.tower
+    layer = vit.encoder.layer[2]
+    assert torch.equal(tower.transformer.blocks[2].attn.qkv.weight,
+                       _qkv(layer.attention.attention, "query", "key", "value"))
+    assert torch.equal(tower.pos_embed, vit.embeddings.position_embeddings[0])
 
 
 def _error_line(capsys) -> str:

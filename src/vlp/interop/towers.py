@@ -185,6 +185,14 @@ def init_vision_(model: nn.Module, source: str | os.PathLike[str]) -> dict[str, 
     tower, prefix = _vision_tower(model, "--init-vision")
     keymap, state, where, found = _read_vision(path, tower.config)
     own = tower.state_dict()
+    notes = []
+    if isinstance(model, BLIP2):  # its ViT is cut after the blocks it reads (as LAVIS's)
+        unused = {ref for name, ref in keymap.pairs if name not in own}
+        unused |= {ref for name, refs in keymap.fused if name not in own for ref in refs}
+        state = {k: v for k, v in state.items() if k not in unused}
+        if unused:
+            notes.append(f"{len(unused)} checkpoint tensors past the blocks BLIP-2 reads "
+                         "(vision_layer) are not used")
     keymap = dataclasses.replace(
         keymap, pairs=tuple(p for p in keymap.pairs if p[0] in own),
         fused=tuple(f for f in keymap.fused if f[0] in own))
@@ -201,7 +209,6 @@ def init_vision_(model: nn.Module, source: str | os.PathLike[str]) -> dict[str, 
                           f"'{{\"vision\": {{\"act\": \"{found['act']}\"}}}}'")
     import_into(dataclasses.replace(keymap, vlp_only=frozenset(fresh)), state, tower, where)
     _sync_momentum(model, "visual")
-    notes = []
     if abs(found["norm_eps"] - tower.config.norm_eps) > 1e-15:
         notes.append(f"LayerNorm eps {found['norm_eps']:g} in the checkpoint, "
                      f"{tower.config.norm_eps:g} in this model (vision.norm_eps)")
