@@ -310,7 +310,8 @@ class SimvlmConfig(ModelConfig):
     # ablation (§4.4): one stack of vision.layers + text.layers blocks, prefix-masked, instead
     # of encoder + decoder
     decoder_only: bool = False
-    # text prefix in training: "random" (PrefixLM: 0..n words of each text go to the encoder),
+    # text prefix in training: "random" (PrefixLM: the first 0..n tokens of each text go to the
+    # encoder; the cut falls between tokens),
     # "none" (image alone; the whole text is the target: captioning fine-tuning)
     prefix: str = "random"
     tie_lm_head: bool = True  # LM head reuses the token embedding matrix (T5's shared vocab)
