@@ -202,3 +202,10 @@ def test_cli_zeroshot_and_train_take_a_name(hub, tmp_path, synthetic_train_csv):
     start = vlp.load("hf-hub:org/tiny-native")
     assert tuned.config == start.config
     assert not torch.equal(tuned.visual.patch_embed.weight, start.visual.patch_embed.weight)
+    # a fresh model may take its tokenizer alone by name (the cached snapshot's, offline)
+    assert main(["train", "--model", "clip-tiny", "--tokenizer", "hf-hub:org/tiny-native",
+                 "--train-data", str(synthetic_train_csv(64)), "--batch-size", "16",
+                 "--max-steps", "1", "--output-dir", str(tmp_path / "fresh"),
+                 "--no-progress"]) == 0
+    assert vlp.load_tokenizer(tmp_path / "fresh").backend.get_vocab() == \
+        tokenizer.backend.get_vocab()

@@ -103,7 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlp.hub import is_pretrained_name, resolve
     from vlp.train.distributed import shutdown
 
-    for field in ("model", "init_vision", "init_text"):  # a hub name: its converted directory
+    # a hub name: its converted directory (the tokenizer's: that directory's tokenizer files)
+    for field in ("model", "init_vision", "init_text", "tokenizer"):
         if is_pretrained_name(getattr(cfg, field)):
             setattr(cfg, field, str(resolve(getattr(cfg, field))))
     spec = _eval_spec(args, progress=cfg.progress)

@@ -30,7 +30,9 @@ class TrainConfig:
     model_overrides: dict[str, Any] = option(
         factory=dict, help="nested model config fields set over the preset's or the "
         "checkpoint's, e.g. {\"text\": {\"layers\": 2}}")
-    tokenizer: str | None = option(None, "tokenizer directory (default: the init directory's, "
+    tokenizer: str | None = option(None, "tokenizer directory, or a hub name (hf-hub:ORG/REPO, "
+                                   "open_clip:ARCH/TAG; vlp train resolves it) (default: the "
+                                   "init directory's, "
                                    "else --init-text's, else a standard vocabulary at hand "
                                    "that fits the model (CLIP's BPE for a 49,408-token text "
                                    "tower, with open_clip installed), else a BPE trained on the "
