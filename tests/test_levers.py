@@ -300,3 +300,14 @@ def test_lora_trains_only_adapters_and_saves_a_plain_model(pairs, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(pixels), adapted.encode_image(pixels),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_augment_preset_trains_and_is_part_of_the_run(pairs, tmp_path):
+    result = train(config(pairs, tmp_path, augment="blip", hflip=True, max_steps=2))
+    assert result["step"] == 2
+    ran = json.loads((tmp_path / "train_config.json").read_text())
+    assert (ran["augment"], ran["hflip"]) == ("blip", True)
+    with pytest.raises(ConfigError, match="augment: 'blip' -> 'clip'"):
+        train(config(pairs, tmp_path, hflip=True, max_steps=3, resume="latest"))
+    with pytest.raises(ConfigError, match="hflip: augment 'none'"):
+        train(config(pairs, tmp_path / "b", augment="none", hflip=True))

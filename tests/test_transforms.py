@@ -104,3 +104,75 @@ def test_image_transform_from_vision_config_model_config_and_errors() -> None:
         image_transform(VisionConfig(interpolation="cubic"), train=False)
     with pytest.raises(ConfigError, match="VisionConfig"):
         image_transform("clip-tiny", train=False)
+
+
+def red_on_the_left(size: int = 64) -> Image.Image:
+    """Red fading from the left edge to the right: every crop has more red on its left."""
+    array = np.full((size, size, 3), 100, dtype=np.uint8)
+    array[:, :, 0] = np.linspace(255, 0, size).astype(np.uint8)[None, :]
+    return Image.fromarray(array)
+
+
+def red_side(pixels: torch.Tensor) -> str:
+    """Which half holds more red (the first channel after normalisation with HALF)."""
+    half = pixels.shape[-1] // 2
+    return "left" if pixels[0, :, :half].mean() > pixels[0, :, half:].mean() else "right"
+
+
+def preset(augment: str, hflip: bool = False) -> ImageTransform:
+    vision = VisionConfig(image_size=32, mean=HALF, std=HALF)
+    return image_transform(vision, train=True, augment=augment, hflip=hflip)
+
+
+@pytest.mark.parametrize("augment", ["clip", "blip", "blip-finetune"])
+def test_augment_presets_are_reproducible_from_the_seed(augment) -> None:
+    transform = preset(augment)
+    image = gradient(64)
+
+    def run(seed: int) -> torch.Tensor:
+        return transform(image, torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+    import pickle  # loader workers receive the transform pickled
+
+    again = pickle.loads(pickle.dumps(transform))
+    assert torch.equal(again(image, torch.Generator().manual_seed(7)), run(7))
+
+
+def test_default_train_transform_is_the_clip_preset_unchanged() -> None:
+    vision = VisionConfig(image_size=32, mean=HALF, std=HALF)
+    before = ImageTransform(32, HALF, HALF, train=True)  # today's train transform
+    for seed in range(5):
+        for transform in (image_transform(vision, train=True), preset("clip")):
+            assert torch.equal(transform(gradient(64), torch.Generator().manual_seed(seed)),
+                               before(gradient(64), torch.Generator().manual_seed(seed)))
+
+
+def test_no_flip_unless_asked() -> None:
+    image = red_on_the_left()
+    for augment in ("clip", "blip", "blip-finetune"):
+        sides = {red_side(preset(augment)(image, torch.Generator().manual_seed(seed)))
+                 for seed in range(40)}
+        assert sides == {"left"}, augment
+    flipped = [red_side(preset("clip", hflip=True)(image, torch.Generator().manual_seed(seed)))
+               for seed in range(40)]
+    assert 5 < flipped.count("right") < 35
+
+
+def test_blip_preset_crops_wider_and_augments() -> None:
+    clip, blip = preset("clip"), preset("blip")
+    assert clip.scale == (0.9, 1.0) and clip.rand_augment is None
+    assert blip.scale == (0.2, 1.0) and blip.rand_augment == (2, 5)
+    assert preset("blip-finetune").scale == (0.5, 1.0)
+    # the same crop draws, then RandAugment: some seeds change the image beyond the crop
+    crop_only = ImageTransform(32, HALF, HALF, train=True, scale=(0.2, 1.0))
+    changed = sum(not torch.equal(blip(gradient(64), torch.Generator().manual_seed(seed)),
+                                  crop_only(gradient(64), torch.Generator().manual_seed(seed)))
+                  for seed in range(20))
+    assert changed >= 5
+    evaluation = image_transform(VisionConfig(image_size=32, mean=HALF, std=HALF), train=True,
+                                 augment="none")
+    assert not evaluation.train
+    with pytest.raises(ConfigError, match="augment='flip'"):
+        preset("flip")

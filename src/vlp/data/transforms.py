@@ -27,6 +27,56 @@ RESIZE_MODES = ("shortest", "squash")
 # RandomResizedCrop range used for CLIP pretraining (open_clip's default scale, Inception ratio).
 TRAIN_CROP_SCALE = (0.9, 1.0)
 TRAIN_CROP_RATIO = (3 / 4, 4 / 3)
+# training augmentation presets: (crop scale, RandAugment (ops, magnitude) or None); "none"
+# trains on the evaluation preprocessing
+AUGMENTS: dict[str, tuple[tuple[float, float], tuple[int, int] | None] | None] = {
+    "clip": (TRAIN_CROP_SCALE, None),  # open_clip's default: crop only
+    "blip": ((0.2, 1.0), (2, 5)),  # BLIP's pretraining
+    "blip-finetune": ((0.5, 1.0), (2, 5)),  # BLIP's retrieval and captioning fine-tuning
+    "none": None,
+}
+# RandAugment's operations as BLIP (and ALBEF) draw them: none changes hue or saturation, since
+# captions name colours; geometric ones fill with grey
+RAND_AUGMENT_OPS = ("identity", "autocontrast", "brightness", "sharpness", "equalize",
+                    "shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+FILL = [128, 128, 128]
+
+
+def rand_augment(image: Image.Image, ops: int, magnitude: int,
+                 generator: torch.Generator | None) -> Image.Image:
+    """`ops` operations drawn with replacement from `RAND_AUGMENT_OPS`, each applied with
+    probability 1/2 at `magnitude` of 10 (BLIP's RandomAugment(2, 5)): shear up to 0.3,
+    translation up to 10 px of a 224 px image, rotation up to 30 degrees (each of random
+    sign), brightness and sharpness factor ``0.1 + 1.8 * magnitude / 10``. Every draw comes
+    from `generator`."""
+    level = magnitude / 10
+    for _ in range(ops):
+        pick, skip, sign = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
+        name = RAND_AUGMENT_OPS[min(int(pick * len(RAND_AUGMENT_OPS)), len(RAND_AUGMENT_OPS) - 1)]
+        if skip < 0.5:
+            continue
+        signed = level if sign < 0.5 else -level
+        bilinear = InterpolationMode.BILINEAR
+        if name == "autocontrast":
+            image = TF.autocontrast(image)
+        elif name == "equalize":
+            image = TF.equalize(image)
+        elif name in ("brightness", "sharpness"):
+            adjust = TF.adjust_brightness if name == "brightness" else TF.adjust_sharpness
+            image = adjust(image, 0.1 + 1.8 * level)
+        elif name.startswith("shear"):
+            degrees = math.degrees(math.atan(0.3 * signed))
+            image = TF.affine(image, angle=0.0, translate=[0, 0], scale=1.0,
+                              shear=[degrees, 0.0] if name == "shear_x" else [0.0, degrees],
+                              interpolation=bilinear, fill=FILL)
+        elif name.startswith("translate"):
+            shift = round(10 * signed * image.size[0 if name == "translate_x" else 1] / 224)
+            image = TF.affine(image, angle=0.0, scale=1.0, shear=[0.0, 0.0],
+                              translate=[shift, 0] if name == "translate_x" else [0, shift],
+                              interpolation=bilinear, fill=FILL)
+        elif name == "rotate":
+            image = TF.rotate(image, 30 * signed, interpolation=bilinear, fill=FILL)
+    return image
 
 
 def random_resized_crop_box(
@@ -66,7 +116,9 @@ def random_resized_crop_box(
 class ImageTransform:
     """Callable ``(PIL image, generator=None) -> FloatTensor[3, size, size]``; pickle-able.
 
-    Train: random resized crop (parameters from `generator`) to ``size``. Eval: resize the
+    Train: random resized crop (parameters from `generator`) to ``size``, then with `hflip` a
+    horizontal flip half the time, and with `rand_augment` ``(ops, magnitude)``
+    `rand_augment`; no flip by default, since captions name left and right. Eval: resize the
     shortest side and center crop ("shortest"), or resize both sides ("squash"). Both then
     normalise with `mean` / `std` (pixel values scaled to [0, 1] first).
     """
@@ -81,6 +133,8 @@ class ImageTransform:
         interpolation: str = "bicubic",
         scale: tuple[float, float] = TRAIN_CROP_SCALE,
         ratio: tuple[float, float] = TRAIN_CROP_RATIO,
+        hflip: bool = False,
+        rand_augment: tuple[int, int] | None = None,
     ) -> None:
         if resize_mode not in RESIZE_MODES:
             raise ConfigError(f"vision.resize_mode={resize_mode!r}; expected one of "
@@ -96,6 +150,8 @@ class ImageTransform:
         self.interpolation = interpolation
         self.scale = tuple(scale)
         self.ratio = tuple(ratio)
+        self.hflip = hflip
+        self.rand_augment = tuple(rand_augment) if rand_augment is not None else None
         std_tensor = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         mean_tensor = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         # (x / 255 - mean) / std as one multiply-add on the uint8 pixels
@@ -114,6 +170,10 @@ class ImageTransform:
                 width, height, self.scale, self.ratio, generator)
             image = TF.resized_crop(image, top, left, crop_height, crop_width, size,
                                     interpolation=mode, antialias=True)
+            if self.hflip and float(torch.rand((), generator=generator)) < 0.5:
+                image = TF.horizontal_flip(image)
+            if self.rand_augment is not None:
+                image = rand_augment(image, *self.rand_augment, generator)
         elif self.resize_mode == "squash":
             image = TF.resize(image, size, interpolation=mode, antialias=True)
         else:
@@ -124,7 +184,10 @@ class ImageTransform:
         return pixels.mul_(self._pixel_scale).add_(self._pixel_shift)
 
     def __repr__(self) -> str:
-        kind = "train" if self.train else f"eval, {self.resize_mode}"
+        kind = (f"train, crop {self.scale[0]:g}-{self.scale[1]:g}"
+                + (", hflip" if self.hflip else "")
+                + (f", RandAugment{self.rand_augment}" if self.rand_augment else "")
+                if self.train else f"eval, {self.resize_mode}")
         return f"ImageTransform({self.image_size}px, {kind}, {self.interpolation})"
 
 
@@ -137,14 +200,23 @@ def _vision_config(config: Any) -> VisionConfig:
                       f"model with .config.vision; got {type(config).__name__}")
 
 
-def image_transform(config: Any, train: bool) -> ImageTransform:
-    """The preprocessing a model expects, from its VisionConfig (or its config, or the model)."""
+def image_transform(config: Any, train: bool, augment: str = "clip",
+                    hflip: bool = False) -> ImageTransform:
+    """The preprocessing a model expects, from its VisionConfig (or its config, or the model);
+    for training, the `augment` preset of `AUGMENTS` (with `hflip`: random horizontal flips)."""
+    if augment not in AUGMENTS:
+        raise ConfigError(f"augment={augment!r}; expected one of {list(AUGMENTS)}")
     vision = _vision_config(config)
+    preset = AUGMENTS[augment] if train else None
+    scale, randaug = preset if preset is not None else (TRAIN_CROP_SCALE, None)
     return ImageTransform(
         image_size=vision.image_size,
         mean=tuple(vision.mean),
         std=tuple(vision.std),
-        train=train,
+        train=preset is not None,
         resize_mode=vision.resize_mode,
         interpolation=vision.interpolation,
+        scale=scale,
+        hflip=hflip and preset is not None,
+        rand_augment=randaug,
     )

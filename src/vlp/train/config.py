@@ -9,6 +9,7 @@ from typing import Any
 from vlp.cliargs import check_ranges, option
 from vlp.config import check_fields
 from vlp.data.sources import source_option
+from vlp.data.transforms import AUGMENTS
 from vlp.errors import ConfigError
 from vlp.train.dashboards import parse_report_to
 from vlp.train.distributed import STRATEGIES
@@ -123,6 +124,13 @@ class TrainConfig:
                                "LoRA adapts (default: attention projections; fc1,fc2: MLPs)")
     lora_dropout: float = option(0.0, "dropout on the LoRA adapters' input",
                                  valid="probability")
+    augment: str = option("clip", "training image augmentation: clip (random resized crop of "
+                          "90-100% of the area, open_clip's default), blip (crop of 20-100% "
+                          "and RandAugment(2, 5) with colour-keeping operations, BLIP's "
+                          "pretraining), blip-finetune (crop of 50-100%, BLIP's fine-tuning), "
+                          "none (the evaluation resize and centre crop)", choices=AUGMENTS)
+    hflip: bool = option(False, "random horizontal flips in training (off by default: captions "
+                         "name left and right)")
     output_dir: str = option("runs/train", "run directory", section="run")
     eval_every: int = option(0, "optimizer steps between evaluations (0: none); evaluation "
                              "also runs at the end", valid="count")
@@ -196,6 +204,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"train config strategy={cfg.strategy!r}; expected one of "
                           f"{list(STRATEGIES)}")
+    if cfg.hflip and cfg.augment == "none":
+        raise ConfigError("train config hflip: augment 'none' trains on the evaluation "
+                          "preprocessing; choose a preset that crops (clip, blip, "
+                          "blip-finetune)")
     if cfg.layer_decay <= 0:
         raise ConfigError(f"train config layer_decay={cfg.layer_decay!r}: expected a value in "
                           "(0, 1]")

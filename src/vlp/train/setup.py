@@ -150,7 +150,7 @@ RUN_SETTINGS = ("grad_clip", "global_batch_size", "grad_accum", "accum_features"
                 "separator", "image_root", "seed", "precision", "lock_image",
                 "lock_image_unlocked_groups", "lock_text", "lock_text_unlocked_groups",
                 "layer_decay", "ema_decay", "lora_rank", "lora_alpha", "lora_targets",
-                "lora_dropout")
+                "lora_dropout", "augment", "hflip")
 FINGERPRINT_READ = 64 << 20  # bytes hashed from each end of a larger file
 
 

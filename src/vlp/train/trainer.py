@@ -87,8 +87,9 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for key, value in batch.items()}
 
 
-def _transform(model: PretrainModel, source: Any, train: bool) -> Any:
-    return image_transform(model.config, train) if source.has_images else None
+def _transform(model: PretrainModel, source: Any, train: bool, cfg: TrainConfig) -> Any:
+    return (image_transform(model.config, train, cfg.augment, cfg.hflip) if source.has_images
+            else None)
 
 
 def _batch_size(batch: dict[str, Any]) -> int:
@@ -146,7 +147,8 @@ class _Trainer:
             raise ConfigError(f"train config train_data: {cfg.train_data} holds VQA rows but "
                               f"{type(model).__name__} does not train on them; families that "
                               "fine-tune VQA are blip and simvlm")
-        self.loader = make_loader(train_source, transform=_transform(model, train_source, True),
+        self.loader = make_loader(train_source,
+                                  transform=_transform(model, train_source, True, cfg),
                                   tokenizer=tokenizer, batch_size=cfg.batch_size - text_rows(cfg),
                                   train=True,
                                   seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
@@ -157,7 +159,7 @@ class _Trainer:
             val_source = build_run_source(cfg.val_kind, cfg.val_data, cfg)
             check_batch_kind(model, val_source, "val_data", cfg.val_data)
             self.val_loader = make_loader(val_source,
-                                          transform=_transform(model, val_source, False),
+                                          transform=_transform(model, val_source, False, cfg),
                                           tokenizer=tokenizer, batch_size=cfg.batch_size,
                                           train=False, seed=cfg.seed,
                                           num_workers=cfg.num_workers, answer_tokenizer=answers)
