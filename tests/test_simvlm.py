@@ -11,6 +11,7 @@ from vlp.losses import IGNORE_INDEX
 from vlp.models import build_model
 from vlp.models.simvlm import SimVLM, split_at, text_words
 from vlp.nn.convstem import ConvPatchEmbed
+from vlp.nn.transformer import DropPath
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VARIANTS = [False, True]  # decoder_only
@@ -243,6 +244,22 @@ def test_resnet_stem_is_resnet_50s_first_three_stages_at_stride_16():
     assert sum(p.numel() for p in deep.stages.parameters()) == 27_535_424
     light = ConvPatchEmbed(224, 16, 768, blocks=3, channels=64)
     assert sum(p.numel() for p in light.stages.parameters()) == 1_188_352
+
+
+def test_resnet_stem_drops_residual_branches_in_training_only():
+    embed = ConvPatchEmbed(64, 16, 32, blocks=3, channels=8, stem="resnet50", drop_path=0.5)
+    blocks = [block for stage in embed.stages[1:] for block in stage]
+    rates = [b.drop_path.p if isinstance(b.drop_path, DropPath) else 0.0 for b in blocks]
+    assert len(rates) == 13 and rates[0] == 0 and rates[-1] == 0.5 and rates == sorted(rates)
+    for module in embed.modules():  # every branch counts (norm3 starts at zero)
+        if isinstance(module, torch.nn.GroupNorm):
+            torch.nn.init.normal_(module.weight)
+    pixels = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(0)
+    first = embed.train()(pixels)
+    torch.manual_seed(1)
+    assert not torch.allclose(first, embed(pixels))
+    torch.testing.assert_close(embed.eval()(pixels), embed(pixels))
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -412,7 +412,7 @@ def build_simvlm(config: SimvlmConfig) -> SimVLM:
         raise ConfigError("simvlm: text.bos_id and text.eos_id must differ")
     image_embed = ConvPatchEmbed(vision.image_size, vision.patch_size, vision.width,
                                  blocks=config.conv_blocks, channels=config.conv_width,
-                                 stem=config.stem)
+                                 stem=config.stem, drop_path=vision.drop_path)
     shape = dict(mlp_ratio=vision.mlp_ratio, act=vision.act, norm_eps=vision.norm_eps,
                  dropout=vision.dropout)
     if config.decoder_only:

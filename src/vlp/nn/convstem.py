@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlp.errors import ConfigError
+from vlp.nn.transformer import DropPath, drop_path_rates
 
 
 def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -59,8 +60,10 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_channels: int, width: int, stride: int = 1, groups: int = 32) -> None:
+    def __init__(self, in_channels: int, width: int, stride: int = 1, groups: int = 32,
+                 drop_path: float = 0.0) -> None:
         super().__init__()
+        self.drop_path = DropPath(drop_path) if drop_path else nn.Identity()
         out = width * self.expansion
         if width % min(groups, width):
             raise ConfigError(f"conv stem: {width} channels do not split into {groups} "
@@ -80,7 +83,7 @@ class Bottleneck(nn.Module):
         residual = x if self.shortcut is None else self.shortcut_norm(self.shortcut(x))
         x = F.relu(self.norm1(self.conv1(x)))
         x = F.relu(self.norm2(self.conv2(x)))
-        return F.relu(self.norm3(self.conv3(x)) + residual)
+        return F.relu(self.drop_path(self.norm3(self.conv3(x))) + residual)
 
 
 # blocks per stage of the ResNets whose first stages a "resnet*" stem takes
@@ -88,8 +91,11 @@ RESNET_DEPTHS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}
 STEMS = ("light", *RESNET_DEPTHS)
 
 
-def _resnet_stages(name: str, stages: int, width: int, groups: int) -> tuple[nn.Sequential, int]:
-    """The root and first ``stages`` stages of ResNet ``name`` and their output channels."""
+def _resnet_stages(name: str, stages: int, width: int, groups: int,
+                   drop_path: float) -> tuple[nn.Sequential, int]:
+    """The root and first ``stages`` stages of ResNet ``name`` and their output channels; the
+    blocks' drop-path rates rise linearly to ``drop_path``."""
+    rates = iter(drop_path_rates(drop_path, sum(RESNET_DEPTHS[name][:stages])))
     root = nn.Sequential(nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False),
                          _group_norm(width, groups), nn.ReLU(inplace=True),
                          nn.MaxPool2d(3, stride=2, padding=1))
@@ -100,7 +106,7 @@ def _resnet_stages(name: str, stages: int, width: int, groups: int) -> tuple[nn.
         blocks = []
         for block in range(depth):
             stride = 2 if index > 0 and block == 0 else 1
-            blocks.append(Bottleneck(channels, stage_width, stride, groups))
+            blocks.append(Bottleneck(channels, stage_width, stride, groups, next(rates)))
             channels = stage_width * Bottleneck.expansion
         layers.append(nn.Sequential(*blocks))
     return nn.Sequential(*layers), channels
@@ -109,10 +115,13 @@ def _resnet_stages(name: str, stages: int, width: int, groups: int) -> tuple[nn.
 class ConvPatchEmbed(nn.Module):
     """``(B, 3, H, W) -> (B, grid * grid, width)``: conv stages, patch projection, 2-D positions.
     ``blocks=0`` is a plain ViT patch embedding (light stem); for a ResNet stem ``blocks`` is
-    the number of stages (1 to 4) and ``channels`` the first stage's bottleneck width."""
+    the number of stages (1 to 4), ``channels`` the first stage's bottleneck width and
+    ``drop_path`` the stochastic depth of its last block (SimVLM fine-tunes with 0.1 on the conv
+    stage and the encoder)."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, *, blocks: int = 3,
-                 channels: int = 64, groups: int | None = None, stem: str = "light") -> None:
+                 channels: int = 64, groups: int | None = None, stem: str = "light",
+                 drop_path: float = 0.0) -> None:
         super().__init__()
         if stem not in STEMS:
             raise ConfigError(f"conv stem {stem!r}; expected one of {list(STEMS)}")
@@ -138,7 +147,7 @@ class ConvPatchEmbed(nn.Module):
                                           for c_in, c_out in zip([3, *widths], widths)))
             out = widths[-1] if widths else 3
         else:
-            self.stages, out = _resnet_stages(stem, blocks, channels, groups or 32)
+            self.stages, out = _resnet_stages(stem, blocks, channels, groups or 32, drop_path)
         kernel = patch_size // stride
         self.proj = nn.Conv2d(out, width, kernel, stride=kernel)
         self.pos_rows = nn.Parameter(torch.empty(self.grid, width))
