@@ -215,6 +215,27 @@ def test_torchrun_without_gradient_gather_differs(data: Path, single_step: Path,
     assert worst > 1e-4
 
 
+def test_torchrun_with_fine_tuning_levers_equals_one_process(data: Path,
+                                                             tmp_path: Path) -> None:
+    """Locked towers, layer-wise decay and the weight average under DDP: the 2-rank step's
+    trained and averaged weights equal one process's on the concatenated batch."""
+    levers = ["--lock-text", "--lock-image", "--lock-image-unlocked-groups", "2",
+              "--ema-decay", "0.5", "--layer-decay", "0.8", *ONE_STEP]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([*VLP, "train", "--train-data", str(data), "--output-dir", str(one),
+          "--batch-size", "16", *levers])
+    _run([*TORCHRUN, "train", "--train-data", str(data), "--output-dir", str(two),
+          "--batch-size", "8", *levers])
+    for name in ("model.safetensors", "train_weights.safetensors"):
+        a = load_file(one / "checkpoint-0000001" / name)
+        b = load_file(two / "checkpoint-0000001" / name)
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, name
+    raw = load_file(one / "checkpoint-0000001" / "train_weights.safetensors")
+    average = load_file(one / "checkpoint-0000001" / "model.safetensors")
+    assert not torch.equal(raw["visual.head.weight"], average["visual.head.weight"])
+
+
 def test_two_process_run_resumes_on_one_process_from_the_same_sample(data: Path,
                                                                       tmp_path: Path) -> None:
     """A checkpoint of a 2-rank run (8 per rank) resumed by one process (16 per batch): the
