@@ -22,7 +22,7 @@ from torch import nn
 from vlp.config import load_config
 from vlp.data.text import TextCorpus
 from vlp.errors import ConfigError, DataError
-from vlp.factory import is_model_path, model_config, text_context_length
+from vlp.factory import is_model_path, model_config, text_context_length, with_overrides
 from vlp.interop.towers import init_text_, init_vision_
 from vlp.models import build_model
 from vlp.store import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, model_dir
@@ -98,7 +98,10 @@ def model_and_tokenizer(cfg: TrainConfig, output_dir: Path, env: DistEnv
     """A fresh model (preset or init directory) and the tokenizer its text tower reads (a new
     BPE learns the training captions and the text corpus)."""
     init_dir = model_dir(cfg.model) if is_model_path(cfg.model) else None
-    config = model_config(cfg.model, cfg.model_overrides)
+    config = model_config(cfg.model)
+    if init_dir is not None:  # fine-tuning: the family's layout for this data (BLIP VQA)
+        config = config.for_train_kind(cfg.train_kind)
+    config = with_overrides(config, cfg.model_overrides)
     feed = config.batch_text()
     if feed is not None:  # batches carry another model's text (BLIP-2 stage 2: the LLM's)
         path = cfg.tokenizer or feed[0]
@@ -120,7 +123,7 @@ def model_and_tokenizer(cfg: TrainConfig, output_dir: Path, env: DistEnv
         model = build_model(config)
     if init_dir is not None:
         # strict (overrides may change options, not shapes) unless the family has its own
-        # rules for starting from another stage's checkpoint (BLIP-2 stage 1 -> 2)
+        # rules for starting from another stage's checkpoint (BLIP-2 stage 1 -> 2, BLIP VQA)
         model.init_from(init_dir / WEIGHTS_FILE)
     return model, tokenizer
 

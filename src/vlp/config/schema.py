@@ -114,6 +114,11 @@ class ModelConfig:
         """The text the model's ``answer`` reads for a question (BLIP-2: the VQA prompt)."""
         return question
 
+    def for_train_kind(self, train_kind: str) -> ModelConfig:
+        """The config to fine-tune a pretrained model of this config on data of `train_kind`
+        (BLIP on "qa": its VQA layout); the same config for most families and kinds."""
+        return self
+
     def left_padded_prompts(self) -> bool:
         """Whether ``answer`` reads its questions as generation prompts of a decoder-only LM:
         bos + text without eos, left-padded with a mask (BLIP-2 on OPT/GPT-style LLMs); else
@@ -211,6 +216,16 @@ class BlipConfig(ModelConfig):
     # where the answer decoder's cross-attention hides question padding: "always" (vlp),
     # "teacher_forcing" (BLIP: not in answer generation), "never" (HF ignores the mask)
     mask_question_padding: str = "always"
+    # BLIP's VQA model (BLIP_VQA, HF BlipForQuestionAnswering): separate question encoder and
+    # answer decoder (share "none"), the decoder cross-attending to question states (text
+    # width); fine-tuning a pretrained BLIP on VQA rows switches to it (`for_train_kind`)
+    vqa_layout: bool = False
+
+    def for_train_kind(self, train_kind: str) -> BlipConfig:
+        if train_kind != "qa" or self.vqa_layout:
+            return self
+        return dataclasses.replace(self, vqa_layout=True, share="none", retrieval_heads=False,
+                                   queue_size=0, objectives=("lm",))
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from vlp.data.images import open_image
+from vlp.data.qa import answer_weights
 from vlp.data.records import Record
 
 Batch = dict[str, Any]
@@ -61,10 +62,11 @@ def trim_padding(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
 
 class _SamplePipeline:
     """Decode, augment and collate records into one batch; runs inside DataLoader workers.
-    With ``has_answers`` (VQA records) the texts are questions and each record's answer is
-    tokenised by ``answer_tokenizer`` (default: ``tokenizer``). Without ``has_images`` (text-only
-    documents) a batch is ``{"input_ids", "index"}``: each record's segments packed into a row
-    (``tokenizer.pack``), padding columns trimmed."""
+    With ``has_answers`` (VQA records) the texts are questions and each record's distinct
+    answers are tokenised by ``answer_tokenizer`` (default: ``tokenizer``), weighted and
+    counted per question (``answer_weight``, ``answer_count``; see `vlp.data.qa`). Without
+    ``has_images`` (text-only documents) a batch is ``{"input_ids", "index"}``: each record's
+    segments packed into a row (``tokenizer.pack``), padding columns trimmed."""
 
     def __init__(self, transform: Callable[..., torch.Tensor] | None, tokenizer: Tokenizer | None,
                  has_text: bool, has_labels: bool, has_answers: bool = False,
@@ -97,7 +99,7 @@ class _SamplePipeline:
         documents: list[tuple[str, ...]] = []
         texts: list[str] = []
         labels: list[int] = []
-        answers: list[str] = []
+        answers: list[tuple[str, ...]] = []
         indices: list[int] = []
         skipped: Counter[str] = Counter()
         listed: list[str] = []
@@ -129,7 +131,7 @@ class _SamplePipeline:
             if self.has_labels:
                 labels.append(record.label)
             if self.has_answers:
-                answers.append(record.answer or "")
+                answers.append(record.answers or (record.answer or "",))
         if not self.has_images:
             return self._collate_documents(documents, indices, skipped, listed)
         return self._collate(pixels, texts, labels, indices, skipped, listed, answers)
@@ -153,7 +155,7 @@ class _SamplePipeline:
 
     def _collate(self, pixels: list[torch.Tensor], texts: list[str], labels: list[int],
                  indices: list[int], skipped: Counter[str], listed: list[str],
-                 answers: list[str]) -> Batch:
+                 answers: list[tuple[str, ...]]) -> Batch:
         if pixels:
             pixel_batch = torch.stack(pixels)
         else:
@@ -161,11 +163,19 @@ class _SamplePipeline:
             pixel_batch = torch.empty(0, 3, size, size)
         batch: Batch = {"pixels": pixel_batch, "index": torch.tensor(indices, dtype=torch.long)}
         if self.has_answers:  # VQA: the models' question / answer batch keys
+            # every distinct answer of each question, weighted (`vlp.data.qa.answer_weights`)
+            rows, weights, counts = [], [], []
+            for given in answers:
+                distinct, shares = answer_weights(given)
+                rows, weights = rows + distinct, weights + shares
+                counts.append(len(distinct))
             if self.tokenizer is None:
-                batch["questions"], batch["answers"] = texts, answers
+                batch["questions"], batch["answers"] = texts, rows
             else:
                 batch["question_ids"] = self._tokens(self.tokenizer, texts)
-                batch["answer_ids"] = self._tokens(self.answer_tokenizer, answers)
+                batch["answer_ids"] = self._tokens(self.answer_tokenizer, rows)
+            batch["answer_weight"] = torch.tensor(weights, dtype=torch.float32)
+            batch["answer_count"] = torch.tensor(counts, dtype=torch.long)
         elif self.has_text:
             if self.tokenizer is None:
                 batch["texts"] = texts

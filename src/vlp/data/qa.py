@@ -5,7 +5,10 @@ A batch is ``{"pixels", "question_ids", "question_mask", "answer_ids", "answer_m
 question and answer are each bos + tokens + eos, right-padded (BLIP puts [ENC] / [DEC] in
 the bos slot); the answer is `target_answer` of the reference answers, tokenised by
 `AnswerTokenizer` as the model reads answers. `vlp train --train-kind qa` (`QASource`) batches
-the same way. `qa_loader` reads images through `vlp.data.images` (the inference input path):
+every distinct answer instead (`answer_weights`, as BLIP fine-tunes VQA): ``answer_ids`` has
+one row per distinct answer, question by question, ``answer_count`` (B,) how many rows each
+question has and ``answer_weight`` each row's share of its question's answers. `qa_loader`
+reads images through `vlp.data.images` (the inference input path):
 its batches also name the rows they hold (``index``) and the questions whose image could not be
 read (``unreadable``, ``reasons``), which are skipped, never raised.
 """
@@ -68,6 +71,14 @@ def target_answer(answers: tuple[str, ...]) -> str:
     """The answer a model is trained to give: the most common reference answer, the first
     among equals."""
     return Counter(answers).most_common(1)[0][0]
+
+
+def answer_weights(answers: tuple[str, ...] | list[str]) -> tuple[list[str], list[float]]:
+    """The distinct answers of a question (first-seen order) and each one's share of the
+    reference answers: BLIP's VQA targets, every annotator's answer weighted by how many
+    gave it (weights sum to 1)."""
+    counts = Counter(answers)
+    return list(counts), [count / len(answers) for count in counts.values()]
 
 
 def answer_texts(config: Any, answers: list[str]) -> list[str]:

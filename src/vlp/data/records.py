@@ -23,14 +23,16 @@ from vlp.errors import ConfigError, DataError
 @dataclass(frozen=True, slots=True)
 class Record:
     """One sample: image path or encoded bytes, caption (None when absent), class index, key;
-    a VQA sample's text is its question and ``answer`` its answer; a text-only document (source
-    kind "text", no image) has its segments in ``segments`` and the first in ``text``."""
+    a VQA sample's text is its question, ``answer`` its most common answer and ``answers``
+    every annotator's answer; a text-only document (source kind "text", no image) has its
+    segments in ``segments`` and the first in ``text``."""
 
     image: str | bytes
     text: str | None
     label: int | None
     key: str
     answer: str | None = None
+    answers: tuple[str, ...] = ()
     segments: tuple[str, ...] = ()
 
 

@@ -407,7 +407,7 @@ class QASource(MapSource):
     def __getitem__(self, index: int) -> Record:
         record = self._records[index]
         return Record(image=record.image, text=record.question, label=None, key=str(index),
-                      answer=self._answers[index])
+                      answer=self._answers[index], answers=record.answers)
 
     def __repr__(self) -> str:
         return f"QASource({self.path!r}, {len(self)} questions)"

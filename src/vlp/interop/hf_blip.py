@@ -8,8 +8,8 @@ Which vlp parts each HF class holds (the config switches the importer sets):
   no ITC temperature, so vlp's ``temp`` keeps its init value and is not exported.
 - Every import has ``queue_size=0``: no momentum encoders or queue (HF keeps none).
 - ConditionalGeneration: ``text_decoder`` (+ the LM head) only.
-- QuestionAnswering: ``text_encoder`` + ``text_decoder`` with ``share="none"`` (fine-tuned BLIP
-  unties them).
+- QuestionAnswering: ``text_encoder`` + ``text_decoder`` with ``share="none"`` and
+  ``vqa_layout=True`` (fine-tuned BLIP unties them).
 
 Reference behaviour and how vlp matches it:
 
@@ -154,7 +154,7 @@ def blip_config_from_hf(hf_config: dict[str, Any], where: str = "config.json",
         dec_id=dec_id, enc_id=enc_id, share="none", queue_size=0, text_encoder=has_encoder,
         text_decoder=has_decoder, retrieval_heads=has_heads,
         label_smoothing=float(text["label_smoothing"]), replace_first_token=False,
-        mask_question_padding="never",
+        mask_question_padding="never", vqa_layout=vqa,
     )
 
 
@@ -179,6 +179,9 @@ def hf_config_from_blip(config: BlipConfig) -> dict[str, Any]:
     if vision.pre_norm or not vision.patch_bias or vision.pool != "cls":
         problems.append("a vision tower other than BLIP's (pre_norm=False, patch_bias=True, "
                         "pool='cls')")
+    if architecture == "BlipForQuestionAnswering" and vision.width != text.width:
+        problems.append(f"vision width {vision.width} != text width {text.width} (HF's answer "
+                        f"decoder cross-attends with the vision width)")
     problems += activation_problems(vision, text)
     if problems:
         raise ConfigError(f"this vlp BLIP cannot be written as HF {architecture}: "
@@ -230,6 +233,7 @@ def blip_parts(model: BLIP, architecture: str) -> BLIP:
     config.queue_size = 0
     if config.text_encoder and config.text_decoder:
         config.share = "none"
+    config.vqa_layout = architecture == "BlipForQuestionAnswering"
     part = build_model(config)
     source = model.state_dict()  # shared tensors appear under every name, so untying is a copy
     part.load_state_dict({name: source[name] for name in part.state_dict()})

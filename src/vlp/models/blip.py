@@ -5,8 +5,8 @@ modes (§3.1) — a unimodal encoder whose ``[CLS]`` state gives the ITC embeddi
 image-grounded encoder (cross-attention to the image, ``[ENC]`` first) whose first state feeds
 the ITM head, and an image-grounded decoder (causal, ``[DEC]`` first) with an LM head. Encoder
 and decoder share every parameter except self-attention (Table 3, "all_but_sa"); "all" and
-"none" are the paper's ablations. VQA (§5.3) encodes the question with the image-grounded
-encoder and decodes the answer cross-attending to the question states.
+"none" are the paper's ablations. VQA (§5.3, `vlp.models.blip_vqa`) encodes the question with
+the image-grounded encoder and decodes the answer cross-attending to the question states.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from vlp.losses import (
     sample_hard_negatives,
 )
 from vlp.models.blip_decode import GroundedDecoder
+from vlp.models.blip_vqa import BlipVQA, load_vqa_start
 from vlp.models.registry import register
 from vlp.nn import VisionTransformer
 from vlp.nn.bert import (
@@ -52,7 +53,7 @@ from vlp.nn.momentum import FeatureQueue, ema_update_, momentum_copy
 
 OBJECTIVES = ("itc", "itm", "lm")
 QUESTION_MASKS = ("always", "teacher_forcing", "never")
-class BLIP(PretrainModel):
+class BLIP(BlipVQA, PretrainModel):
     # each training forward updates the momentum encoders and the queue (as BLIP does)
     accumulates_features = False
     # batches of "question_ids" + "answer_ids" (data kind "qa") train the VQA answer decoder
@@ -124,7 +125,8 @@ class BLIP(PretrainModel):
         if self.itm_head is not None and self.text_encoder is not None:
             tasks |= {EMBED, ITM}
         if self.text_decoder is not None:
-            tasks.add(CAPTION)
+            if not self.config.vqa_layout or self.config.vision.width == self.config.text.width:
+                tasks.add(CAPTION)
             if self.text_encoder is not None:
                 tasks.add(VQA)
         return frozenset(tasks)
@@ -236,6 +238,7 @@ class BLIP(PretrainModel):
     def caption_logits(self, pixels: Tensor, input_ids: Tensor,
                        attention_mask: Tensor | None = None) -> Tensor:
         """``(B, L, vocab)``: at each position, the logits of the next caption token."""
+        self._reads_images("caption_logits")
         return self.decoder_logits(self.image_tokens(pixels), input_ids, attention_mask)
 
     def _generate(self, context: Tensor, context_mask: Tensor | None, prompt_ids: Tensor,
@@ -262,69 +265,22 @@ class BLIP(PretrainModel):
         "a picture of " without its trailing eos; its first token is replaced by ``[DEC]``
         (default: ``[DEC]`` alone). ``kwargs`` go to `vlp.generate.generate`."""
         self._require("text_decoder", "generate")
+        self._reads_images("generate")
         if prompt_ids is None:
             prompt_ids = torch.full((pixels.shape[0], 1), self.config.dec_id, dtype=torch.long,
                                     device=pixels.device)
         return self._generate(self.image_tokens(pixels), None, prompt_ids, max_new_tokens,
                               kwargs)
 
-    # -- VQA: question encoder + answer decoder -------------------------------------------------
+    # -- VQA: `vlp.models.blip_vqa.BlipVQA` -----------------------------------------------------
 
-    def question_states(self, pixels: Tensor, question_ids: Tensor,
-                        question_mask: Tensor | None = None) -> Tensor:
-        """``(B, Lq, width)``: the question through the image-grounded encoder."""
-        if self.config.vision.width != self.config.text.width:
-            raise ConfigError(f"VQA needs vision.width == text.width (the answer decoder's "
-                              f"cross-attention reads question states), got "
-                              f"{self.config.vision.width} and {self.config.text.width}")
-        return self.grounded_text_states(self.image_tokens(pixels), question_ids, question_mask)
-
-    def vqa_answer_logits(self, pixels: Tensor, question_ids: Tensor, answer_ids: Tensor,
-                          question_mask: Tensor | None = None,
-                          answer_mask: Tensor | None = None) -> Tensor:
-        """``(B, La, vocab)`` next-token logits of each answer given its image and question."""
-        if question_mask is None:
-            question_mask = question_ids != self.config.text.pad_id
-        states = self.question_states(pixels, question_ids, question_mask)
-        context_mask = question_mask if self.config.mask_question_padding != "never" else None
-        return self.decoder_logits(states, answer_ids, answer_mask, context_mask=context_mask)
-
-    @torch.no_grad()
-    def answer(self, pixels: Tensor, question_ids: Tensor, question_mask: Tensor | None = None,
-               max_new_tokens: int = 10, **kwargs) -> Tensor:
-        """Open-ended answers ``(B, T)`` generated from ``[DEC]``, each row ending with eos then
-        pad_id; ``kwargs`` go to `vlp.generate.generate` (BLIP: num_beams=3)."""
-        self._require("text_decoder", "answer")
-        if question_mask is None:
-            question_mask = question_ids != self.config.text.pad_id
-        states = self.question_states(pixels, question_ids, question_mask)
-        context_mask = question_mask if self.config.mask_question_padding == "always" else None
-        start = torch.full((pixels.shape[0], 1), self.config.dec_id, dtype=torch.long,
-                           device=pixels.device)
-        return self._generate(states, context_mask, start, max_new_tokens, kwargs)
-
-    @torch.no_grad()
-    def rank_answers(self, pixels: Tensor, question_ids: Tensor, candidate_ids: Tensor,
-                     question_mask: Tensor | None = None,
-                     candidate_mask: Tensor | None = None) -> Tensor:
-        """``(B, C)`` log-likelihood of each of C candidate answers (bos + tokens + eos, padded)
-        under the answer decoder given image and question: BLIP's "rank" inference."""
-        if question_mask is None:
-            question_mask = question_ids != self.config.text.pad_id
-        if candidate_mask is None:
-            candidate_mask = candidate_ids != self.config.text.pad_id
-        batch, count = question_ids.shape[0], candidate_ids.shape[0]
-        states = self.question_states(pixels, question_ids, question_mask)  # (B, Lq, D)
-        context_mask = question_mask if self.config.mask_question_padding != "never" else None
-        rows = torch.arange(batch, device=states.device).repeat_interleave(count)  # (B*C,)
-        answer_ids = candidate_ids.repeat(batch, 1)  # (B*C, La)
-        answer_mask = candidate_mask.repeat(batch, 1).bool()
-        logits = self.decoder_logits(states[rows], answer_ids, answer_mask,
-                                     None if context_mask is None else context_mask[rows])
-        log_probs = logits[:, :-1].float().log_softmax(-1)
-        token_log_probs = log_probs.gather(-1, answer_ids[:, 1:, None])[..., 0]
-        return (token_log_probs * answer_mask[:, 1:]).sum(1).view(batch, count)
-
+    def init_from(self, path) -> None:
+        """Strict, except that a VQA-layout BLIP starts from a pretrained one as BLIP does
+        (`vlp.models.blip_vqa.load_vqa_start`)."""
+        if self.config.vqa_layout:
+            load_vqa_start(self, path)
+        else:
+            super().init_from(path)
 
     # -- pretraining: ITC + ITM + LM (§3.2) ---------------------------------------------------
 
@@ -407,6 +363,7 @@ class BLIP(PretrainModel):
                                                     image.detach(), text.detach(),
                                                     image_partner, text_partner)
         if "lm" in objectives:
+            self._reads_images("the LM objective")
             decoder_ids = self._first_token(input_ids, self.config.dec_id, always=True)
             states = self.text_decoder(decoder_ids, attention_mask, context=image_tokens)
             labels = input_ids[:, 1:].masked_fill(~attention_mask[:, 1:], IGNORE_INDEX)
@@ -415,27 +372,12 @@ class BLIP(PretrainModel):
                                                           labels, self.config.label_smoothing)
         return out
 
-    def _vqa_features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A VQA batch (``pixels``, ``question_ids``, ``answer_ids``, optional masks): per
-        question, the answer decoder's token NLL sum and count (§5.3)."""
-        answer_ids = batch["answer_ids"]
-        answer_mask = batch.get("answer_mask")
-        if answer_mask is None:
-            answer_mask = answer_ids != self.config.text.pad_id
-        answer_mask = answer_mask.bool()
-        logits = self.vqa_answer_logits(batch["pixels"], batch["question_ids"], answer_ids,
-                                        batch.get("question_mask"), answer_mask)
-        labels = answer_ids[:, 1:].masked_fill(~answer_mask[:, 1:], IGNORE_INDEX)
-        nll, tokens = caption_nll(logits[:, :-1], labels, self.config.label_smoothing)
-        return {"vqa_nll": nll, "vqa_tokens": tokens}
-
     def loss(self, features: dict[str, Tensor], share: float = 1.0) -> dict:
         """``itc + itm + lm`` (equal weights, paper; the terms in ``config.objectives``); in
         training the momentum features of the batch then join the queue. VQA features give
         the answer LM loss alone."""
         if "vqa_nll" in features:
-            vqa = features["vqa_nll"].sum() / features["vqa_tokens"].sum().clamp(min=1)
-            return {"loss": vqa, "losses": {"vqa": vqa.detach()}}
+            return self.vqa_loss(features)
         objectives = self.config.objectives
         losses: dict[str, Tensor] = {}
         if "itc" in objectives:
@@ -480,6 +422,9 @@ def build_blip(config: BlipConfig) -> BLIP:
             or not set(objectives) <= set(OBJECTIVES):
         raise ConfigError(f"blip.objectives {list(objectives)}: expected distinct names among "
                           f"{list(OBJECTIVES)}, at least one")
+    if config.vqa_layout and (config.share != "none" or not config.text_encoder):
+        raise ConfigError(f"blip.vqa_layout needs share='none' and text_encoder=True (separate "
+                          f"question encoder and answer decoder), got share={config.share!r}")
     if config.retrieval_heads and not config.text_encoder:
         raise ConfigError("blip.retrieval_heads needs text_encoder=True")
     for name in ("dec_id", "enc_id"):
@@ -493,7 +438,9 @@ def build_blip(config: BlipConfig) -> BLIP:
     context_dim = config.vision.width
     encoder = (BertTextTransformer(text, context_dim, causal=False)
                if config.text_encoder else None)
-    decoder = (BertTextTransformer(text, context_dim, causal=True)
+    # the VQA layout's answer decoder cross-attends to question states (text width)
+    decoder = (BertTextTransformer(text, text.width if config.vqa_layout else context_dim,
+                                   causal=True)
                if config.text_decoder else None)
     if encoder is not None and decoder is not None:
         share_text_towers_(decoder, encoder, config.share)

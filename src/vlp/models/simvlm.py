@@ -106,6 +106,22 @@ def split_at(words: Tensor, lengths: Tensor, cut: Tensor, *, bos_id: int, eos_id
                             pad_id=pad_id)
 
 
+def most_common_answers(batch: dict[str, Tensor]) -> Tensor:
+    """One answer row per question: of a multi-answer VQA batch (``answer_count`` rows per
+    question, weighted by ``answer_weight``) the most common answer, the first among equals;
+    SimVLM fine-tunes on it (the weighted every-answer loss is BLIP's)."""
+    answer_ids, counts = batch["answer_ids"], batch.get("answer_count")
+    if counts is None:
+        return answer_ids
+    weights = batch["answer_weight"].tolist()
+    rows, start = [], 0
+    for count in counts.tolist():
+        shares = weights[start:start + count]
+        rows.append(start + shares.index(max(shares)))
+        start += count
+    return answer_ids[rows]
+
+
 class SimVLM(PretrainModel):
     # the trainer may add text-only rows to a batch as "text_ids" (TrainConfig.text_data);
     # batches of "question_ids" + "answer_ids" (data kind "qa") train VQA: answer after question
@@ -278,7 +294,8 @@ class SimVLM(PretrainModel):
         parts: list[tuple[Tensor, Tensor, bool]] = []
         if "question_ids" in batch:
             prefix_ids, prefix_valid = self.question_prefix(batch["question_ids"])
-            words, lengths = text_words(batch["answer_ids"], **self._ids(), what="answer_ids")
+            words, lengths = text_words(most_common_answers(batch), **self._ids(),
+                                        what="answer_ids")
             inputs = prefix_lm_inputs(prefix_ids[:, 1:], prefix_valid.sum(1) - 1, words,
                                       lengths, **self._ids())
             parts.append((*self._nll(batch["pixels"], inputs), False))
