@@ -311,3 +311,24 @@ def test_augment_preset_trains_and_is_part_of_the_run(pairs, tmp_path):
         train(config(pairs, tmp_path, hflip=True, max_steps=3, resume="latest"))
     with pytest.raises(ConfigError, match="hflip: augment 'none'"):
         train(config(pairs, tmp_path / "b", augment="none", hflip=True))
+
+
+def test_lora_leaves_momentum_copies_alone():
+    """BLIP's momentum encoders keep weights as buffers and follow the trained weights by EMA:
+    they get no adapters, follow the base weights, and the merged state loads into a plain
+    BLIP."""
+    from vlp.train.lora import add_lora, merged_state
+
+    model = vlp.create_model("blip-tiny")
+    add_lora(model, 2, 4.0, "qkv,q,kv,proj")
+    names = [name for name, _ in model.named_parameters()]
+    assert any(".lora_A." in n for n in names)
+    assert not any(n.startswith("momentum_encoders.") for n in names)
+    assert not any("lora" in n for n in model.momentum_encoders.state_dict())
+    size = model.config.vision.image_size
+    batch = {"pixels": torch.randn(2, 3, size, size),
+             "input_ids": torch.randint(5, 100, (2, 8)), "index": torch.arange(2)}
+    model.train()
+    assert torch.isfinite(model(batch)["loss"])  # the momentum update ran
+    plain = build_model(model.config)
+    plain.load_state_dict(merged_state(model, model.state_dict()))

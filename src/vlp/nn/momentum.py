@@ -29,7 +29,10 @@ def ema_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
     ``source.named_parameters`` (``target`` is its `momentum_copy`)."""
     targets = dict(target.named_buffers())
     for name, param in source.named_parameters(remove_duplicate=False):
-        targets[name].mul_(momentum).add_(param.detach(), alpha=1.0 - momentum)
+        if ".lora_" in name:  # LoRA adapters (PEFT) in the source: the copy follows the base
+            continue
+        targets[name.replace(".base_layer.", ".")].mul_(momentum).add_(
+            param.detach(), alpha=1.0 - momentum)
 
 
 class FeatureQueue(nn.Module):

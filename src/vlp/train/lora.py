@@ -36,8 +36,12 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: str,
     if not names:
         raise ConfigError("train config lora_targets is empty; expected module names such as "
                           "qkv,proj")
+    # weights kept as buffers (momentum encoders: copies that follow the trained weights by
+    # EMA, never trained) get no adapters
+    copies = [name for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and "weight" not in module._parameters]
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                             target_modules=names, bias="none")
+                             target_modules=names, bias="none", exclude_modules=copies or None)
     try:
         peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     except ValueError as error:  # no module matched, or one PEFT cannot adapt

@@ -141,8 +141,7 @@ def rank_data_state(saved: dict[str, Any], rank: int, world_size: int) -> dict[s
 # the checkpoint holds these (its model, tokenizer, optimizer state and schedule): a resumed
 # run continues with the checkpoint's whatever the config says
 CHECKPOINT_SETTINGS = ("model", "model_overrides", "tokenizer", "lr", "weight_decay", "betas",
-                       "eps", "warmup_steps", "min_lr_ratio", "schedule", "cooldown_steps",
-                       "cooldown_power")
+                       "eps", "warmup_steps", "min_lr_ratio")
 # these the config sets, and a change alters the run from here on
 # (the batch as every rank's together: a run resumes on another world size with the same one)
 RUN_SETTINGS = ("grad_clip", "global_batch_size", "grad_accum", "accum_features",
@@ -150,7 +149,8 @@ RUN_SETTINGS = ("grad_clip", "global_batch_size", "grad_accum", "accum_features"
                 "separator", "image_root", "seed", "precision", "lock_image",
                 "lock_image_unlocked_groups", "lock_text", "lock_text_unlocked_groups",
                 "layer_decay", "ema_decay", "lora_rank", "lora_alpha", "lora_targets",
-                "lora_dropout", "augment", "hflip")
+                "lora_dropout", "augment", "hflip", "schedule", "cooldown_steps",
+                "cooldown_power")
 FINGERPRINT_READ = 64 << 20  # bytes hashed from each end of a larger file
 
 
