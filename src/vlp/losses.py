@@ -40,23 +40,59 @@ class ContrastiveOutput:
     logits_per_text: Tensor  # (B_local, B_global)
 
 
+def same_image_targets(row_ids: Tensor | None, column_ids: Tensor | None) -> Tensor | None:
+    """Contrastive targets by image id (BLIP retrieval fine-tuning, LAVIS BLIP-2): row ``i``'s
+    positives are every column with its id, each ``1 / count``. None when there are no ids or
+    no row has a positive besides its own column (one caption per image): callers then keep
+    their one-hot targets, so such batches compute exactly what they did without ids. Ids are
+    the rows' `vlp.data.images.image_group_id`; a negative id (a queue slot not yet written)
+    matches nothing."""
+    if row_ids is None or column_ids is None:
+        return None
+    same = (row_ids[:, None] == column_ids[None, :]) & (row_ids[:, None] >= 0)
+    if int(same.sum()) <= row_ids.shape[0]:
+        return None
+    same = same.float()
+    return same / same.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over rows of ``-sum(targets * log_softmax(logits))``."""
+    return -(logits.log_softmax(dim=1) * targets).sum(dim=1).mean()
+
+
+def _gather_ids(exchange: FeatureExchange | None, image_ids: Tensor | None
+                ) -> Tensor | None:
+    if image_ids is None or exchange is None:
+        return image_ids
+    return exchange.gather(image_ids)[0][0]
+
+
 def clip_loss(
     image_features: Tensor,
     text_features: Tensor,
     logit_scale: Tensor,
     *,
     exchange: FeatureExchange | None = None,
+    image_ids: Tensor | None = None,
 ) -> ContrastiveOutput:
     """Symmetric InfoNCE of CLIP (arXiv 2103.00020, Fig. 3). Features are L2-normalised;
     ``logit_scale`` is the multiplier (already exponentiated). Without an exchange the batch
-    is the local one."""
+    is the local one. With ``image_ids`` (B,) the captions of one image are all positives
+    (`same_image_targets`, gathered with the features); CLIP and CoCa pass none (open_clip)."""
     all_image, all_text, offset = image_features, text_features, 0
+    all_ids = _gather_ids(exchange, image_ids)
     if exchange is not None:
         (all_image, all_text), offset = exchange.gather(image_features, text_features)
         if not exchange.local_loss:
-            image_features, text_features, offset = all_image, all_text, 0
+            image_features, text_features, offset, image_ids = all_image, all_text, 0, all_ids
     logits_per_image = logit_scale * image_features @ all_text.T
     logits_per_text = logit_scale * text_features @ all_image.T
+    soft = same_image_targets(image_ids, all_ids)
+    if soft is not None:
+        loss = 0.5 * (soft_cross_entropy(logits_per_image, soft)
+                      + soft_cross_entropy(logits_per_text, soft))
+        return ContrastiveOutput(loss, logits_per_image, logits_per_text)
     targets = torch.arange(image_features.shape[0], device=image_features.device) + offset
     loss = 0.5 * (F.cross_entropy(logits_per_image, targets)
                   + F.cross_entropy(logits_per_text, targets))
@@ -128,31 +164,38 @@ def distilled_contrastive_loss(
     text_bank: Tensor,
     logit_scale: Tensor,
     alpha: float,
+    image_ids: Tensor | None = None,
+    bank_ids: Tensor | None = None,
 ) -> ContrastiveOutput:
     """ITC with momentum distillation (ALBEF arXiv 2107.07651 §3.3, BLIP §3.2). The banks'
     first B rows are the momentum encoders' features of this batch (the positives, on the
     diagonal), the rest a queue. Targets are ``alpha * softmax(momentum similarities) +
     (1 - alpha) * one-hot``; the loss is their soft cross-entropy, averaged over both
-    directions. Logits are ``(B, B + queue)``."""
+    directions. Logits are ``(B, B + queue)``. With ``image_ids`` (B,) and ``bank_ids``
+    (B + queue,) the one-hot becomes `same_image_targets` (BLIP/LAVIS retrieval fine-tuning:
+    every bank row of the same image, queued ones included, is a positive)."""
     batch = image_features.shape[0]
     logits_per_image = logit_scale * image_features @ text_bank.T
     logits_per_text = logit_scale * text_features @ image_bank.T
     with torch.no_grad():
-        one_hot = torch.zeros_like(logits_per_image)
-        one_hot[:, :batch] = torch.eye(batch, device=one_hot.device, dtype=one_hot.dtype)
+        one_hot = same_image_targets(image_ids, bank_ids)
+        if one_hot is None:
+            one_hot = torch.zeros_like(logits_per_image)
+            one_hot[:, :batch] = torch.eye(batch, device=one_hot.device, dtype=one_hot.dtype)
         scale = logit_scale.detach()
         targets_i2t = (alpha * (scale * image_bank[:batch] @ text_bank.T).softmax(dim=1)
                        + (1 - alpha) * one_hot)
         targets_t2i = (alpha * (scale * text_bank[:batch] @ image_bank.T).softmax(dim=1)
                        + (1 - alpha) * one_hot)
-    loss_i2t = -(logits_per_image.log_softmax(dim=1) * targets_i2t).sum(dim=1).mean()
-    loss_t2i = -(logits_per_text.log_softmax(dim=1) * targets_t2i).sum(dim=1).mean()
+    loss_i2t = soft_cross_entropy(logits_per_image, targets_i2t)
+    loss_t2i = soft_cross_entropy(logits_per_text, targets_t2i)
     return ContrastiveOutput(0.5 * (loss_i2t + loss_t2i), logits_per_image, logits_per_text)
 
 
 @torch.no_grad()
 def sample_hard_negatives(similarity: Tensor, similarity_t2i: Tensor | None = None,
-                          offset: int = 0, generator: torch.Generator | None = None
+                          offset: int = 0, generator: torch.Generator | None = None,
+                          image_ids: Tensor | None = None, candidate_ids: Tensor | None = None
                           ) -> tuple[Tensor, Tensor]:
     """BLIP's ITM hard negatives (§3.2): for each text an image and for each image a text,
     drawn in proportion to softmax(similarity) + 1e-4 with the positive excluded.
@@ -160,7 +203,9 @@ def sample_hard_negatives(similarity: Tensor, similarity_t2i: Tensor | None = No
     ``similarity`` ``(B, N)`` scores this batch's images against ``N`` candidate texts (every
     rank's when distributed), ``similarity_t2i`` ``(B, N)`` its texts against the candidate
     images (default: ``similarity.T``, square only); row ``i``'s positive is column
-    ``offset + i``. Returns (candidate image index per text, candidate text index per image)."""
+    ``offset + i``. With ``image_ids`` (B,) and ``candidate_ids`` (N,) every candidate of the
+    row's image is excluded too (weight 0: another caption of the same image is no negative).
+    Returns (candidate image index per text, candidate text index per image)."""
     if similarity_t2i is None:
         similarity_t2i = similarity.T
     batch, candidates = similarity.shape
@@ -172,6 +217,8 @@ def sample_hard_negatives(similarity: Tensor, similarity_t2i: Tensor | None = No
     rows = torch.arange(batch, device=similarity.device)
     positive = torch.zeros(batch, candidates, dtype=torch.bool, device=similarity.device)
     positive[rows, rows + offset] = True
+    if image_ids is not None and candidate_ids is not None:
+        positive |= image_ids[:, None] == candidate_ids[None, :]
     weights_t2i = (similarity_t2i.float().softmax(dim=1) + 1e-4).masked_fill(positive, 0)
     weights_i2t = (similarity.float().softmax(dim=1) + 1e-4).masked_fill(positive, 0)
     image_per_text = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
@@ -195,20 +242,24 @@ def query_contrastive_loss(
     *,
     label_smoothing: float = 0.0,
     exchange: FeatureExchange | None = None,
+    image_ids: Tensor | None = None,
 ) -> ContrastiveOutput:
     """BLIP-2's ITC (arXiv 2301.12597 §3.2): an image is ``(B, Q, D)`` query embeddings, a text
     one ``(B, D)`` embedding (all L2-normalised); a pair's similarity is the highest over the
     queries. Symmetric cross-entropy with ``label_smoothing`` (LAVIS 0.1), local x global as
-    `clip_loss`."""
+    `clip_loss`; with ``image_ids`` the targets are `same_image_targets`, smoothed alike."""
     all_image, all_text, offset = image_queries, text_features, 0
+    all_ids = _gather_ids(exchange, image_ids)
     if exchange is not None:
         (all_image, all_text), offset = exchange.gather(image_queries, text_features)
         if not exchange.local_loss:
-            image_queries, text_features, offset = all_image, all_text, 0
+            image_queries, text_features, offset, image_ids = all_image, all_text, 0, all_ids
     sim_i2t = torch.einsum("iqd,td->itq", image_queries, all_text).amax(dim=-1)  # (B, B_all)
     sim_t2i = torch.einsum("td,iqd->tiq", text_features, all_image).amax(dim=-1)  # (B, B_all)
     logits_per_image, logits_per_text = logit_scale * sim_i2t, logit_scale * sim_t2i
-    targets = torch.arange(image_queries.shape[0], device=image_queries.device) + offset
+    targets = same_image_targets(image_ids, all_ids)
+    if targets is None:
+        targets = torch.arange(image_queries.shape[0], device=image_queries.device) + offset
     loss = 0.5 * (F.cross_entropy(logits_per_image, targets, label_smoothing=label_smoothing)
                   + F.cross_entropy(logits_per_text, targets, label_smoothing=label_smoothing))
     return ContrastiveOutput(loss, logits_per_image, logits_per_text)

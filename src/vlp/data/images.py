@@ -9,6 +9,7 @@ unreadable image is treated the same everywhere: it is skipped, counted and name
 `group_images` is the one rule for "the unique images of a source": a path is one image by its
 string, encoded bytes (WebDataset) are one image by their content hash, kept in first-seen
 order; an image is named by its path, or by the key of the record that brought its bytes.
+Training batches group captions by the same rule (`image_group_id`).
 """
 
 from __future__ import annotations
@@ -93,6 +94,15 @@ def images_in_directory(directory: str | Path) -> list[Path]:
 def image_identity(image: ImageInput) -> str | bytes:
     """What makes two images the same one: a path's string, or encoded bytes' content hash."""
     return hashlib.sha1(image).digest() if isinstance(image, bytes) else str(image)
+
+
+def image_group_id(image: ImageInput) -> int:
+    """`image_identity` as a stable 63-bit integer (the same on every rank, run and platform):
+    training batches carry it as ``image_id`` so that captions of one image are never each
+    other's negatives."""
+    identity = image_identity(image)
+    data = identity if isinstance(identity, bytes) else identity.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 def _image_id(image: ImageInput, key: Any, position: int) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vlp.data.images import open_image
+from vlp.data.images import image_group_id, open_image
 from vlp.data.qa import answer_weights
 from vlp.data.records import Record
 
@@ -64,9 +64,10 @@ class _SamplePipeline:
     """Decode, augment and collate records into one batch; runs inside DataLoader workers.
     With ``has_answers`` (VQA records) the texts are questions and each record's distinct
     answers are tokenised by ``answer_tokenizer`` (default: ``tokenizer``), weighted and
-    counted per question (``answer_weight``, ``answer_count``; see `vlp.data.qa`). Without
-    ``has_images`` (text-only documents) a batch is ``{"input_ids", "index"}``: each record's
-    segments packed into a row (``tokenizer.pack``), padding columns trimmed."""
+    counted per question (``answer_weight``, ``answer_count``; see `vlp.data.qa`). Image-text
+    batches carry ``image_id`` (B,): rows with the same image (`image_group_id`) share it.
+    Without ``has_images`` (text-only documents) a batch is ``{"input_ids", "index"}``: each
+    record's segments packed into a row (``tokenizer.pack``), padding columns trimmed."""
 
     def __init__(self, transform: Callable[..., torch.Tensor] | None, tokenizer: Tokenizer | None,
                  has_text: bool, has_labels: bool, has_answers: bool = False,
@@ -100,6 +101,7 @@ class _SamplePipeline:
         texts: list[str] = []
         labels: list[int] = []
         answers: list[tuple[str, ...]] = []
+        groups: list[int] = []  # image-text rows: `image_group_id` of each row's image
         indices: list[int] = []
         skipped: Counter[str] = Counter()
         listed: list[str] = []
@@ -128,13 +130,18 @@ class _SamplePipeline:
             indices.append(index)
             if self.has_text:
                 texts.append(record.text)
+                if loaded is not None and not self.has_answers:
+                    groups.append(image_group_id(record.image))
             if self.has_labels:
                 labels.append(record.label)
             if self.has_answers:
                 answers.append(record.answers or (record.answer or "",))
         if not self.has_images:
             return self._collate_documents(documents, indices, skipped, listed)
-        return self._collate(pixels, texts, labels, indices, skipped, listed, answers)
+        batch = self._collate(pixels, texts, labels, indices, skipped, listed, answers)
+        if self.has_text and not self.has_answers:
+            batch["image_id"] = torch.tensor(groups, dtype=torch.long)
+        return batch
 
     def _collate_documents(self, documents: list[tuple[str, ...]], indices: list[int],
                            skipped: Counter[str], listed: list[str]) -> Batch:

@@ -305,24 +305,28 @@ class BLIP(BlipVQA, PretrainModel):
 
     def _itm_features(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor,
                       image: Tensor, text: Tensor, image_partner: Tensor,
-                      text_partner: Tensor) -> Tensor:
+                      text_partner: Tensor, image_ids: Tensor | None = None) -> Tensor:
         """Per pair, the summed ITM CE of the pair (match), its text with a hard-negative image
         and its image with a hard-negative text (mismatches): ``(B,)``. Negatives follow the
         ITC similarity of ``image`` to the candidate texts' ``text_partner`` and of ``text`` to
         the candidate images' ``image_partner``; distributed, the candidates are every rank's
-        pairs (image tokens gathered with their gradient, as BLIP's retrieval fine-tuning)."""
+        pairs (image tokens gathered with their gradient, as BLIP's retrieval fine-tuning).
+        With ``image_ids`` no candidate of a row's own image is drawn (weight 0)."""
         batch = input_ids.shape[0]
         pool = (image_tokens, input_ids, attention_mask, image_partner, text_partner)
+        if image_ids is not None:
+            pool += (image_ids,)
         offset = 0
         if self.exchange is not None:
             pool, offset = self.exchange.gather(*pool)
         if pool[1].shape[0] < 2:
             raise ConfigError("BLIP's ITM objective needs batches of at least 2 pairs")
-        all_tokens, all_ids, all_mask, all_image, all_text = pool
+        all_tokens, all_ids, all_mask, all_image, all_text = pool[:5]
         with torch.no_grad():
             scale = self.scale()
             image_per_text, text_per_image = sample_hard_negatives(
-                scale * image @ all_text.T, scale * text @ all_image.T, offset=offset)
+                scale * image @ all_text.T, scale * text @ all_image.T, offset=offset,
+                image_ids=image_ids, candidate_ids=pool[5] if image_ids is not None else None)
         tokens = torch.cat([image_tokens, all_tokens[image_per_text], image_tokens])
         ids = torch.cat([input_ids, input_ids, all_ids[text_per_image]])
         mask = torch.cat([attention_mask, attention_mask, all_mask[text_per_image]])
@@ -332,7 +336,10 @@ class BLIP(BlipVQA, PretrainModel):
 
     def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per pair: ITC embeddings (student and momentum), the summed ITM CE of its three
-        rows, and the LM token NLL sum and count (so accumulated batches average exactly)."""
+        rows, and the LM token NLL sum and count (so accumulated batches average exactly).
+        A batch's ``image_id`` (B,) (rows of one image share it, `vlp.data`) keeps the other
+        captions of a row's image out of its ITC negatives and ITM draws; without it every
+        row is its own image."""
         if "question_ids" in batch:
             return self._vqa_features(batch)
         objectives = self.config.objectives
@@ -352,6 +359,9 @@ class BLIP(BlipVQA, PretrainModel):
             text = F.normalize(self.text_proj(self.text_encoder(input_ids, attention_mask)[:, 0]),
                                dim=-1)
             out.update(image=image, text=text)
+            image_ids = batch.get("image_id")
+            if image_ids is not None:
+                out["image_id"] = image_ids.long()
             image_partner, text_partner = image.detach(), text.detach()
             if self.momentum_encoders is not None:
                 out["image_m"], out["text_m"] = self._momentum_features(pixels, input_ids,
@@ -361,7 +371,8 @@ class BLIP(BlipVQA, PretrainModel):
             if "itm" in objectives:
                 out["itm_nll"] = self._itm_features(image_tokens, input_ids, attention_mask,
                                                     image.detach(), text.detach(),
-                                                    image_partner, text_partner)
+                                                    image_partner, text_partner,
+                                                    out.get("image_id"))
         if "lm" in objectives:
             self._reads_images("the LM objective")
             decoder_ids = self._first_token(input_ids, self.config.dec_id, always=True)
@@ -382,18 +393,23 @@ class BLIP(BlipVQA, PretrainModel):
         losses: dict[str, Tensor] = {}
         if "itc" in objectives:
             scale = partial_grad(self.scale(), share)
-            image, text = features["image"], features["text"]
+            image, text, ids = features["image"], features["text"], features.get("image_id")
             if self.queue is None:
-                itc = clip_loss(image, text, scale, exchange=self.exchange).loss
+                itc = clip_loss(image, text, scale, exchange=self.exchange, image_ids=ids).loss
             else:
                 image_m, text_m = features["image_m"], features["text_m"]
+                bank_ids = None if ids is None else torch.cat([ids, self.queue.get_ids()])
                 itc = distilled_contrastive_loss(
                     image, text, torch.cat([image_m, self.queue.get("image")]),
-                    torch.cat([text_m, self.queue.get("text")]), scale, self.alpha()).loss
+                    torch.cat([text_m, self.queue.get("text")]), scale, self.alpha(),
+                    image_ids=ids, bank_ids=bank_ids).loss
                 if self.training:
                     if self.exchange is not None:  # every rank's momentum features join
-                        (image_m, text_m), _ = self.exchange.gather(image_m, text_m)
-                    self.queue.enqueue(image=image_m, text=text_m)
+                        gathered, _ = self.exchange.gather(
+                            image_m, text_m, *(() if ids is None else (ids,)))
+                        image_m, text_m = gathered[:2]
+                        ids = gathered[2] if ids is not None else None
+                    self.queue.enqueue(image=image_m, text=text_m, ids=ids)
             losses["itc"] = itc
         if "itm" in objectives:
             losses["itm"] = features["itm_nll"].sum() / (3 * features["itm_nll"].shape[0])

@@ -284,7 +284,9 @@ class BLIP2(PretrainModel):
 
     def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Stage 1: ITC embeddings, the summed ITM CE of each pair's three rows and the ITG token
-        NLL sum and count. Stage 2: the LLM's token NLL sum and count."""
+        NLL sum and count; a batch's ``image_id`` keeps other captions of a row's image out of
+        its ITC negatives and ITM draws (LAVIS with ``image_id``). Stage 2: the LLM's token NLL
+        sum and count."""
         if self.llm is not None:
             return self._stage2_features(batch)
         for part, what in (("itm_head", "ITC/ITM"), ("lm_head", "ITG")):
@@ -300,7 +302,10 @@ class BLIP2(PretrainModel):
         text_states = self.qformer(None, input_ids, attention_mask, kind="unimodal").text_states
         text = F.normalize(self.text_proj(text_states[:, 0]), dim=-1)  # (B, D)
         out = {"image_queries": image_queries, "text": text}
-        out["itm_nll"] = self._itm_features(image, input_ids, attention_mask, image_queries, text)
+        if batch.get("image_id") is not None:
+            out["image_id"] = batch["image_id"].long()
+        out["itm_nll"] = self._itm_features(image, input_ids, attention_mask, image_queries, text,
+                                            out.get("image_id"))
         logits = self._itg_logits(query_caches, input_ids, attention_mask)
         labels = input_ids[:, 1:].masked_fill(~attention_mask[:, 1:], IGNORE_INDEX)
         out["lm_nll"], out["lm_tokens"] = caption_nll(logits[:, :-1], labels,
@@ -308,24 +313,29 @@ class BLIP2(PretrainModel):
         return out
 
     def _itm_features(self, image: Tensor, input_ids: Tensor, attention_mask: Tensor,
-                      image_queries: Tensor, text: Tensor) -> Tensor:
+                      image_queries: Tensor, text: Tensor,
+                      image_ids: Tensor | None = None) -> Tensor:
         """Per pair, the summed ITM CE of the pair, its text with a hard-negative image and its
         image with a hard-negative text ``(B,)``; negatives drawn by ITC similarity (§3.2),
         distributed among every rank's pairs (image features gathered with their gradient, as
         LAVIS)."""
         batch = input_ids.shape[0]
         pool = (image, input_ids, attention_mask, image_queries, text)
+        if image_ids is not None:
+            pool += (image_ids,)
         offset = 0
         if self.exchange is not None:
             pool, offset = self.exchange.gather(*pool)
-        all_image, all_ids, all_masks, all_queries, all_text = pool
+        all_image, all_ids, all_masks, all_queries, all_text = pool[:5]
         if all_ids.shape[0] < 2:
             raise ConfigError("BLIP-2's ITM objective needs batches of at least 2 pairs")
         with torch.no_grad():
             i2t = self.similarity(image_queries, all_text) / self.temp  # (B, N)
             t2i = (self.similarity(all_queries, text) / self.temp).T if self.exchange \
                 is not None else None  # one process: i2t.T
-        image_per_text, text_per_image = sample_hard_negatives(i2t, t2i, offset=offset)
+        image_per_text, text_per_image = sample_hard_negatives(
+            i2t, t2i, offset=offset, image_ids=image_ids,
+            candidate_ids=pool[5] if image_ids is not None else None)
         images = torch.cat([image, all_image[image_per_text], image])
         ids = torch.cat([input_ids, input_ids, all_ids[text_per_image]])
         masks = torch.cat([attention_mask, attention_mask, all_masks[text_per_image]])
@@ -367,7 +377,8 @@ class BLIP2(PretrainModel):
         scale = partial_grad(1.0 / self.temp, share)
         itc = query_contrastive_loss(features["image_queries"], features["text"], scale,
                                      label_smoothing=self.config.itc_label_smoothing,
-                                     exchange=self.exchange).loss
+                                     exchange=self.exchange,
+                                     image_ids=features.get("image_id")).loss
         itm = features["itm_nll"].sum() / (3 * features["itm_nll"].shape[0])
         itg = features["lm_nll"].sum() / features["lm_tokens"].sum().clamp(min=1)
         return {"loss": itc + itm + itg,

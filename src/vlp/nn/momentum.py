@@ -37,7 +37,12 @@ def ema_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
 
 class FeatureQueue(nn.Module):
     """A ring buffer of ``size`` L2-normalised ``dim``-vectors per stream (e.g. image, text),
-    filled from random unit vectors as BLIP does, with one write pointer shared by the streams."""
+    filled from random unit vectors as BLIP does, with one write pointer shared by the streams.
+
+    ``ids`` holds each slot's image id (-1: none yet, or enqueued without ids) so that queued
+    captions of a batch's image count as its positives (BLIP retrieval fine-tuning). It is not
+    saved (checkpoints keep their layout): after a reload the queued features are unnamed
+    until overwritten, which only costs them their positive role."""
 
     def __init__(self, size: int, dim: int, streams: tuple[str, ...] = ("image", "text")) -> None:
         super().__init__()
@@ -47,6 +52,7 @@ class FeatureQueue(nn.Module):
         self.streams = streams
         for stream in streams:
             self.register_buffer(stream, nn.functional.normalize(torch.randn(size, dim), dim=-1))
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long), persistent=False)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))  # enqueue calls
 
@@ -54,9 +60,14 @@ class FeatureQueue(nn.Module):
         """``(size, dim)`` the queued features of ``stream`` (a detached copy)."""
         return getattr(self, stream).clone()
 
+    def get_ids(self) -> Tensor:
+        """``(size,)`` the image id of each queued row (-1: unknown)."""
+        return self.ids.clone()
+
     @torch.no_grad()
-    def enqueue(self, **features: Tensor) -> None:
-        """Write each stream's ``(B, dim)`` rows at the pointer, wrapping around the end."""
+    def enqueue(self, ids: Tensor | None = None, **features: Tensor) -> None:
+        """Write each stream's ``(B, dim)`` rows at the pointer, wrapping around the end, and
+        their image ``ids`` (B,) (default: -1, unknown)."""
         if sorted(features) != sorted(self.streams):
             raise ValueError(f"enqueue needs exactly the streams {self.streams}")
         batch = next(iter(features.values())).shape[0]
@@ -66,5 +77,6 @@ class FeatureQueue(nn.Module):
         rows = (self.ptr + torch.arange(batch, device=self.ptr.device)) % self.size
         for stream, value in features.items():
             getattr(self, stream)[rows] = value.detach().to(getattr(self, stream).dtype)
+        self.ids[rows] = -1 if ids is None else ids.to(self.ids.device)
         self.ptr.copy_((self.ptr + batch) % self.size)
         self.batches += 1
