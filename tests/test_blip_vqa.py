@@ -169,3 +169,30 @@ def test_blip_with_a_wider_vit_fine_tunes_and_answers_vqa(tmp_path):
     questions = tokenizer(["what colour is it?"] * 2)
     answers = model.eval().answer(pixels, questions, max_new_tokens=3)
     assert [tokenizer.decode(row) for row in answers] == ["red", "blue"]
+
+
+def test_simvlm_fine_tunes_on_each_questions_most_common_answer():
+    """SimVLM reads a multi-answer batch as its most common answer per question (the first
+    among equals), exactly as a batch of those answers alone."""
+    config = get_preset("simvlm-tiny")
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    generator = torch.Generator().manual_seed(2)
+    size = config.vision.image_size
+    pixels = torch.randn(2, 3, size, size, generator=generator)
+    questions = _ids([4, 2], config, generator)
+    answers = _ids([1, 2, 3, 1], config, generator)  # q0: rows 0-2 (row 1 most common), q1: 3
+    batch = {"pixels": pixels, "question_ids": questions, "answer_ids": answers,
+             "answer_count": torch.tensor([3, 1]),
+             "answer_weight": torch.tensor([0.25, 0.5, 0.25, 1.0])}
+    with torch.no_grad():
+        multi = model.features(batch)
+        alone = model.features({"pixels": pixels, "question_ids": questions,
+                                "answer_ids": answers[[1, 3]]})
+    for key in ("lm_nll", "lm_tokens"):
+        assert torch.equal(multi[key], alone[key]), key
+    tie = {**batch, "answer_weight": torch.tensor([0.4, 0.4, 0.2, 1.0])}  # first among equals
+    with torch.no_grad():
+        first = model.features({"pixels": pixels, "question_ids": questions,
+                                "answer_ids": answers[[0, 3]]})
+        assert torch.equal(model.features(tie)["lm_nll"], first["lm_nll"])
