@@ -332,3 +332,12 @@ def test_lora_leaves_momentum_copies_alone():
     assert torch.isfinite(model(batch)["loss"])  # the momentum update ran
     plain = build_model(model.config)
     plain.load_state_dict(merged_state(model, model.state_dict()))
+
+
+def test_lora_targets_that_match_nothing_are_one_error():
+    from vlp.train.lora import add_lora
+
+    with pytest.raises(ConfigError, match="lora_targets='to_q'"):
+        add_lora(tiny_clip(), 2, 4.0, "to_q")
+    with pytest.raises(ConfigError, match="lora_targets is empty"):
+        add_lora(tiny_clip(), 2, 4.0, " , ")
