@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from vlp.store.files import atomic_write_text
 from vlp.train.distributed import DistEnv, gather_objects
 
 MAX_LISTED_SKIPS = 100  # unreadable items named per epoch in the log (all are counted)
+DATA_WINDOW = 10  # steps over which the share of time spent waiting for data is judged
+DATA_WARN_SHARE = 0.3  # a larger share of the step waiting for data earns a warning
 
 
 def _plain(value: Any) -> Any:
@@ -44,6 +46,9 @@ class RunLog:
         self.env = env
         self.sink = sink
         self.last: dict[str, Any] = {}  # the newest step record
+        # (data_s, compute_s) of the newest DATA_WINDOW step records
+        self.recent: deque[tuple[float, float]] = deque(maxlen=DATA_WINDOW)
+        self._data_warned = False
         self._file = None
         if env.is_main:
             if resume_step is None:
@@ -99,9 +104,22 @@ class RunLog:
                 if self.sink is not None:
                     self.sink(record)
             self.last = record
+            if "data_s" in record and "compute_s" in record:
+                self.recent.append((record["data_s"], record["compute_s"]))
         self._pending.clear()
         if self._file is not None:
             self._file.flush()
+
+    def data_share(self) -> float:
+        """The share of the newest steps' time spent waiting for data (0 before any)."""
+        return data_share(self.recent) or 0.0
+
+    def data_wait_warning(self, step: int, num_workers: int) -> str | None:
+        """`data_wait_warning` of the newest steps, the first time it has one only."""
+        warning = None if self._data_warned else data_wait_warning(self.recent, step,
+                                                                    num_workers)
+        self._data_warned = self._data_warned or warning is not None
+        return warning
 
     def close(self) -> None:
         try:
@@ -172,6 +190,28 @@ class EpochStream:
         if self._iterator is not None and hasattr(self._iterator, "close"):
             self._iterator.close()  # stops DataLoader workers now, not at garbage collection
         self._iterator = None
+
+
+def data_share(recent: Any) -> float | None:
+    """The share of the step time spent waiting for data over `recent` (data_s, compute_s)
+    pairs; None before there are any."""
+    waited = sum(data for data, _ in recent)
+    total = waited + sum(compute for _, compute in recent)
+    return waited / total if recent and total > 0 else None
+
+
+def data_wait_warning(recent: Any, step: int, num_workers: int) -> str | None:
+    """One warning line when the last `DATA_WINDOW` steps spent more than `DATA_WARN_SHARE`
+    of their time waiting for the loader, naming the levers; None otherwise."""
+    share = data_share(recent)
+    if len(recent) < DATA_WINDOW or share is None or share <= DATA_WARN_SHARE:
+        return None
+    workers = (f"more --num-workers (now {num_workers}; one per free CPU core)"
+               if num_workers else "--num-workers N (now 0: batches are made between steps)")
+    return (f"warning: steps {step - len(recent) + 1}-{step} spent {share:.0%} of their time "
+            f"waiting for data; try {workers}, faster storage (local disk instead of a network "
+            "file system, shards read as streams), or smaller images (shards of pre-resized "
+            "images)")
 
 
 def nonfinite_message(count: int, first: int, last: int, last_loss: float | None) -> str:

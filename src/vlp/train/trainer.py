@@ -429,13 +429,18 @@ class _Trainer:
                 if step % cfg.log_every == 0 or step == self.total_steps:
                     self.log.flush()
                     last = self.log.last
+                    share = self.log.data_share()
                     progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
-                                         refresh=False)
+                                         data=f"{share:.0%}", refresh=False)
                     if print_lines:
                         print(f"step {step}/{self.total_steps} loss {last['loss']:.4f} "
                               f"lr {last['lr']:.3g} {last['samples_per_s']:.1f} samples/s "
                               f"data {last['data_s'] * 1e3:.0f} ms compute "
-                              f"{last['compute_s'] * 1e3:.0f} ms", file=sys.stderr)
+                              f"{last['compute_s'] * 1e3:.0f} ms (data {share:.0%} of the "
+                              "last steps)", file=sys.stderr)
+                    warning = self.log.data_wait_warning(step, cfg.num_workers)
+                    if warning is not None and self.env.is_main:  # once a run
+                        tqdm.write(warning, file=sys.stderr)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < self.total_steps:
                     self.evaluate()
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0
