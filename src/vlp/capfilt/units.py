@@ -18,7 +18,8 @@ from pathlib import Path
 from vlp.capfilt.config import CapfiltConfig
 from vlp.data import build_source, infer_source_kind
 from vlp.data.records import jsonl_rows
-from vlp.data.webdataset import expand_urls, shard_fields
+from vlp.data.shardio import expand_urls
+from vlp.data.webdataset import shard_fields
 from vlp.errors import ConfigError, DataError
 
 

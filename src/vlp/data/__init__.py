@@ -16,6 +16,7 @@ from vlp.data.images import (
 from vlp.data.loader import Loader, make_loader
 from vlp.data.pipeline import SKIP_REASONS, derive_seed
 from vlp.data.records import Record
+from vlp.data.shardio import expand_braces, expand_urls
 from vlp.data.sources import (
     SOURCE_KINDS,
     CocoSource,
@@ -28,7 +29,7 @@ from vlp.data.sources import (
     infer_source_kind,
 )
 from vlp.data.transforms import ImageTransform, image_transform, random_resized_crop_box
-from vlp.data.webdataset import WebDatasetSource, expand_braces, expand_urls
+from vlp.data.webdataset import WebDatasetSource
 
 __all__ = [
     "SKIP_REASONS",

@@ -3,7 +3,12 @@
 Each epoch, shards are shuffled and dealt to rank x stream slots (one stream per DataLoader
 worker); a stream reads its shards in a loop through a seeded shuffle buffer of tar headers, so
 resuming skips consumed samples without reading their data. Image bytes are read only for the
-samples of a batch being made.
+samples of a batch being made. Resampled sources instead draw each stream's shards with
+replacement (seeded by seed, epoch and slot; weighted by `WebDatasetSource.shard_weights`).
+
+Shard URLs (`vlp.data.shardio`) are not seekable: their samples go through the shuffle buffer
+with their bytes, and resuming reads the stream again up to the position reached (the same
+samples in the same order, so a resumed run continues exactly).
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ from typing import Any
 from torch.utils.data import IterableDataset, get_worker_info
 
 from vlp.data.pipeline import Batch, Item, _Lost, _SamplePipeline, derive_seed
-from vlp.data.webdataset import TarSample, WebDatasetSource, decode_tar_sample, scan_shard
+from vlp.data.shardio import is_stream_url
+from vlp.data.webdataset import (
+    TarSample,
+    WebDatasetSource,
+    decode_tar_sample,
+    scan_shard,
+    stream_shard,
+)
 from vlp.errors import DataError
 
 DEFAULT_SHUFFLE_BUFFER = 2000  # tar headers held per stream (no image data)
@@ -51,9 +63,43 @@ def _pass_samples(shards: list[str], units: list[Unit], pass_number: int
     A shard found not to be a tar mid-run is read as damaged from its start, not an error.
     """
     for shard_index, part, parts in units:
-        for position, sample in enumerate(scan_shard(shards[shard_index], strict=False)):
+        for position, sample in enumerate(_shard_headers(shards[shard_index])):
             if position % parts == part:
                 yield shard_index, position, pass_number, sample
+
+
+def _shard_headers(shard: str) -> Iterator[TarSample]:
+    """A local shard's samples from its headers; a shard URL's with their bytes."""
+    if is_stream_url(shard):
+        return stream_shard(shard, strict=False)
+    return scan_shard(shard, strict=False)
+
+
+def resampled_shards(weights: list[float] | None, num_shards: int, *, seed: int, epoch: int,
+                     slot: int) -> Iterator[int]:
+    """An endless seeded draw of shard indices with replacement (uniform, or by `weights`),
+    the same for the same (seed, epoch, slot)."""
+    rng = random.Random(derive_seed(seed, epoch, -2, slot))
+    cumulative = list(itertools.accumulate(weights)) if weights is not None else None
+    population = range(num_shards)
+    while True:
+        yield rng.choices(population, cum_weights=cumulative)[0]
+
+
+def _drawn_samples(shards: list[str], draws: Iterator[int]
+                   ) -> Iterator[tuple[int, int, int, TarSample]]:
+    """(shard index, position, draw number, sample) of the drawn shards, one after another;
+    the draw number seeds augmentation, so a shard drawn twice is augmented afresh."""
+    empty = 0
+    for draw, shard_index in enumerate(draws):
+        produced = 0
+        for position, sample in enumerate(_shard_headers(shards[shard_index])):
+            produced += 1
+            yield shard_index, position, draw, sample
+        empty = 0 if produced else empty + 1
+        if empty > 2 * len(shards) + 100:
+            raise DataError(f"WebDataset shards drawn {empty} times in a row held no samples "
+                            f"(last: {shards[shard_index]}); check the shards and weights")
 
 
 def _unit_samples(shards: list[str], units: list[Unit], repeat: bool,
@@ -150,9 +196,16 @@ class _StreamBatches(IterableDataset):
         )
         rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, stream,
                                         self.num_streams))
-        samples = _unit_samples(self.source.shards, units, repeat=self.train,
-                                shuffle=rng if self.train else None,
-                                buffer_size=self.shuffle_buffer)
+        if self.train and self.source.resampled:
+            draws = resampled_shards(self.source.shard_weights, len(self.source.shards),
+                                     seed=self.seed, epoch=self.epoch,
+                                     slot=self.rank * self.num_streams + stream)
+            samples = _shuffle_buffer(_drawn_samples(self.source.shards, draws),
+                                      self.shuffle_buffer, rng)
+        else:
+            samples = _unit_samples(self.source.shards, units, repeat=self.train,
+                                    shuffle=rng if self.train else None,
+                                    buffer_size=self.shuffle_buffer)
         reader = _ShardReader(self.source.shards)
         try:
             for size in self._batch_sizes(stream, samples):
@@ -188,6 +241,9 @@ class _StreamBatches(IterableDataset):
             if sample.lost:
                 yield index, _Lost(sample.reason, sample.note), seed, None
                 continue
-            read = lambda offset, size, shard=shard_index: reader.read(shard, offset, size)
+            if sample.data is not None:  # streamed with its bytes
+                read = sample.reader()
+            else:
+                read = lambda offset, size, shard=shard_index: reader.read(shard, offset, size)
             thunk = lambda sample=sample, read=read: decode_tar_sample(sample, read, label_key)
             yield index, thunk, seed, f"{shards[shard_index]}#{sample.key}"

@@ -1,16 +1,19 @@
 """WebDataset tar shards (img2dataset layout: ``{key}.jpg`` + ``{key}.txt`` and/or ``{key}.json``).
 
-Shard lists come from brace patterns, directories or lists (`expand_urls`). `scan_shard` reads a
-shard's tar headers only, so counting and shuffling never touch image data, and it turns damage
-(a truncated or garbled shard) into `lost` placeholders rather than errors. `WebDatasetSource` is
-the stream the loader splits across ranks and workers (see `vlp.data.stream`).
+Shard lists come from brace patterns, directories or lists (`expand_urls`); a shard is a local
+path or a URL read as a stream (`vlp.data.shardio`: ``pipe:COMMAND``, http(s), fsspec). For a
+local shard `scan_shard` reads the tar headers only, so counting and shuffling never touch image
+data; `stream_shard` reads a URL's samples with their data in one pass, grouped the same way.
+Both turn damage (a truncated or garbled shard) into `lost` placeholders rather than errors.
+`WebDatasetSource` is the stream the loader splits across ranks and workers (see
+`vlp.data.stream`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,77 +23,16 @@ from typing import Any
 from tqdm import tqdm
 
 from vlp.data.records import Record
+from vlp.data.shardio import (
+    expand_url_groups,
+    is_stream_url,
+    open_stream,
+    read_sidecar,
+)
 from vlp.errors import ConfigError, DataError
 
 # WebDataset member extensions that hold the image, in order of preference.
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
-
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
-_BRACES = re.compile(r"\{([^{}]*)\}")
-MAX_SHARD_NAMES = 1_000_000  # names one shard pattern may expand to
-
-
-def _brace_choices(body: str) -> int:
-    numeric = _RANGE.match(body)
-    if numeric:
-        return abs(int(numeric.group(2)) - int(numeric.group(1))) + 1
-    return body.count(",") + 1
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """``a-{000..002}.tar`` -> three names (zero padded as written); ``{x,y}`` -> alternatives.
-
-    A pattern naming more than `MAX_SHARD_NAMES` shards is a DataError, raised before any
-    name is made."""
-    total = 1
-    for body in _BRACES.findall(pattern):
-        total *= _brace_choices(body)
-        if total > MAX_SHARD_NAMES:
-            raise DataError(f"{pattern}: the shard pattern expands to more than "
-                            f"{MAX_SHARD_NAMES:,} names; expected a range of existing shards")
-    return _expand(pattern)
-
-
-def _expand(pattern: str) -> list[str]:
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if match is None:
-        return [pattern]
-    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end():]
-    numeric = _RANGE.match(body)
-    if numeric:
-        first, last = numeric.group(1), numeric.group(2)
-        padded = any(len(s.lstrip("-")) > 1 and s.lstrip("-")[0] == "0" for s in (first, last))
-        width = max(len(first), len(last)) if padded else 0
-        step = 1 if int(last) >= int(first) else -1
-        choices = [str(n).zfill(width) for n in range(int(first), int(last) + step, step)]
-    else:
-        choices = body.split(",")
-    return [name for choice in choices for name in _expand(head + choice + tail)]
-
-
-def expand_urls(urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
-    """Shard paths from a brace pattern (``::`` joins several), a directory, or a list."""
-    if isinstance(urls, str | os.PathLike):
-        patterns = str(urls).split("::")
-    else:
-        patterns = [str(u) for u in urls]
-    shards: list[str] = []
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            found = sorted(str(p) for p in Path(pattern).iterdir() if p.suffix == ".tar")
-            if not found:
-                raise DataError(f"{pattern}: directory has no .tar shards")
-            shards.extend(found)
-        else:
-            shards.extend(expand_braces(pattern))
-    if not shards:
-        raise DataError(f"{urls!r}: no WebDataset shards given")
-    missing = [s for s in shards if not os.path.isfile(s)]
-    if missing:
-        raise DataError(f"{missing[0]}: shard not found ({len(missing)} of {len(shards)} "
-                        f"shards missing)")
-    return shards
-
 
 @dataclass(slots=True)
 class TarSample:
@@ -107,6 +49,12 @@ class TarSample:
     lost: bool = False
     note: str = ""
     reason: str = "truncated_shard"
+    data: dict[int, bytes] | None = None  # a streamed sample's member bytes by data offset
+
+    def reader(self) -> Callable[[int, int], bytes]:
+        """`read(offset, size)` over a streamed sample's own bytes."""
+        data = self.data or {}
+        return lambda offset, size: data[offset][:size]
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
@@ -205,6 +153,74 @@ def scan_shard(path: str, *, strict: bool = True) -> Iterator[TarSample]:
             yield from _lost_samples(path, min(damage_at, size), complete, cut_key)
 
 
+def stream_shard(url: str, *, strict: bool = True) -> Iterator[TarSample]:
+    """The samples of a shard URL in one pass, each with its members' bytes (`TarSample.data`),
+    grouped as `scan_shard` groups them. A stream that cannot be opened, is not a tar, or
+    breaks off yields the samples before the break, then `lost` placeholders (as `scan_shard`);
+    with `strict`, one that cannot be read from its start is a DataError instead."""
+    complete = 0
+    current: TarSample | None = None
+    damage: str | None = None  # what broke off the stream
+    cut_key: str | None = None
+    offset = 0  # header offset of the current sample's first member, else of the break
+    try:
+        with open_stream(url) as f:
+            try:
+                tar = tarfile.open(fileobj=f, mode="r|")
+            except (tarfile.ReadError, EOFError, OSError) as e:
+                if strict:
+                    raise DataError(f"{url}: not a readable uncompressed tar shard ({e})"
+                                    ) from None
+                damage = str(e)
+                tar = None
+            while tar is not None:
+                try:
+                    info = tar.next()
+                except (tarfile.ReadError, EOFError, OSError) as e:
+                    damage, offset = str(e), tar.offset
+                    break
+                if info is None:
+                    break
+                tar.members.clear()
+                if not info.isfile():
+                    continue
+                key, ext = _split_member_name(info.name)
+                base = key.rpartition("/")[2]
+                if not ext or base.startswith((".", "__")):
+                    continue
+                try:
+                    data = tar.extractfile(info).read()
+                except (tarfile.ReadError, EOFError, OSError) as e:
+                    damage = str(e)
+                    if current is not None and key == current.key:
+                        cut_key, current = key, None
+                    else:
+                        cut_key, offset = key, info.offset
+                    break
+                duplicate = current is not None and key == current.key and (
+                    ext in current.members)
+                if current is None or key != current.key or duplicate:
+                    if current is not None:
+                        complete += 1
+                        yield current
+                    current = TarSample(key, data={})
+                    if duplicate:
+                        current.lost, current.reason = True, "duplicate_key"
+                        current.note = f"{url}#{key}: duplicate_key"
+                    offset = info.offset
+                current.members[ext] = (info.offset_data, info.size)
+                current.data[info.offset_data] = data
+    except OSError as e:  # could not be opened: a failing command, an HTTP error
+        if strict:
+            raise DataError(f"{url}: cannot read the shard ({e})") from None
+        damage = str(e)
+    if current is not None:
+        complete += 1
+        yield current
+    if damage is not None:
+        yield from _lost_samples(url, offset, complete, cut_key)
+
+
 def _lost_samples(path: str, offset: int, complete: int, cut_key: str | None
                   ) -> Iterator[TarSample]:
     """Placeholders for the samples of a shard lost from byte `offset` on."""
@@ -238,16 +254,46 @@ def _checked_count(shard: str) -> int:
     return len(samples)
 
 
+def _stats_url(shard: str) -> str | None:
+    """Where img2dataset puts a shard's ``_stats.json``: beside it, ``NAME_stats.json``."""
+    if shard.startswith("pipe:"):
+        return None
+    if is_stream_url(shard):
+        base, dot, _ = shard.rpartition(".")
+        return f"{base if dot else shard}_stats.json"
+    return str(Path(shard).with_name(Path(shard).stem + "_stats.json"))
+
+
 def _stats_count(shard: str) -> int | None:
     """img2dataset's ``<shard>_stats.json`` sample count, when present."""
-    stats = Path(shard).with_name(Path(shard).stem + "_stats.json")
-    if not stats.is_file():
+    stats = _stats_url(shard)
+    if stats is None:
+        return None
+    if is_stream_url(stats):
+        raw = read_sidecar(stats)
+    else:
+        raw = Path(stats).read_bytes() if Path(stats).is_file() else None
+    if raw is None:
         return None
     try:
-        count = json.loads(stats.read_bytes()).get("successes")
+        count = json.loads(raw).get("successes")
     except (ValueError, OSError, AttributeError, RecursionError):  # not JSON, not UTF-8
         return None
     return count if isinstance(count, int) and count >= 0 else None
+
+
+def shard_samples(shard: str, *, strict: bool = True
+                  ) -> Iterator[tuple[TarSample, Callable[[int, int], bytes]]]:
+    """Every sample of a local shard (`scan_shard`) or shard URL (`stream_shard`) in order,
+    with a `read(offset, size)` for its member bytes."""
+    if is_stream_url(shard):
+        for sample in stream_shard(shard, strict=strict):
+            yield sample, sample.reader()
+        return
+    with open(shard, "rb") as f:
+        read = _file_reader(f)
+        for sample in scan_shard(shard, strict=strict):
+            yield sample, read
 
 
 @dataclass(frozen=True)
@@ -301,9 +347,15 @@ def decode_tar_sample(sample: TarSample, read: Callable[[int, int], bytes],
 class WebDatasetSource:
     """A stream of tar shards (img2dataset layout); the loader splits shards across workers.
 
-    `num_samples` sets the epoch size; without it, shards are counted once from their tar
-    headers (img2dataset ``*_stats.json`` files are checked against them). With `label_key`,
-    labels come from a ``.cls`` member or that field of the ``.json`` member.
+    `num_samples` sets the epoch size; without it, local shards are counted once from their
+    tar headers (img2dataset ``*_stats.json`` files are checked against them) and shard URLs
+    from their ``*_stats.json`` alone (a URL's count would need a whole read: without its stats
+    file, counting is a DataError asking for `num_samples`). With `label_key`, labels come from
+    a ``.cls`` member or that field of the ``.json`` member.
+
+    `resampled` (training): each loader stream draws shards with replacement, seeded, instead
+    of reading each once per epoch; `weights`, one per ``::``-joined pattern, sets the share
+    of draws that go to each pattern's shards (uniform among them).
 
     Samples lost to a truncated shard stay in the counts (see `scan_shard`), so the epoch size
     does not depend on which shards are damaged; the loader skips them as "truncated_shard".
@@ -317,8 +369,10 @@ class WebDatasetSource:
 
     def __init__(self, urls: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
                  num_samples: int | None = None, label_key: str | None = None,
-                 has_text: bool = True) -> None:
-        self.shards = expand_urls(urls)
+                 has_text: bool = True, resampled: bool = False,
+                 weights: Sequence[float] | None = None) -> None:
+        groups = expand_url_groups(urls)
+        self.shards = [shard for group in groups for shard in group]
         if num_samples is not None and num_samples <= 0:
             raise ConfigError(f"num_samples must be positive, got {num_samples}")
         self._num_samples = num_samples
@@ -326,17 +380,29 @@ class WebDatasetSource:
         self.label_key = label_key
         self.has_labels = label_key is not None
         self.has_text = has_text
+        self.resampled = resampled
+        self.shard_weights = _shard_weights(groups, weights, resampled)
         self.lost_samples: list[tuple[str, str]] = []  # of the last pass (see __iter__)
 
     @property
     def shard_sizes(self) -> list[int]:
-        """Samples per shard (lost ones included), counted once from the headers and cached."""
+        """Samples per shard (lost ones included), counted once and cached: a local shard's
+        from its headers, a URL's from its ``_stats.json``."""
         if self._shard_sizes is None:
+            unknown = [shard for shard in self.shards if is_stream_url(shard)
+                       and _stats_count(shard) is None]
+            if unknown:
+                raise DataError(
+                    f"{unknown[0]}: cannot count the samples of {len(unknown)} shard URL(s) "
+                    "without reading them whole; give the epoch size (vlp train "
+                    "--train-num-samples / --val-num-samples N, num_samples=N) or put "
+                    "img2dataset's NAME_stats.json beside each shard")
             sizes = []
             shards = tqdm(self.shards, desc="counting WebDataset samples", unit="shard",
                           disable=len(self.shards) < 16, leave=False)
             for shard in shards:
-                sizes.append(_checked_count(shard))
+                sizes.append(_stats_count(shard) if is_stream_url(shard)
+                             else _checked_count(shard))
             self._shard_sizes = sizes
         return self._shard_sizes
 
@@ -356,17 +422,32 @@ class WebDatasetSource:
         keys) are left out and listed in `lost_samples` as (name, reason) while reading."""
         self.lost_samples = []
         for shard in self.shards:
-            with open(shard, "rb") as f:
-                read = _file_reader(f)
-                for sample in scan_shard(shard):
-                    if sample.lost:
-                        name = f"{shard}#{sample.key}" if sample.key else shard
-                        self.lost_samples.append((name, sample.reason))
-                    else:
-                        yield decode_tar_sample(sample, read, self.label_key)
+            for sample, read in shard_samples(shard):
+                if sample.lost:
+                    name = f"{shard}#{sample.key}" if sample.key else shard
+                    self.lost_samples.append((name, sample.reason))
+                else:
+                    yield decode_tar_sample(sample, read, self.label_key)
 
     def __repr__(self) -> str:
         return f"WebDatasetSource({len(self.shards)} shards, first {self.shards[0]!r})"
+
+
+def _shard_weights(groups: list[list[str]], weights: Sequence[float] | None,
+                   resampled: bool) -> list[float] | None:
+    """Each shard's draw weight: its pattern's weight shared among the pattern's shards."""
+    if weights is None:
+        return None
+    if not resampled:
+        raise ConfigError("data weights need resampled shards (vlp train --dataset-resampled): "
+                          "without it every shard is read once per epoch")
+    values = list(weights)
+    if len(values) != len(groups) or not all(
+            isinstance(w, int | float) and math.isfinite(w) and w >= 0 for w in values
+    ) or not any(values):
+        raise ConfigError(f"data weights {values}: expected {len(groups)} non-negative "
+                          "number(s), one per '::'-joined shard pattern, not all 0")
+    return [weight / len(group) for weight, group in zip(values, groups) for _ in group]
 
 
 def _file_reader(f: Any) -> Callable[[int, int], bytes]:
@@ -380,7 +461,5 @@ def _file_reader(f: Any) -> Callable[[int, int], bytes]:
 def shard_fields(shard: str) -> Iterator[tuple[TarSample, TarFields | None]]:
     """Every sample of one shard in file order with its fields; None for a skipped one (a
     truncated shard's, a repeated key: see `scan_shard`), whose ``reason`` says why."""
-    with open(shard, "rb") as f:
-        read = _file_reader(f)
-        for sample in scan_shard(shard):
-            yield sample, None if sample.lost else tar_sample_fields(sample, read)
+    for sample, read in shard_samples(shard):
+        yield sample, None if sample.lost else tar_sample_fields(sample, read)

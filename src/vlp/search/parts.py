@@ -17,7 +17,8 @@ from typing import Any
 
 from vlp.data import build_source, group_images, infer_source_kind
 from vlp.data.images import images_in_directory
-from vlp.data.webdataset import expand_urls, shard_fields
+from vlp.data.shardio import expand_urls
+from vlp.data.webdataset import shard_fields
 from vlp.errors import ConfigError, DataError
 
 IMAGE_KINDS = ("csv", "tsv", "jsonl", "coco", "imagefolder", "wds")

@@ -59,6 +59,16 @@ class TrainConfig:
     val_data: str | None = option(None, "validation data; its loss is computed at each "
                                   "evaluation")
     val_kind: str = option("auto", "format of the validation data", choices=DATA_KINDS)
+    train_num_samples: int | None = option(
+        None, "WebDataset training samples per epoch (default: counted; shard URLs are "
+        "counted from their _stats.json only)", valid="positive_count")
+    val_num_samples: int | None = option(None, "WebDataset validation samples (as "
+                                         "train_num_samples)", valid="positive_count")
+    dataset_resampled: bool = option(False, "WebDataset training shards drawn with "
+                                     "replacement (seeded) instead of once per epoch")
+    train_data_weights: str | None = option(
+        None, "with dataset_resampled: '::'-joined weights, one per '::'-joined train_data "
+        "pattern, the share of shard draws from each (e.g. 3::1)")
     image_key: str | None = source_option("image_key")
     caption_key: str | None = source_option("caption_key")
     separator: str | None = source_option("separator")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from vlp.contract import IMAGE_TEXT, TEXT, PretrainModel
-from vlp.data import build_source
+from vlp.data import build_source, infer_source_kind
 from vlp.errors import ConfigError, VlpError
 from vlp.store import find_checkpoint, list_checkpoints
 from vlp.train.config import TrainConfig
@@ -70,10 +70,32 @@ def oom_message(cfg: TrainConfig, error: BaseException) -> str:
             + "; ".join(levers))
 
 
-def build_run_source(kind: str, path: str, cfg: TrainConfig) -> Any:
+def build_run_source(kind: str, path: str, cfg: TrainConfig, split: str = "train") -> Any:
+    """The `split` ("train" or "val") source the config names, with its WebDataset options."""
     options = {name: getattr(cfg, name) for name in ("image_key", "caption_key", "separator",
                                                      "image_root")}
-    return build_source(kind, path, **{k: v for k, v in options.items() if v is not None})
+    shards = {"num_samples": getattr(cfg, f"{split}_num_samples")}
+    if split == "train":
+        shards["resampled"] = cfg.dataset_resampled
+        shards["weights"] = _weights(cfg.train_data_weights)
+    shards = {name: value for name, value in shards.items() if value not in (None, False)}
+    if shards and (infer_source_kind(path) if kind == "auto" else kind) != "wds":
+        flags = ", ".join(f"--{n.replace('_', '-')}" for n in (
+            f"{split}_num_samples", "dataset_resampled", "train_data_weights")
+            if getattr(cfg, n) not in (None, False))
+        raise ConfigError(f"{flags}: for WebDataset shards; {split}_data {path} is not")
+    return build_source(kind, path, **shards,
+                        **{k: v for k, v in options.items() if v is not None})
+
+
+def _weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split("::")]
+    except ValueError:
+        raise ConfigError(f"train config train_data_weights={text!r}: expected '::'-joined "
+                          "numbers, one per '::'-joined train_data pattern") from None
 
 
 def check_batch_kind(model: PretrainModel, source: Any, field: str, path: str) -> None:
@@ -150,7 +172,7 @@ RUN_SETTINGS = ("grad_clip", "global_batch_size", "grad_accum", "accum_features"
                 "lock_image_unlocked_groups", "lock_text", "lock_text_unlocked_groups",
                 "layer_decay", "ema_decay", "lora_rank", "lora_alpha", "lora_targets",
                 "lora_dropout", "augment", "hflip", "schedule", "cooldown_steps",
-                "cooldown_power")
+                "cooldown_power", "train_num_samples", "dataset_resampled", "train_data_weights")
 FINGERPRINT_READ = 64 << 20  # bytes hashed from each end of a larger file
 
 
@@ -179,7 +201,7 @@ def data_fingerprint(path: str) -> str:
 
 
 def _shard_files(path: str) -> list[str]:
-    from vlp.data.webdataset import expand_urls
+    from vlp.data.shardio import expand_urls
 
     try:
         return expand_urls(path)

@@ -156,7 +156,7 @@ class _Trainer:
                                   answer_tokenizer=answers)
         self.val_loader = None
         if cfg.val_data is not None and self.env.is_main:
-            val_source = build_run_source(cfg.val_kind, cfg.val_data, cfg)
+            val_source = build_run_source(cfg.val_kind, cfg.val_data, cfg, "val")
             check_batch_kind(model, val_source, "val_data", cfg.val_data)
             self.val_loader = make_loader(val_source,
                                           transform=_transform(model, val_source, False, cfg),
