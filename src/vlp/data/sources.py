@@ -475,9 +475,7 @@ def infer_source_kind(path: str | os.PathLike[str]) -> str:
     suffix = Path(text).suffix.lower()
     by_suffix = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "coco", ".tar": "wds",
                  ".txt": "text"}
-    if text.startswith("pipe:") or "://" in text:  # shard URLs (vlp.data.shardio)
-        return "wds"
-    if suffix in by_suffix or "{" in text or "::" in text:
+    if suffix in by_suffix or any(mark in text for mark in ("{", "::", "://", "pipe:")):
         return by_suffix.get(suffix, "wds")
     if os.path.isdir(text):
         has_tar = any(p.suffix == ".tar" for p in Path(text).iterdir())
