@@ -18,7 +18,7 @@ $(CORE): pyproject.toml
 # the test tools and the optional extras whose parity and metric tests run in CI; the browser
 # test of vlp serve's page drives the distribution's chromium (no browser is downloaded)
 $(TEST): $(CORE) .ci/constraints.txt
-	$(BIN)/pip install -c .ci/constraints.txt -e ".[test,interop,caption,ray,hub,serve,tensorboard,wandb,faiss,yaml,lora]"
+	$(BIN)/pip install -c .ci/constraints.txt -e ".[test,interop,caption,ray,hub,serve,tensorboard,wandb,faiss,yaml,lora,fsspec]"
 	# CLIP_benchmark for vlp benchmark's parity tests, without its dependencies (see pyproject)
 	$(BIN)/pip install --no-deps -c .ci/constraints.txt clip-benchmark
 	if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

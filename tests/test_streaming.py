@@ -146,8 +146,8 @@ def test_a_failing_shard_url_is_one_line(sources, shard_dir: Path, http_root: st
         list(WebDatasetSource(f"{http_root}/shard-9.tar", num_samples=1))
     with pytest.raises(DataError, match=r"pipe:exit 3: .*exited with status 3"):
         list(WebDatasetSource("pipe:exit 3", num_samples=1))
-    with pytest.raises(ConfigError, match="fsspec cannot open"):
-        list(WebDatasetSource("nosuchscheme://bucket/a.tar", num_samples=1))
+    with pytest.raises(ConfigError, match="nosuchscheme:// shards: fsspec cannot read"):
+        WebDatasetSource("nosuchscheme://bucket/a-{0..3}.tar", num_samples=1)
     # met mid-run, a missing shard is skipped and listed, not a crash
     urls = f"{http_root}/{{shard-000000,gone}}.tar"
     loader = make_loader(WebDatasetSource(urls, num_samples=8), transform=TRAIN,
@@ -155,6 +155,13 @@ def test_a_failing_shard_url_is_one_line(sources, shard_dir: Path, http_root: st
     list(loader)
     assert loader.skipped_report() == {"truncated_shard": 1}
     assert any("gone.tar" in item for item in loader.skipped_items())
+
+
+def test_fsspec_urls_without_fsspec_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "fsspec", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"pip install 'vlp\[fsspec\]'"):
+        WebDatasetSource("s3://bucket/shard-{0..3}.tar", num_samples=4)
+    WebDatasetSource("pipe:cat shard-{0..3}.tar::https://host/{0..3}.tar", num_samples=4)
 
 
 # -- resampled and weighted shards ---------------------------------------------------------

@@ -117,9 +117,22 @@ def _fsspec() -> Any:
     try:
         import fsspec
     except ImportError:
-        raise ConfigError("reading shards from URLs other than http(s) needs fsspec: pip install "
-                          "'vlp[fsspec]' (plus s3fs / gcsfs for s3:// / gs://)") from None
+        raise ConfigError("shard URLs other than pipe: and http(s) are read through fsspec: "
+                          "pip install 'vlp[fsspec]' (plus s3fs / gcsfs for s3:// / gs://)"
+                          ) from None
     return fsspec
+
+
+def check_openable(urls: Sequence[str]) -> None:
+    """ConfigError, one line, when a URL's scheme cannot be read here: fsspec missing, or no
+    fsspec file system (or its package, such as s3fs) for the scheme."""
+    schemes = {match.group(1).lower() for url in urls if not url.startswith(PIPE)
+               and (match := _SCHEME.match(url)) is not None} - {"http", "https"}
+    for scheme in sorted(schemes):
+        try:
+            _fsspec().get_filesystem_class(scheme)
+        except (ValueError, ImportError) as e:
+            raise ConfigError(f"{scheme}:// shards: fsspec cannot read them ({e})") from None
 
 
 class _PipeStream:

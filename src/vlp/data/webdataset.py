@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from vlp.data.records import Record
 from vlp.data.shardio import (
+    check_openable,
     expand_url_groups,
     is_stream_url,
     open_stream,
@@ -373,6 +374,7 @@ class WebDatasetSource:
                  weights: Sequence[float] | None = None) -> None:
         groups = expand_url_groups(urls)
         self.shards = [shard for group in groups for shard in group]
+        check_openable(self.shards)
         if num_samples is not None and num_samples <= 0:
             raise ConfigError(f"num_samples must be positive, got {num_samples}")
         self._num_samples = num_samples
