@@ -23,6 +23,12 @@ INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
     "lanczos": InterpolationMode.LANCZOS,
 }
+PIL_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 RESIZE_MODES = ("shortest", "squash")
 # RandomResizedCrop range used for CLIP pretraining (open_clip's default scale, Inception ratio).
 TRAIN_CROP_SCALE = (0.9, 1.0)
@@ -113,8 +119,28 @@ def random_resized_crop_box(
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
+def resize_center_crop(image: Image.Image, size: int, interpolation: str) -> Image.Image:
+    """Resize the shortest side to ``size`` (antialiased), then the centred ``size`` square:
+    torchvision's ``resize`` + ``center_crop`` (same output sizes and crop offsets), computed
+    only for the kept square (PIL resamples the source box that maps onto it, with the same
+    filter positions up to rounding: pixels within a few levels of 255), so no pixels are
+    resampled only to be cropped away."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    long_out = int(size * long / short)  # torchvision's output size of the long side
+    out_w, out_h = (size, long_out) if width <= height else (long_out, size)
+    if out_w < size or out_h < size:  # cannot happen for shortest-side resizes; be safe
+        return TF.center_crop(TF.resize(image, [size], interpolation=INTERPOLATIONS[
+            interpolation], antialias=True), [size, size])
+    top, left = int(round((out_h - size) / 2.0)), int(round((out_w - size) / 2.0))
+    scale_x, scale_y = width / out_w, height / out_h
+    box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+    return image.resize((size, size), PIL_RESAMPLE[interpolation], box=box)
+
+
 class ImageTransform:
     """Callable ``(PIL image, generator=None) -> FloatTensor[3, size, size]``; pickle-able.
+    ``fast_decode``: see `draft_size`.
 
     Train: random resized crop (parameters from `generator`) to ``size``, then with `hflip` a
     horizontal flip half the time, and with `rand_augment` ``(ops, magnitude)``
@@ -135,6 +161,7 @@ class ImageTransform:
         ratio: tuple[float, float] = TRAIN_CROP_RATIO,
         hflip: bool = False,
         rand_augment: tuple[int, int] | None = None,
+        fast_decode: bool = False,
     ) -> None:
         if resize_mode not in RESIZE_MODES:
             raise ConfigError(f"vision.resize_mode={resize_mode!r}; expected one of "
@@ -152,6 +179,7 @@ class ImageTransform:
         self.ratio = tuple(ratio)
         self.hflip = hflip
         self.rand_augment = tuple(rand_augment) if rand_augment is not None else None
+        self.fast_decode = fast_decode
         std_tensor = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         mean_tensor = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         # (x / 255 - mean) / std as one multiply-add on the uint8 pixels
@@ -176,12 +204,27 @@ class ImageTransform:
                 image = rand_augment(image, *self.rand_augment, generator)
         elif self.resize_mode == "squash":
             image = TF.resize(image, size, interpolation=mode, antialias=True)
+        elif min(image.size) == self.image_size:
+            image = TF.center_crop(image, size)
+        elif self.fast_decode and self.interpolation != "nearest":
+            image = resize_center_crop(image, self.image_size, self.interpolation)
         else:
-            if min(image.size) != self.image_size:
-                image = TF.resize(image, [self.image_size], interpolation=mode, antialias=True)
+            image = TF.resize(image, [self.image_size], interpolation=mode, antialias=True)
             image = TF.center_crop(image, size)
         pixels = TF.pil_to_tensor(image).float()
         return pixels.mul_(self._pixel_scale).add_(self._pixel_shift)
+
+    @property
+    def draft_size(self) -> int | None:
+        """The size a JPEG may be decoded at (DCT-scaled by 1/2, 1/4 or 1/8 while its shortest
+        side stays at least this), or None: only with ``fast_decode``, never in training.
+
+        ``fast_decode`` (eval only) trades exactness for speed twice: the reduced JPEG decode,
+        and resampling only the centre square (`resize_center_crop`). On web-sized photos
+        (500x375 .. 1600x1200, 224 px) pixels then differ from the exact path by 0.5-1.0
+        levels of 255 on average, up to ~17 at sharp edges (benchmarks/inference.py
+        measures it)."""
+        return self.image_size if self.fast_decode and not self.train else None
 
     def __repr__(self) -> str:
         kind = (f"train, crop {self.scale[0]:g}-{self.scale[1]:g}"
@@ -201,9 +244,11 @@ def _vision_config(config: Any) -> VisionConfig:
 
 
 def image_transform(config: Any, train: bool, augment: str = "clip",
-                    hflip: bool = False) -> ImageTransform:
+                    hflip: bool = False, fast_decode: bool = False) -> ImageTransform:
     """The preprocessing a model expects, from its VisionConfig (or its config, or the model);
-    for training, the `augment` preset of `AUGMENTS` (with `hflip`: random horizontal flips)."""
+    for training, the `augment` preset of `AUGMENTS` (with `hflip`: random horizontal flips).
+    ``fast_decode``: eval only, let large JPEGs decode at a reduced scale (faster, pixels
+    differ slightly: see `ImageTransform.draft_size`)."""
     if augment not in AUGMENTS:
         raise ConfigError(f"augment={augment!r}; expected one of {list(AUGMENTS)}")
     vision = _vision_config(config)
@@ -219,4 +264,5 @@ def image_transform(config: Any, train: bool, augment: str = "clip",
         scale=scale,
         hflip=hflip and preset is not None,
         rand_augment=randaug,
+        fast_decode=fast_decode,
     )

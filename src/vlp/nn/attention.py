@@ -139,6 +139,28 @@ class Attention(nn.Module):
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
     ) -> Tensor:
+        out = self._heads(q, k, v, mask, is_causal)
+        B, _, T, _ = out.shape
+        return self.proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+    def _attend_grouped(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Cross-attention of ``q`` (g * B rows, consecutive groups of g) to keys/values of B
+        rows: each group's queries are stacked along the query axis and attend to their row's
+        keys once, so the g beams of an image read one copy of its projected tokens."""
+        Bq, heads, T, head_dim = q.shape
+        Bk = k.shape[0]
+        if Bq % Bk:
+            raise ValueError(f"{Bq} query rows cannot share the keys of {Bk} rows")
+        g = Bq // Bk
+        q = q.view(Bk, g, heads, T, head_dim).transpose(1, 2).reshape(Bk, heads, g * T, head_dim)
+        out = self._heads(q, k, v, mask, False)  # (Bk, heads, g*T, hs)
+        out = out.view(Bk, heads, g, T, head_dim).permute(0, 2, 3, 1, 4)  # (Bk, g, T, nh, hs)
+        return self.proj(out.reshape(Bq, T, heads * head_dim))
+
+    def _heads(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
+    ) -> Tensor:
+        """Attention per head ``(B, nh, Tq, hs)``, before the output projection."""
         dropout_p = self.dropout if self.training else 0.0
         if mask is not None:
             mask = _no_empty_rows(mask)
@@ -155,8 +177,7 @@ class Attention(nn.Module):
             attn = scores.float().softmax(dim=-1).to(q.dtype)
             attn = F.dropout(attn, dropout_p)
             out = attn @ v  # (B, nh, Tq, Tk) x (B, nh, Tk, hs) -> (B, nh, Tq, hs)
-        B, _, T, _ = out.shape
-        return self.proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+        return out
 
     def forward(
         self,
@@ -184,6 +205,8 @@ class Attention(nn.Module):
         cross-attention projects ``context`` once and reuses it while ``cache`` is given.
 
         ``mask`` covers all keys (past + new); with ``is_causal`` the new queries sit at the end.
+        Cross-attention: ``x`` may have g times the rows of the context (or cache), each
+        consecutive g rows (the beams of one image) sharing one row of it.
         """
         if self.is_cross:
             if cache is None:
@@ -192,6 +215,8 @@ class Attention(nn.Module):
             else:
                 q = self.q_norm(self._split_heads(self.q(x)))
             k, v = cache
+            if q.shape[0] != k.shape[0]:
+                return AttentionOutput(self._attend_grouped(q, k, v, mask), cache)
         else:
             q, k, v = self._project(x, None)
             if cache is not None:
