@@ -54,3 +54,14 @@ def test_recipes_run_in_chain_and_report_their_metrics(workdir, monkeypatch, cap
         assert result["step"] == 2, name
         assert set(metrics) <= set(result["eval"]), (name, sorted(result["eval"]))
         assert Path(result["output_dir"]) == Path("runs/recipes") / name
+
+
+def test_a_fine_tune_before_its_starting_run_names_the_missing_directory(tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "data" / "synth", formats=["csv"], n_train=2, n_val=2, n_test=2,
+                  captions_per_image=1, progress=False)
+    assert main(["train", "--config", str(RECIPES / "coca-caption.yaml"), *REDUCED]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "vlp: error: runs/recipes/coca-pretrain: no such model or run directory"), err

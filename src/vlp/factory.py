@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlp.config import config_from_dict, config_to_dict, get_preset, load_config
+from vlp.config import config_from_dict, config_to_dict, get_preset, list_presets, load_config
 from vlp.contract import unwrap_model
 from vlp.data.transforms import ImageTransform, image_transform
-from vlp.errors import CheckpointError
+from vlp.errors import CheckpointError, ConfigError
 from vlp.models import build_model, load_model_dir
 from vlp.store import CONFIG_FILE, TOKENIZER_FILE, model_dir, save_model_dir
 from vlp.tokenizers import Tokenizer
@@ -53,10 +53,14 @@ def is_model_path(name_or_path: str | os.PathLike[str]) -> bool:
 def model_config(name_or_path: str | os.PathLike[str],
                  overrides: dict[str, Any] | None = None) -> Any:
     """The config a preset name or a model/run directory describes, with `overrides` merged."""
+    name = str(name_or_path)
     if is_model_path(name_or_path):
         config = load_config(model_dir(name_or_path) / CONFIG_FILE)
+    elif ("/" in name or os.sep in name) and ":" not in name and name not in list_presets():
+        raise ConfigError(f"{name}: no such model or run directory (a fine-tune's starting "
+                          f"run must exist first); nor a preset: {list_presets()}")
     else:
-        config = get_preset(str(name_or_path))
+        config = get_preset(name)
     return with_overrides(config, overrides)
 
 
