@@ -68,3 +68,54 @@ def test_vqa_answers_equal_transformers_on_many_random_blips(tmp_path, settings,
         same, _ = _compare(hf_rows, ours, 1)
         equal, rows = equal + same, rows + 3
     assert equal == rows, f"{rows - equal} of {rows} answers differ from transformers"
+
+
+# BLIP's nucleus sampling (CapFilt): top-p 0.9 after transformers' default top-k 50, repetition
+# penalty 1.1, a minimum length; and the same processors at other strengths.
+SAMPLING = [
+    {"top_k": 50, "top_p": 0.9, "repetition_penalty": 1.1, "min_new_tokens": 4},
+    {"top_k": 5, "top_p": 0.6, "repetition_penalty": 1.5, "min_new_tokens": 6,
+     "temperature": 0.7},
+]
+
+
+SAMPLED_MODELS = 15
+
+
+@pytest.mark.parametrize("settings", SAMPLING, ids=["blip", "strong"])
+def test_nucleus_samples_equal_transformers_under_one_seed(tmp_path, settings, one_thread):
+    """vlp applies transformers' processors in its order (repetition penalty, minimum length,
+    temperature, top-k, top-p) and draws with one torch.multinomial per step over the same
+    probabilities, so the same seed gives the same tokens."""
+    equal = finished = rows = 0
+    for seed in range(SAMPLED_MODELS):
+        hf = reference(BlipForConditionalGeneration, seed=300 + seed)
+        hf.save_pretrained(tmp_path / f"hf{seed}")
+        model, _ = load_hf_blip(tmp_path / f"hf{seed}")
+        pix, (ids, _) = pixels(seed=seed), texts([9, 5, 12], seed=seed)
+        prompt = ids[:, :3]
+        hf_prompt = torch.cat([prompt, torch.full((3, 1), SEP)], dim=1)  # HF drops the last id
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            hf_rows = hf.generate(pix, input_ids=hf_prompt, max_new_tokens=10, do_sample=True,
+                                  **settings)
+        torch.manual_seed(seed)
+        ours = model.generate(pix, prompt, max_new_tokens=10, do_sample=True, **settings)
+        same, done = _compare(hf_rows, ours, prompt.shape[1])
+        equal, finished, rows = equal + same, finished + done, rows + 3
+    assert equal == rows, f"{rows - equal} of {rows} samples differ from transformers"
+    assert finished >= rows // 8, "too few rows ended with eos; the comparison would be weak"
+
+
+def test_sampling_draws_differ_between_seeds(tmp_path, one_thread):
+    """The parity above is not two greedy decodes: other seeds draw other captions."""
+    hf = reference(BlipForConditionalGeneration, seed=300)
+    hf.save_pretrained(tmp_path / "hf")
+    model, _ = load_hf_blip(tmp_path / "hf")
+    pix, (ids, _) = pixels(seed=0), texts([9, 5, 12], seed=0)
+    draws = set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out = model.generate(pix, ids[:, :3], max_new_tokens=10, do_sample=True, **SAMPLING[0])
+        draws.add(tuple(out.flatten().tolist()))
+    assert len(draws) > 1

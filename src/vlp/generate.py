@@ -66,12 +66,13 @@ def filter_top_k(logits: Tensor, k: int) -> Tensor:
 
 def filter_top_p(logits: Tensor, p: float) -> Tensor:
     """Nucleus filtering (arXiv 1904.09751): keep the fewest most likely tokens whose
-    probability mass reaches ``p`` (always at least the most likely one)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-    drop = mass_before >= p
-    drop[:, 0] = False
+    probability mass reaches ``p`` (always at least the most likely one). Computed from the
+    least likely token up, a token being dropped while the mass up to it is at most ``1 - p``
+    (transformers' arithmetic, so both cut at the same token where the mass is a near tie)."""
+    sorted_logits, order = logits.sort(dim=-1)  # ascending
+    mass_up_to = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = mass_up_to <= 1 - p
+    drop[:, -1] = False
     return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
@@ -117,8 +118,11 @@ def generate(
     ``length_penalty``; a row ends when no running beam can beat its ``num_beams`` finished
     ones (transformers' heuristic and default, which BLIP and LAVIS use), or with
     ``early_stopping`` as soon as it has them. ``do_sample``: sampling from
-    softmax(logits / temperature) after top-k and top-p filtering, drawn with ``generator``.
-    Otherwise greedy. The repetition penalty counts prompt tokens too.
+    softmax(logits / temperature) after top-k and top-p filtering, one ``torch.multinomial``
+    draw per step with ``generator`` (default: torch's global one). Otherwise greedy. Scores
+    are processed in transformers' order (repetition penalty, minimum length, temperature,
+    top-k, top-p), so the same seed samples the same tokens as its ``generate``. The
+    repetition penalty counts prompt tokens too.
     """
     _check_arguments(prompt_ids, max_new_tokens, min_new_tokens, num_beams, do_sample,
                      temperature, top_k, top_p, repetition_penalty)
