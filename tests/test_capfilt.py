@@ -16,11 +16,12 @@ import torch
 
 import vlp
 from vlp.capfilt import CapfiltConfig, capfilt, plan
-from vlp.capfilt.stages import load_role, score_pairs
+from vlp.capfilt.stages import caption_lengths, load_role, score_pairs
 from vlp.capfilt.units import load_items
 from vlp.config import get_preset
 from vlp.data.synthetic import write_dataset
 from vlp.errors import CheckpointError, ConfigError
+from vlp.eval.captioning import generate_captions
 from vlp.models import build_model
 from vlp.tokenizers import train_tokenizer
 
@@ -142,7 +143,7 @@ def test_killed_caption_stage_resumes_without_redoing_units(world, blip, tmp_pat
     out = tmp_path / "out"
     command = [sys.executable, "-m", "vlp", "capfilt", "caption", "--out", str(out),
                "--data", str(world / "wds" / "train"), "--captioner", str(blip),
-               "--num-captions", "4", "--max-new-tokens", "30", "--no-progress"]
+               "--num-captions", "4", "--max-new-tokens", "30", "--prompt", "", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
@@ -171,7 +172,7 @@ def test_killed_caption_stage_resumes_without_redoing_units(world, blip, tmp_pat
     # the same output as an uninterrupted run: each unit is seeded on its own
     fresh = CapfiltConfig(out=str(tmp_path / "fresh"), data=str(world / "wds" / "train"),
                           captioner=str(blip), num_captions=4, max_new_tokens=30,
-                          progress=False)
+                          prompt="", progress=False)
     capfilt(fresh, stages=("caption",))
     for path in units:
         assert path.read_bytes() == (tmp_path / "fresh" / "captions" / path.name).read_bytes()
@@ -305,3 +306,46 @@ def test_capfilt_demo_compares_three_pretraining_sets_with_one_recipe(tmp_path, 
     assert "(b) bootstrapped" in table and f"{result['runs']['a']['i2t_r1']:.1%}" in table
     with pytest.raises(ConfigError, match="family"):
         demo(DemoConfig(out=str(tmp_path / "x"), family="capfit"))
+
+
+def test_captioner_learns_the_prompt_and_samples_with_blips_settings(world, blip, tmp_path):
+    """Stage 1 fine-tunes the captioner on "a picture of " + caption (the filter on plain
+    captions); stage 2 samples after that prompt with BLIP's top-p 0.9, top-k 50, repetition
+    penalty 1.1 and minimum length, each a switch: top_k=1 turns the draws greedy."""
+    cfg = CapfiltConfig(out=str(tmp_path / "out"), data=str(world / "train.csv"),
+                        unit_size=16, pretrained=str(blip), clean_data=str(world / "train.csv"),
+                        finetune_steps=1, finetune_batch_size=4, num_captions=1, progress=False)
+    assert (cfg.prompt, cfg.top_p, cfg.top_k, cfg.repetition_penalty, cfg.min_new_tokens,
+            cfg.max_new_tokens) == ("a picture of ", 0.9, 50, 1.1, None, None)
+    capfilt(cfg, stages=("finetune", "caption"))
+    runs = tmp_path / "out" / "models"
+    for role, prompt in (("captioner", "a picture of "), ("filter", None)):
+        ran = json.loads((runs / role / "train_config.json").read_text())
+        assert ran["lm_prompt"] == prompt
+        assert ran["model_overrides"]["alpha_warmup_steps"] is None  # this run's first epoch
+    settings = json.loads((tmp_path / "out" / "captions" / "settings.json").read_text())
+    assert {k: settings[k] for k in ("top_p", "top_k", "repetition_penalty",
+                                     "prompt")} == {"top_p": 0.9, "top_k": 50,
+                                                    "repetition_penalty": 1.1,
+                                                    "prompt": "a picture of "}
+    model, tokenizer = load_role(cfg, "captioner")
+    used = 1 + len(tokenizer.encode("a picture of"))  # [DEC] and the prompt count, as in BLIP
+    assert caption_lengths(cfg, tokenizer) == (10 - used, 30 - used)
+    sampled = [row["synthetic"][0] for row in _caption_rows(tmp_path / "out")]
+    assert all(len(tokenizer.encode(text)) >= 10 - used for text in sampled)  # minimum length
+    greedy_cfg = CapfiltConfig(**{**cfg.to_dict(), "out": str(tmp_path / "greedy"),
+                                  "captioner": str(runs / "captioner"), "top_k": 1})
+    capfilt(greedy_cfg, stages=("caption",))
+    items = load_items(greedy_cfg, plan(greedy_cfg)[0])
+    expected = generate_captions(model, tokenizer, [item.image for item in items],
+                                 num_beams=1, max_new_tokens=30 - used,
+                                 min_new_tokens=10 - used,
+                                 repetition_penalty=1.1, prompt="a picture of ", progress=False)
+    greedy = [row["synthetic"][0] for row in _caption_rows(tmp_path / "greedy")]
+    assert greedy == [text for _, text in expected.pairs]
+    assert greedy != sampled
+
+
+def _caption_rows(out):
+    return [json.loads(line) for path in sorted((out / "captions").glob("unit-*.jsonl"))
+            for line in path.read_text().splitlines()]

@@ -108,6 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if is_pretrained_name(getattr(cfg, field)):
             setattr(cfg, field, str(resolve(getattr(cfg, field))))
     spec = _eval_spec(args, progress=cfg.progress)
+    if spec.caption_prompt is None:  # captions are evaluated after the prompt they learn
+        spec.caption_prompt = cfg.lm_prompt
     spec.check()  # every evaluation file read before the first step
     from vlp.benchmarks.suite import training_eval_fn  # and --eval-suite's, here
 

@@ -20,7 +20,9 @@ Capabilities with defaults:
 - ``no_weight_decay()``, ``set_grad_checkpointing()``, ``shard_units()`` (the modules FSDP
   shards one at a time), ``check_tokenizer()``, ``init_from()`` (start from another
   checkpoint's weights), ``after_optimizer_step()`` (keep parameters within their bounds: the
-  temperature is clamped there, never inside the forward pass, so its gradient never dies).
+  temperature is clamped there, never inside the forward pass, so its gradient never dies),
+  ``begin_step(step, steps_per_epoch)`` (where the run stands, for a family's own schedules),
+  ``mask_caption_prompt(tokens)`` (training captions start with a prompt that carries no loss).
 - ``tasks()``: what the model can serve (``"embed"``, ``"caption"``, ``"vqa"``, ``"itm"``), from
   the parts it was built with; ``require(task)`` turns a missing one into a one-line error.
 - ``encode_image(pixels, normalize)``, ``encode_text(input_ids, attention_mask, normalize)``
@@ -162,6 +164,18 @@ class PretrainModel(nn.Module):
         decay scales; parts outside every tower (cross-modal decoders, temperatures) are in
         none. Default: no towers."""
         return {}
+
+    def begin_step(self, step: int, steps_per_epoch: int) -> None:
+        """Called by the trainer before each optimizer step: the updates this run has taken
+        (restored on resume) and its optimizer steps per epoch, for schedules a family keeps
+        itself (BLIP ramps its distillation weight over the first epoch)."""
+
+    def mask_caption_prompt(self, prompt_tokens: int) -> None:
+        """Called by the trainer when every training caption starts with a prompt
+        (``lm_prompt``): the ``prompt_tokens`` tokens after bos carry no captioning loss.
+        Families that cannot leave them out refuse."""
+        raise ConfigError(f"{type(self).__name__} ({self.config.family}) cannot train captions "
+                          "after a prompt (lm_prompt); a family that does is blip")
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Raise ConfigError when `tokenizer` cannot feed this model's batches."""

@@ -17,6 +17,9 @@ from vlp.store.files import atomic_write_text
 from vlp.train.config import TrainConfig
 
 STAGES = ("finetune", "caption", "filter", "write", "pretrain")
+# BLIP's sampled caption lengths (its generate's min_length, max_length): [DEC], the prompt's
+# tokens and the caption's, as transformers counts them
+BLIP_MIN_LENGTH, BLIP_MAX_LENGTH = 10, 30
 SAMPLINGS = ("nucleus", "beam")
 BACKENDS = ("local", "ray")
 DATA_KINDS = ("auto", "csv", "tsv", "jsonl", "coco", "wds")
@@ -55,12 +58,23 @@ class CapfiltConfig:
                                 "1's)")
     sampling: str = option("nucleus", "nucleus sampling (as BLIP) or beam search",
                            choices=SAMPLINGS, section="stage 2: caption")
-    top_p: float = option(0.9, "nucleus sampling probability mass")
+    top_p: float = option(0.9, "nucleus sampling probability mass (BLIP's)")
+    top_k: int = option(50, "nucleus sampling draws among the top_k most likely tokens only, "
+                        "before top_p (BLIP's, transformers' default); 0: no top-k")
+    repetition_penalty: float = option(1.1, "nucleus sampling's repetition penalty (BLIP's; 1: "
+                                       "none): logits of tokens already in the caption or "
+                                       "prompt are divided by it (multiplied when negative)")
     num_beams: int = option(3, "beams with sampling=beam")
     num_captions: int = option(1, "synthetic captions per image")
-    max_new_tokens: int = option(20, "caption length limit in tokens")
-    prompt: str | None = option(None, "text every caption starts from, left out of the written "
-                                "caption (BLIP: 'a picture of ')")
+    min_new_tokens: int | None = option(None, "no eos before this many caption tokens; "
+                                        "default: BLIP's min_length 10, which counts [DEC] "
+                                        "and the prompt's tokens too")
+    max_new_tokens: int | None = option(None, "caption length limit in tokens; default: "
+                                        "BLIP's max_length 30, which counts [DEC] and the "
+                                        "prompt's tokens too")
+    prompt: str | None = option("a picture of ", "text every caption starts from, left out of "
+                                "the written caption; the captioner is fine-tuned on it before "
+                                "each caption, its tokens without loss (BLIP's); '' for none")
     caption_batch_size: int = option(32, "images per generate call")
     itm_threshold: float = option(0.5, "keep a caption when its ITM P(match) is at least this",
                                   section="stage 3: filter")
@@ -113,13 +127,17 @@ def _is_int(value: Any, low: int) -> bool:
 def check_config(cfg: CapfiltConfig) -> None:
     """Raise ConfigError naming the first field whose value no stage can use."""
     for name in ("unit_size", "finetune_steps", "finetune_batch_size", "num_beams",
-                 "num_captions", "max_new_tokens", "caption_batch_size", "filter_batch_size",
+                 "num_captions", "caption_batch_size", "filter_batch_size",
                  "shard_size", "pretrain_steps", "pretrain_batch_size", "ray_actors"):
         if not _is_int(getattr(cfg, name), 1):
             raise ConfigError(f"capfilt {name}={getattr(cfg, name)!r}: expected an int >= 1")
-    for name in ("report_examples", "seed", "num_workers"):
+    for name in ("report_examples", "seed", "num_workers", "top_k"):
         if not _is_int(getattr(cfg, name), 0):
             raise ConfigError(f"capfilt {name}={getattr(cfg, name)!r}: expected an int >= 0")
+    for name, low in (("min_new_tokens", 0), ("max_new_tokens", 1)):
+        if getattr(cfg, name) is not None and not _is_int(getattr(cfg, name), low):
+            raise ConfigError(f"capfilt {name}={getattr(cfg, name)!r}: expected None (BLIP's "
+                              f"length) or an int >= {low}")
     if not isinstance(cfg.itm_threshold, int | float) or not 0.0 <= cfg.itm_threshold <= 1.0:
         raise ConfigError(f"capfilt itm_threshold={cfg.itm_threshold!r}: expected a "
                           "probability in [0, 1]")
@@ -129,6 +147,10 @@ def check_config(cfg: CapfiltConfig) -> None:
                           "cosine similarity in [-1, 1]")
     if not 0.0 < cfg.top_p <= 1.0:
         raise ConfigError(f"capfilt top_p={cfg.top_p!r}: expected a value in (0, 1]")
+    if None not in (cfg.min_new_tokens, cfg.max_new_tokens) \
+            and cfg.min_new_tokens > cfg.max_new_tokens:
+        raise ConfigError(f"capfilt min_new_tokens={cfg.min_new_tokens} exceeds max_new_tokens="
+                          f"{cfg.max_new_tokens}")
     if cfg.sampling not in SAMPLINGS:
         raise ConfigError(f"capfilt sampling={cfg.sampling!r}; expected one of {list(SAMPLINGS)}")
     if cfg.sampling == "beam" and cfg.num_captions > 1:
@@ -139,7 +161,7 @@ def check_config(cfg: CapfiltConfig) -> None:
     if not isinstance(cfg.pretrain_weight_decay, int | float) or cfg.pretrain_weight_decay < 0:
         raise ConfigError(f"capfilt pretrain_weight_decay={cfg.pretrain_weight_decay!r}: "
                           "expected a value >= 0")
-    for name in ("finetune_lr", "pretrain_lr", "ray_cpus_per_actor"):
+    for name in ("finetune_lr", "pretrain_lr", "ray_cpus_per_actor", "repetition_penalty"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"capfilt {name}={getattr(cfg, name)!r}: expected a value > 0")
     if not cfg.out:

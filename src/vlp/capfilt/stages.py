@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp import factory
-from vlp.capfilt.config import CapfiltConfig
+from vlp.capfilt.config import BLIP_MAX_LENGTH, BLIP_MIN_LENGTH, CapfiltConfig
 from vlp.capfilt.units import WorkUnit, load_items
 from vlp.config import load_config
 from vlp.data.images import read_images
@@ -107,15 +107,29 @@ def load_role(cfg: CapfiltConfig, role: str) -> tuple[nn.Module, Any]:
 
 def caption_settings(cfg: CapfiltConfig) -> dict[str, Any]:
     return {"captioner": str(model_path(cfg, "captioner").resolve()), "seed": cfg.seed,
-            "sampling": cfg.sampling, "top_p": cfg.top_p, "num_beams": cfg.num_beams,
-            "num_captions": cfg.num_captions, "max_new_tokens": cfg.max_new_tokens,
-            "prompt": cfg.prompt, "caption_batch_size": cfg.caption_batch_size}
+            "sampling": cfg.sampling, "top_p": cfg.top_p, "top_k": cfg.top_k,
+            "repetition_penalty": cfg.repetition_penalty, "num_beams": cfg.num_beams,
+            "num_captions": cfg.num_captions, "min_new_tokens": cfg.min_new_tokens,
+            "max_new_tokens": cfg.max_new_tokens, "prompt": cfg.prompt,
+            "caption_batch_size": cfg.caption_batch_size}
+
+
+def caption_lengths(cfg: CapfiltConfig, tokenizer: Any) -> tuple[int, int]:
+    """(min, max) new caption tokens: the config's, else BLIP's lengths less the tokens of
+    [DEC] and the prompt (which BLIP counts)."""
+    used = 1 + (len(tokenizer.encode(cfg.prompt.rstrip())) if cfg.prompt else 0)
+    min_new = (cfg.min_new_tokens if cfg.min_new_tokens is not None
+               else max(0, BLIP_MIN_LENGTH - used))
+    max_new = (cfg.max_new_tokens if cfg.max_new_tokens is not None
+               else max(1, BLIP_MAX_LENGTH - used))
+    return min(min_new, max_new), max_new
 
 
 def caption_unit(cfg: CapfiltConfig, unit: WorkUnit, model: nn.Module, tokenizer: Any
                  ) -> list[dict[str, Any]]:
     """``num_captions`` synthetic captions per image of the unit, drawn with the unit's own
-    generator (nucleus, top-p) or by beam search; unreadable images get none and a reason."""
+    generator (nucleus: top-k, top-p, repetition penalty, as BLIP) or by beam search, after
+    ``cfg.prompt``; unreadable images get none and a reason."""
     items = load_items(cfg, unit)
     rows = [{"key": item.key, "image": item.image_ref, "original": item.captions,
              "noisy": item.noisy, "synthetic": []} for item in items]
@@ -123,17 +137,20 @@ def caption_unit(cfg: CapfiltConfig, unit: WorkUnit, model: nn.Module, tokenizer
         return rows
     n = cfg.num_captions
     images = [item.image for item in items for _ in range(n)]
+    min_new, max_new = caption_lengths(cfg, tokenizer)
     if cfg.sampling == "nucleus":
         generator = torch.Generator(device=resolve_device(cfg.device))
         generator.manual_seed(derive_seed(cfg.seed, unit.index))
         options = {"num_beams": 1, "do_sample": True, "top_p": cfg.top_p,
+                   "top_k": cfg.top_k or None, "repetition_penalty": cfg.repetition_penalty,
                    "generator": generator}
     else:
         options = {"num_beams": cfg.num_beams}
     # generate_captions reads the images (vlp.data.images): an unreadable one is skipped
     result = generate_captions(model, tokenizer, images, [str(i) for i in range(len(images))],
                                batch_size=cfg.caption_batch_size * n,
-                               max_new_tokens=cfg.max_new_tokens, prompt=cfg.prompt,
+                               min_new_tokens=min_new, max_new_tokens=max_new,
+                               prompt=cfg.prompt or None,
                                num_workers=0, progress=False, **options)
     for index, reason in zip(result.skipped, result.reasons):
         rows[int(index) // n]["skipped"] = reason

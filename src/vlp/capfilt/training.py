@@ -45,7 +45,10 @@ def _train(cfg: CapfiltConfig, **fields: Any) -> dict[str, Any]:
 
 def finetune(cfg: CapfiltConfig) -> dict[str, str]:
     """Fine-tune the captioner and the filter separately (or one shared model when
-    ``cfg.share``) under ``out/models``; returns each role's final checkpoint."""
+    ``cfg.share``) under ``out/models``; returns each role's final checkpoint. The captioner
+    (and a shared model) learns ``cfg.prompt`` + caption with the prompt's tokens out of the
+    loss, as it will caption; the distillation weight ramps over each run's first epoch (as
+    BLIP's fine-tuning), whatever the pretrained checkpoint set."""
     pretrained = _pretrained_dir(cfg)
     if not cfg.clean_data:
         raise ConfigError("capfilt clean_data is not set; expected human-annotated pairs "
@@ -55,7 +58,9 @@ def finetune(cfg: CapfiltConfig) -> dict[str, str]:
     for role in roles:
         result = _train(
             cfg, model=str(pretrained),
-            model_overrides={"objectives": list(ROLE_OBJECTIVES[role])},
+            model_overrides={"objectives": list(ROLE_OBJECTIVES[role]),
+                             "alpha_warmup_steps": None},
+            lm_prompt=(cfg.prompt or None) if role != "filter" else None,
             train_data=cfg.clean_data, output_dir=str(cfg.out_dir / MODELS_DIR / role),
             batch_size=cfg.finetune_batch_size, lr=cfg.finetune_lr,
             warmup_steps=max(1, cfg.finetune_steps // 10), max_steps=cfg.finetune_steps,

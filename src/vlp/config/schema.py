@@ -201,7 +201,9 @@ class BlipConfig(ModelConfig):
     queue_size: int = bounded(57600, 0, MAX_QUEUE)
     momentum: float = 0.995  # EMA of the momentum encoders
     alpha: float = 0.4  # weight of the momentum soft targets in ITC
-    alpha_warmup_steps: int = 0  # alpha ramps linearly from 0 over these steps (BLIP: 2 epochs)
+    # alpha ramps linearly from 0 over these optimizer steps; None: the run's first epoch (as
+    # BLIP's fine-tuning; its pretraining ramps over two epochs); 0: no ramp
+    alpha_warmup_steps: int | None = None
     lm_prompt_tokens: int = 0  # caption tokens after [DEC] left out of the LM loss (a prompt)
     init_temp: float = 0.07
     min_temp: float = 0.001

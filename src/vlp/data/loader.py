@@ -102,7 +102,8 @@ class Loader:
                  num_workers: int = 0, rank: int = 0, world_size: int = 1,
                  drop_last: bool | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                  pin_memory: bool = False, keep_empty_batches: bool = False,
-                 answer_tokenizer: Tokenizer | None = None) -> None:
+                 answer_tokenizer: Tokenizer | None = None,
+                 caption_prompt: str | None = None) -> None:
         if batch_size <= 0:
             raise ConfigError(f"batch_size={batch_size}; expected a positive integer")
         if world_size <= 0 or not 0 <= rank < world_size:
@@ -126,7 +127,8 @@ class Loader:
                                          source.has_text,
                                          source.has_labels,
                                          source.has_answers, answer_tokenizer,
-                                         has_images=source.has_images)
+                                         has_images=source.has_images,
+                                         caption_prompt=caption_prompt)
         self._num_batches, self._rank_samples = self._count_batches()
         if self._num_batches == 0:
             raise DataError(f"{source!r}: too few samples for one batch of {batch_size} per rank "
@@ -322,7 +324,8 @@ def make_loader(source: Any, *, transform: Callable[..., torch.Tensor] | None,
                 num_workers: int = 0, rank: int = 0, world_size: int = 1,
                 drop_last: bool | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
                 pin_memory: bool = False, keep_empty_batches: bool = False,
-                answer_tokenizer: Tokenizer | None = None) -> Loader:
+                answer_tokenizer: Tokenizer | None = None,
+                caption_prompt: str | None = None) -> Loader:
     """Batches ``{"pixels", "input_ids", "labels", "index", "num_skipped"}`` of a source.
 
     `train` shuffles (seeded by seed and epoch) and defaults `drop_last` to True. Keys
@@ -332,9 +335,10 @@ def make_loader(source: Any, *, transform: Callable[..., torch.Tensor] | None,
     whose samples were all skipped are dropped unless `keep_empty_batches` (they still count
     towards ``len`` and the resume position). A text-only source (``has_images`` False, kind
     "text") gives ``{"input_ids", "index", "num_skipped"}`` and needs no `transform`.
+    `caption_prompt` goes before every caption of an image-text source (not VQA questions).
     """
     return Loader(source, transform=transform, tokenizer=tokenizer, batch_size=batch_size,
                   train=train, seed=seed, num_workers=num_workers, rank=rank,
                   world_size=world_size, drop_last=drop_last, shuffle_buffer=shuffle_buffer,
                   pin_memory=pin_memory, keep_empty_batches=keep_empty_batches,
-                  answer_tokenizer=answer_tokenizer)
+                  answer_tokenizer=answer_tokenizer, caption_prompt=caption_prompt)

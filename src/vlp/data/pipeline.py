@@ -71,7 +71,8 @@ class _SamplePipeline:
 
     def __init__(self, transform: Callable[..., torch.Tensor] | None, tokenizer: Tokenizer | None,
                  has_text: bool, has_labels: bool, has_answers: bool = False,
-                 answer_tokenizer: Tokenizer | None = None, has_images: bool = True) -> None:
+                 answer_tokenizer: Tokenizer | None = None, has_images: bool = True,
+                 caption_prompt: str | None = None) -> None:
         if has_images and transform is None:
             raise ValueError("a source with images needs an image transform")
         self.transform = transform
@@ -81,6 +82,8 @@ class _SamplePipeline:
         self.has_answers = has_answers
         self.has_images = has_images
         self.answer_tokenizer = answer_tokenizer if answer_tokenizer is not None else tokenizer
+        # before each caption (not VQA questions), one space between them
+        self.caption_prompt = f"{caption_prompt.rstrip()} " if caption_prompt else ""
 
     def _load(self, record: Record, augment_seed: int) -> torch.Tensor | str | None:
         if self.has_text and (record.text is None or not record.text.strip()):
@@ -184,6 +187,7 @@ class _SamplePipeline:
             batch["answer_weight"] = torch.tensor(weights, dtype=torch.float32)
             batch["answer_count"] = torch.tensor(counts, dtype=torch.long)
         elif self.has_text:
+            texts = [self.caption_prompt + text for text in texts]
             if self.tokenizer is None:
                 batch["texts"] = texts
             else:

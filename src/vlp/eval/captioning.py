@@ -252,7 +252,9 @@ class GeneratedCaptions(NamedTuple):
 def _prompt_ids(tokenizer: Any, prompt: str | None, batch: int) -> torch.Tensor | None:
     if not prompt:
         return None
-    ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+    # trailing spaces dropped: byte-level BPEs give the space its own token alone, while a
+    # caption after the prompt carries it in its first word (as training read it)
+    ids = [tokenizer.bos_id, *tokenizer.encode(prompt.rstrip())]
     return torch.tensor(ids, dtype=torch.long).expand(batch, -1)
 
 

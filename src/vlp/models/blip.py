@@ -284,13 +284,23 @@ class BLIP(BlipVQA, PretrainModel):
 
     # -- pretraining: ITC + ITM + LM (§3.2) ---------------------------------------------------
 
+    _progress: tuple[int, int] | None = None  # (step, steps per epoch): `begin_step`
+    _prompt_tokens: int | None = None  # this run's caption prompt: `mask_caption_prompt`
+
+    def begin_step(self, step: int, steps_per_epoch: int) -> None:
+        self._progress = (step, steps_per_epoch)
+
+    def mask_caption_prompt(self, prompt_tokens: int) -> None:
+        self._prompt_tokens = prompt_tokens
+
     def alpha(self) -> float:
-        """Distillation weight, ramped linearly over ``alpha_warmup_steps`` training updates
-        (counted by the queue's enqueues)."""
+        """Distillation weight ``alpha * min(1, step / warmup)``: ``step`` is the run's update
+        count (the trainer's `begin_step`; outside it, the queue's enqueues), ``warmup`` is
+        ``alpha_warmup_steps``, by default (None) the run's first epoch, 0 for no ramp."""
+        step, epoch_steps = self._progress or (int(getattr(self.queue, "batches", 0)), 0)
         warmup = self.config.alpha_warmup_steps
-        steps = int(self.queue.batches) if self.queue is not None else 0
-        ramp = min(1.0, steps / warmup) if warmup > 0 else 1.0
-        return self.config.alpha * ramp
+        warmup = epoch_steps if warmup is None else warmup  # outside the trainer: no ramp
+        return self.config.alpha * (min(1.0, step / warmup) if warmup > 0 else 1.0)
 
     @torch.no_grad()
     def _momentum_features(self, pixels: Tensor, input_ids: Tensor,
@@ -378,7 +388,9 @@ class BLIP(BlipVQA, PretrainModel):
             decoder_ids = self._first_token(input_ids, self.config.dec_id, always=True)
             states = self.text_decoder(decoder_ids, attention_mask, context=image_tokens)
             labels = input_ids[:, 1:].masked_fill(~attention_mask[:, 1:], IGNORE_INDEX)
-            labels[:, : self.config.lm_prompt_tokens] = IGNORE_INDEX
+            prompt = (self._prompt_tokens if self._prompt_tokens is not None
+                      else self.config.lm_prompt_tokens)
+            labels[:, :prompt] = IGNORE_INDEX  # a prompt's tokens carry no loss (BLIP)
             out["lm_nll"], out["lm_tokens"] = caption_nll(self.lm_logits(states[:, :-1]),
                                                           labels, self.config.label_smoothing)
         return out
@@ -447,6 +459,9 @@ def build_blip(config: BlipConfig) -> BLIP:
         if not 0 <= getattr(config, name) < text.vocab_size:
             raise ConfigError(f"blip.{name} {getattr(config, name)} is outside the text "
                               f"vocabulary of {text.vocab_size}")
+    if config.alpha_warmup_steps is not None and config.alpha_warmup_steps < 0:
+        raise ConfigError(f"blip.alpha_warmup_steps {config.alpha_warmup_steps}: expected None "
+                          "(the run's first epoch), 0 (no ramp) or a number of steps")
     if not 0 < config.min_temp <= config.init_temp <= config.max_temp:
         raise ConfigError(f"blip temperatures need 0 < min_temp <= init_temp <= max_temp, got "
                           f"{config.min_temp}, {config.init_temp}, {config.max_temp}")

@@ -22,7 +22,6 @@ from vlp.eval.vqa import accuracy_by_type, majority_baselines, vqa_eval
 from vlp.models import build_model
 from vlp.recipes.common import (
     CAPTION_MAX_NEW_TOKENS,
-    CAPTIONS_PER_IMAGE,
     DemoConfig,
     clear_previous_run,
     learning_rate,
@@ -57,11 +56,9 @@ def blip_demo(out: Path, settings: dict[str, int], *, lr: float, seed: int, num_
     print(f"[1/4] writing the synthetic dataset to {data_dir}", flush=True)
     write_demo_data(data_dir, settings, seed=seed, progress=progress)
     steps = settings["steps"]
-    # BLIP ramps the distillation weight up over the first epoch
-    epoch_steps = settings["n_train"] * CAPTIONS_PER_IMAGE // settings["batch_size"]
     print(f"[2/4] pretraining blip-tiny (ITC + ITM + LM) for {steps} steps", flush=True)
     result = train(TrainConfig(
-        model="blip-tiny", model_overrides={"alpha_warmup_steps": epoch_steps},
+        model="blip-tiny",  # alpha ramps up over the first epoch (the default, BLIP's)
         train_data=str(data_dir / "train.csv"), output_dir=str(out),
         batch_size=settings["batch_size"], lr=lr, weight_decay=0.05,
         warmup_steps=max(1, steps // 10), max_steps=steps, checkpoint_every=max(1, steps // 3),

@@ -107,11 +107,10 @@ def capfilt_demo(out: Path, settings: dict[str, int], *, seed: int, num_workers:
 
     steps = settings["blip_steps"]
     blip_batch = settings["blip_batch_size"]
-    epoch_steps = _count_rows(pretrain_csv) // blip_batch
     print(f"[2/4] pretraining blip-tiny (ITC + ITM + LM) on web + human-annotated pairs for "
           f"{steps} steps", flush=True)
     blip = train(TrainConfig(
-        model="blip-tiny", model_overrides={"alpha_warmup_steps": epoch_steps},
+        model="blip-tiny",  # alpha ramps up over the first epoch (the default, BLIP's)
         train_data=pretrain_csv, output_dir=str(out / "blip"), batch_size=blip_batch,
         lr=BLIP_LR, weight_decay=0.05, warmup_steps=max(1, steps // 10), max_steps=steps,
         log_every=50, seed=seed, num_workers=num_workers, progress=progress))["checkpoint"]

@@ -78,6 +78,10 @@ class TrainConfig:
                                    "or JSONL (caption_key, else text or caption)")
     text_ratio: float = option(0.5, "share of each batch's batch_size samples that are "
                                "text-only (with text_data)", valid="probability")
+    lm_prompt: str | None = option(None, "text put before every training caption (one "
+                                        "space between), its tokens left out of the captioning "
+                                        "loss (blip; BLIP fine-tunes its captioner on 'a "
+                                        "picture of ' + caption); caption with the same prompt")
     batch_size: int = option(64, "samples per optimizer micro-step; an update sees batch_size "
                              "* grad_accum", section="optimisation", valid="positive_count")
     grad_accum: int = option(1, "micro-batches per optimizer update", valid="positive_count")

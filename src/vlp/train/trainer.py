@@ -153,7 +153,7 @@ class _Trainer:
                                   train=True,
                                   seed=cfg.seed, num_workers=cfg.num_workers, rank=rank,
                                   world_size=world, pin_memory=self.device.type == "cuda",
-                                  answer_tokenizer=answers)
+                                  answer_tokenizer=answers, caption_prompt=cfg.lm_prompt)
         self.val_loader = None
         if cfg.val_data is not None and self.env.is_main:
             val_source = build_run_source(cfg.val_kind, cfg.val_data, cfg, "val")
@@ -162,8 +162,12 @@ class _Trainer:
                                           transform=_transform(model, val_source, False, cfg),
                                           tokenizer=tokenizer, batch_size=cfg.batch_size,
                                           train=False, seed=cfg.seed,
-                                          num_workers=cfg.num_workers, answer_tokenizer=answers)
+                                          num_workers=cfg.num_workers, answer_tokenizer=answers,
+                                          caption_prompt=cfg.lm_prompt)
         self.total_steps = count_total_steps(cfg, len(self.loader))
+        self.steps_per_epoch = len(self.loader) // cfg.grad_accum
+        if cfg.lm_prompt:  # the loader puts it first; its tokens carry no loss
+            model.mask_caption_prompt(len(tokenizer.encode(cfg.lm_prompt.rstrip())))
         self.optimizer = build_optimizer(self.raw_model, cfg.lr, cfg.weight_decay,
                                          tuple(cfg.betas), cfg.eps,
                                          lr_scales=self.levers.lr_scales)
@@ -278,6 +282,7 @@ class _Trainer:
         started = time.perf_counter()
         batch_epoch, micro = self._micro_batches()
         fed = time.perf_counter()  # the wait for this step's batches ends here
+        self.raw_model.begin_step(self.step, self.steps_per_epoch)
         try:
             values = self._accumulate(micro)
             sync_replicated_grads(self.model, self.env)
