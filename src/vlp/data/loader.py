@@ -330,8 +330,10 @@ def make_loader(source: Any, *, transform: Callable[..., torch.Tensor] | None,
 
     `train` shuffles (seeded by seed and epoch) and defaults `drop_last` to True. Keys
     "input_ids" (or "texts" when `tokenizer` is None) and "labels" appear when the source has
-    captions / labels; a VQA source (``has_answers``) gives "question_ids" and "answer_ids"
-    (answers through `answer_tokenizer`, default `tokenizer`) instead of "input_ids". Batches
+    captions / labels, with captions "image_id" (rows of one image share it); a VQA source
+    (``has_answers``) gives "question_ids", "answer_ids" (every distinct answer, through
+    `answer_tokenizer`, default `tokenizer`), "answer_count" and "answer_weight" instead of
+    "input_ids" (`vlp.data.qa`). Batches
     whose samples were all skipped are dropped unless `keep_empty_batches` (they still count
     towards ``len`` and the resume position). A text-only source (``has_images`` False, kind
     "text") gives ``{"input_ids", "index", "num_skipped"}`` and needs no `transform`.
