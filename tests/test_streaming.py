@@ -129,6 +129,14 @@ def test_shard_urls_are_counted_from_stats_files_or_need_an_epoch_size(
         sources, shard_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="--train-num-samples"):
         len(loader_for(sources("http", num_samples=None)))
+    # a run says so before it reads any shard (not after training a tokenizer on them)
+    urls = f"pipe:cat {shard_dir}/{PATTERN}"
+    with pytest.raises(DataError, match="cannot count the samples of 4 shard URL"):
+        train(tiny_config(urls, tmp_path / "run"))
+    with pytest.raises(ConfigError, match="--train-num-samples, --dataset-resampled: for "
+                                          "WebDataset shards"):
+        train(tiny_config(str(tmp_path / "data.csv"), tmp_path / "run", train_num_samples=8,
+                          dataset_resampled=True))
     for shard, size in zip(sorted(shard_dir.glob("*.tar")), SIZES):
         shutil.copy(shard, tmp_path / shard.name)
         (tmp_path / f"{shard.stem}_stats.json").write_text(json.dumps({"successes": size}))

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from vlp.contract import IMAGE_TEXT, TEXT, PretrainModel
-from vlp.data import build_source, infer_source_kind
+from vlp.data import WebDatasetSource, build_source, infer_source_kind
+from vlp.data.shardio import is_stream_url
 from vlp.errors import ConfigError, VlpError
 from vlp.store import find_checkpoint, list_checkpoints
 from vlp.train.config import TrainConfig
@@ -80,12 +81,16 @@ def build_run_source(kind: str, path: str, cfg: TrainConfig, split: str = "train
         shards["weights"] = _weights(cfg.train_data_weights)
     shards = {name: value for name, value in shards.items() if value not in (None, False)}
     if shards and (infer_source_kind(path) if kind == "auto" else kind) != "wds":
-        flags = ", ".join(f"--{n.replace('_', '-')}" for n in (
-            f"{split}_num_samples", "dataset_resampled", "train_data_weights")
-            if getattr(cfg, n) not in (None, False))
-        raise ConfigError(f"{flags}: for WebDataset shards; {split}_data {path} is not")
-    return build_source(kind, path, **shards,
-                        **{k: v for k, v in options.items() if v is not None})
+        flags = {"num_samples": f"--{split}-num-samples", "resampled": "--dataset-resampled",
+                 "weights": "--train-data-weights"}
+        raise ConfigError(f"{', '.join(flags[name] for name in shards)}: for WebDataset "
+                          f"shards; {split}_data {path} is not")
+    source = build_source(kind, path, **shards,
+                          **{k: v for k, v in options.items() if v is not None})
+    if (isinstance(source, WebDatasetSource) and not source.num_samples_given
+            and any(is_stream_url(shard) for shard in source.shards)):
+        source.shard_sizes  # noqa: B018 - shard URLs: their _stats.json, or one line now
+    return source
 
 
 def _weights(text: str | None) -> list[float] | None:
