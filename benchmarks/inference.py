@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="default: benchmarks/results/inference_cpu.json")
     parser.add_argument("--only", nargs="+", help="case names (default: all)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per side")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per side")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--toy", action="store_true", help="tiny shapes: checks the script runs")
