@@ -14,8 +14,8 @@ from PIL import Image
 
 from vlp.data.images import open_image, read_images
 from vlp.data.transforms import ImageTransform
-from vlp.generate import select_rows
-from vlp.models.blip_decode import GroundedDecoder, group_size
+from vlp.generate import group_size, select_rows
+from vlp.models.blip_decode import GroundedDecoder
 from vlp.nn.attention import Attention
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_beam_state_reorders_self_caches_but_shares_the_image_once():
         rows = torch.arange(2).repeat_interleave(3)
         start = torch.full((6, 1), model.config.dec_id)
         logits, state = decoder.prefill(start, rows)
-        assert state.shared is not None and state.shared.cross_kv[0].key.shape[0] == 2
+        assert state.shared is not None and state.shared.value[0][0].key.shape[0] == 2
         reordered = select_rows(state, torch.tensor([2, 0, 1, 3, 3, 4]))
         assert reordered.shared is state.shared  # not copied per beam
         assert reordered.caches[0].self_kv.key.shape[0] == 6

@@ -48,6 +48,25 @@ def select_rows(state: Any, index: Tensor) -> Any:
     return state  # None, numbers, strings: not per-row
 
 
+class Shared:
+    """Decoder state that is per conditioning row, not per sequence (the cross-attention keys
+    and values of an image, which its beams share). Not a tuple: `select_rows` passes it
+    through unchanged when beams are reordered, so it is never copied per beam."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def group_size(rows: Tensor, context_rows: int) -> int | None:
+    """g when ``rows`` is ``[0]*g + [1]*g + ... + [context_rows-1]*g`` (one sequence per row,
+    or the beams of each row in turn), else None."""
+    if context_rows < 1 or rows.numel() % context_rows:
+        return None
+    g = rows.numel() // context_rows
+    expected = torch.arange(context_rows, device=rows.device).repeat_interleave(g)
+    return g if torch.equal(rows, expected) else None
+
+
 # -- logit processing ------------------------------------------------------------------------------
 
 def penalise_repeats(logits: Tensor, seqs: Tensor, penalty: float) -> Tensor:

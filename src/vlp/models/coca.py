@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from vlp.config import CocaConfig
 from vlp.contract import CAPTION, EMBED, partial_grad
 from vlp.errors import ConfigError
+from vlp.generate import Shared, group_size, new_token_budget
 from vlp.generate import generate as generate_tokens
-from vlp.generate import new_token_budget
 from vlp.losses import IGNORE_INDEX, caption_nll, clip_loss
 from vlp.models.clip import LogitScaled
 from vlp.models.registry import register
@@ -44,6 +44,7 @@ class CaptionState(NamedTuple):
     decoder: list[BlockCache]  # multimodal self- and cross-attention caches
     key_valid: Tensor | None  # (B, T) open_clip text masks only: which text keys may be seen
     last_ids: Tensor  # (B, 1) the latest token of each sequence
+    shared: Shared | None = None  # decoder cross caches per image, shared by its beams
 
 
 def pad_id_keys(input_ids: Tensor, pad_id: int, legacy: bool, with_cls: bool) -> Tensor:
@@ -207,11 +208,24 @@ class CaptionDecoder:
         self.legacy = config.text_mask == "pad_id_legacy"
 
     def _logits(self, text_states: Tensor, decoder_caches: list[BlockCache] | None,
-                rows: Tensor | None) -> tuple[Tensor, list[BlockCache]]:
-        context = self.image_tokens[rows] if rows is not None else None
+                rows: Tensor | None, shared: Shared | None
+                ) -> tuple[Tensor, list[BlockCache], Shared | None]:
+        """The image is projected once per image when the sequences come in equal consecutive
+        groups per image (greedy, beams): its cross caches then live in ``shared``."""
+        context = None
+        if rows is not None:
+            grouped = group_size(rows, self.image_tokens.shape[0]) is not None
+            context = self.image_tokens if grouped else self.image_tokens[rows]
+        elif shared is not None:
+            decoder_caches = [BlockCache(cache.self_kv, cross)
+                              for cache, cross in zip(decoder_caches, shared.value, strict=True)]
         states, decoder_caches = self.model.decoder.forward_cached(text_states, decoder_caches,
                                                                    context=context)
-        return self.model.lm_head(states[:, -1]), decoder_caches
+        if rows is not None and grouped:
+            shared = Shared([cache.cross_kv for cache in decoder_caches])
+        if shared is not None:
+            decoder_caches = [BlockCache(cache.self_kv) for cache in decoder_caches]
+        return self.model.lm_head(states[:, -1]), decoder_caches, shared
 
     def prefill(self, input_ids: Tensor, rows: Tensor) -> tuple[Tensor, CaptionState]:
         key_valid = mask = None
@@ -220,8 +234,9 @@ class CaptionDecoder:
             L = input_ids.shape[1]
             mask = (causal_mask(L, L, input_ids.device)[None] & key_valid[:, None, :])[:, None]
         text_states, text_caches = self.model.text.forward_cached(input_ids, None, mask)
-        logits, decoder_caches = self._logits(text_states, None, rows)
-        return logits, CaptionState(text_caches, decoder_caches, key_valid, input_ids[:, -1:])
+        logits, decoder_caches, shared = self._logits(text_states, None, rows, None)
+        return logits, CaptionState(text_caches, decoder_caches, key_valid, input_ids[:, -1:],
+                                    shared)
 
     def step(self, input_ids: Tensor, state: CaptionState) -> tuple[Tensor, CaptionState]:
         key_valid = mask = None
@@ -231,8 +246,9 @@ class CaptionDecoder:
             key_valid = torch.cat([state.key_valid, new_key], dim=1)  # (B, T + 1)
             mask = key_valid[:, None, None, :]
         text_states, text_caches = self.model.text.forward_cached(input_ids, state.text, mask)
-        logits, decoder_caches = self._logits(text_states, state.decoder, None)
-        return logits, CaptionState(text_caches, decoder_caches, key_valid, input_ids)
+        logits, decoder_caches, shared = self._logits(text_states, state.decoder, None,
+                                                      state.shared)
+        return logits, CaptionState(text_caches, decoder_caches, key_valid, input_ids, shared)
 
 
 @register("coca")
