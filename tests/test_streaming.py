@@ -289,30 +289,39 @@ def _kill_at(command: list[str], out: Path, step: int, timeout: float = 120) -> 
             process.wait()
 
 
-@pytest.mark.slow
-def test_http_and_pipe_runs_killed_and_resumed_repeat_the_local_run(
-        run_shards: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def run_shards_url(run_shards: Path):
+    """`run_shards` served over HTTP on 127.0.0.1; yields the base URL."""
     handler = functools.partial(_QuietHandler, directory=str(run_shards))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        local = tmp_path / "local"
-        subprocess.run(_command(str(run_shards / PATTERN), local, False), env=ENV, check=True,
-                       capture_output=True)
-        expected = _losses(local)
-        assert [step for step, _ in expected] == list(range(1, STEPS + 1))
-        port = server.server_address[1]
-        for name, data in (("http", f"http://127.0.0.1:{port}/{PATTERN}"),
-                           ("pipe", f"pipe:cat {run_shards}/{PATTERN}")):
-            out = tmp_path / name
-            _kill_at(_command(data, out, False), out, step=5 if name == "http" else 3)
-            assert _logged_step(out) < STEPS
-            subprocess.run(_command(data, out, True), env=ENV, check=True,
-                           capture_output=True)
-            assert _losses(out) == expected, name  # bit for bit, every step
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def local_losses(run_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> list:
+    out = tmp_path_factory.mktemp("local") / "run"
+    subprocess.run(_command(str(run_shards / PATTERN), out, False), env=ENV, check=True,
+                   capture_output=True)
+    losses = _losses(out)
+    assert [step for step, _ in losses] == list(range(1, STEPS + 1))
+    return losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["http", "pipe"])
+def test_runs_on_streamed_shards_killed_and_resumed_repeat_the_local_run(
+        kind: str, run_shards: Path, run_shards_url: str, local_losses: list,
+        tmp_path: Path) -> None:
+    data = (f"{run_shards_url}/{PATTERN}" if kind == "http"
+            else f"pipe:cat {run_shards}/{PATTERN}")
+    out = tmp_path / kind
+    _kill_at(_command(data, out, False), out, step=5 if kind == "http" else 3)
+    assert _logged_step(out) < STEPS
+    subprocess.run(_command(data, out, True), env=ENV, check=True, capture_output=True)
+    assert _losses(out) == local_losses  # bit for bit, every step
 
 
 # -- data time ----------------------------------------------------------------------------
