@@ -134,7 +134,7 @@ def _compare(case, outputs: dict) -> dict:
                 entry = {"identical": a == b, "rows_equal": sum(x == y for x, y in zip(a, b)),
                          "rows": len(a)}
             else:
-                a, b = a.flatten(1), b.flatten(1)
+                a, b = a.flatten(1).double(), b.flatten(1).double()
                 diff = (a - b).abs()
                 entry = {"identical": bool(diff.max() <= case.tolerance),
                          "max_abs_diff": float(f"{diff.max().item():.3g}"),
