@@ -23,6 +23,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
+from test_faults import _logged_step, _losses
 from test_loader import (
     EVAL,
     TRAIN,
@@ -257,19 +258,6 @@ def _command(data: str, out: Path, resume: bool) -> list[str]:
     return command + (["--resume", "latest"] if resume else [])
 
 
-def _losses(run_dir: Path) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if "loss" in r]
-
-
-def _logged_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "log.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    return max((json.loads(line).get("step", 0) for line in lines if line.endswith("}")),
-               default=0)
-
 
 def _kill_at(command: list[str], out: Path, step: int, timeout: float = 120) -> None:
     process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL,
@@ -330,14 +318,15 @@ def test_runs_on_streamed_shards_killed_and_resumed_repeat_the_local_run(
 
 def test_a_slow_source_gets_the_data_wait_warning(run_shards: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
-    slow = f"pipe:sleep 1; cat {run_shards}/{PATTERN}"
+    # two seconds before each shard: far more than a tiny model's step even on a busy machine
+    slow = f"pipe:sleep 2; cat {run_shards}/{PATTERN}"
     config = tiny_config(slow, tmp_path / "slow", train_num_samples=48, batch_size=8,
                          max_steps=12, log_every=4)
     train(config)
     records = [json.loads(line) for line in (tmp_path / "slow" / "log.jsonl").open()]
     steps = [r for r in records if "loss" in r]
     assert all(r["data_s"] >= 0 and r["compute_s"] > 0 for r in steps)
-    assert sum(r["data_s"] for r in steps) > 4 * 1 * 2  # two epochs of four slow shards
+    assert sum(r["data_s"] for r in steps) > 4 * 2 * 2  # two epochs of four slow shards
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if "waiting for data" in line]
     assert len(warnings) == 1, err  # once a run

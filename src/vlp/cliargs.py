@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -221,24 +222,29 @@ def check_ranges(config: Any, where: str) -> None:
 # a command's flags from a file (`vlp train --config FILE`)
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """The object a JSON file (or, with PyYAML installed, a ``.yaml``/``.yml`` file) holds."""
+def read_json_or_yaml(path: str | os.PathLike[str], what: str, alternative: str) -> Any:
+    """What a JSON file (or, with PyYAML installed, a ``.yaml``/``.yml`` file) holds; `what`
+    names the kind of file in errors ("config": "config file not found") and `alternative`
+    the JSON form a user without PyYAML can write instead."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} file not found")
     text = file.read_text(encoding="utf-8")
     if file.suffix.lower() in (".yaml", ".yml"):
-        yaml = require_extra("yaml", "yaml", f"{path}: a YAML config (or the same keys as a "
-                             "JSON object)")
+        yaml = require_extra("yaml", "yaml", f"{path}: a YAML {what} (or {alternative})")
         try:
-            data = yaml.safe_load(text)
+            return yaml.safe_load(text)
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The object a JSON file (or, with PyYAML installed, a ``.yaml``/``.yml`` file) holds."""
+    data = read_json_or_yaml(path, "config", "the same keys as a JSON object")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected an object of option: value (the flags' names "
                           f"without '--'), got a {type(data).__name__}")

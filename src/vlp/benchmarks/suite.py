@@ -29,7 +29,8 @@ from vlp.benchmarks.tasks import (
     settings_given,
     task_fields,
 )
-from vlp.errors import ConfigError, VlpError, require_extra
+from vlp.cliargs import read_json_or_yaml
+from vlp.errors import ConfigError, VlpError
 from vlp.store.files import atomic_write_text
 
 HEADLINE = {  # task -> the metrics the markdown table shows
@@ -57,21 +58,7 @@ def read_suite(path: str | os.PathLike[str], defaults: dict[str, Any] | None = N
                ) -> list[BenchmarkTask]:
     """The tasks of a suite file (``defaults``: field values an entry does not set)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: suite file not found")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        yaml = require_extra("yaml", "yaml", f"{path}: a YAML suite (or JSON: a list of task "
-                             "objects)")
-        try:
-            entries = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-    else:
-        try:
-            entries = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    entries = read_json_or_yaml(path, "suite", "JSON: a list of task objects")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{path}: expected a non-empty list of task objects "
                           f'({{"task": ..., "format": ..., "root": ...}})')
