@@ -25,7 +25,7 @@ from vlp.data import (
     infer_source_kind,
     make_loader,
 )
-from vlp.data.webdataset import scan_shard
+from vlp.data.webdataset import scan_shard, stream_shard
 from vlp.errors import ConfigError, DataError
 
 
@@ -292,6 +292,12 @@ def test_webdataset_duplicate_keys_are_skipped_and_named(tmp_path: Path) -> None
         ("a", False, "truncated_shard"), ("a", True, "duplicate_key"), ("b", False,
                                                                        "truncated_shard")]
     assert samples[1].note == f"{shard}#a: duplicate_key"
+    url = f"pipe:cat {shard}"  # the stream reader groups the same way, in one pass
+    streamed = list(stream_shard(url))
+    assert [(s.key, s.lost, s.reason, s.members) for s in streamed] == [
+        (s.key, s.lost, s.reason, s.members) for s in samples]
+    assert streamed[1].note == f"{url}#a: duplicate_key"
+    assert [s.reader()(*s.members["txt"]) for s in streamed] == [b"first", b"second", b"third"]
     source = WebDatasetSource(shard)
     assert source.num_samples == 3 and [r.text for r in source] == ["first", "third"]
     loader = make_loader(source, transform=ImageTransform(8, (0.5,) * 3, (0.5,) * 3, train=False),

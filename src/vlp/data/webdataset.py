@@ -65,6 +65,20 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return key, ext.lower() if dot else ""
 
 
+def _new_sample(current: TarSample | None, key: str, ext: str, shard: str) -> TarSample | None:
+    """The sample that a member (`key`, `ext`) starts, or None when it joins `current`.
+
+    A member joins the current sample when it has the same key and an extension that sample
+    does not have yet; any other member starts a new sample. A repeated extension under the
+    same key starts a "duplicate_key" placeholder (never merged) whose note names `shard`.
+    """
+    if current is None or key != current.key:
+        return TarSample(key)
+    if ext not in current.members:
+        return None
+    return TarSample(key, lost=True, note=f"{shard}#{key}: duplicate_key", reason="duplicate_key")
+
+
 def _is_tar_header(block: bytes) -> bool:
     try:
         tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
@@ -135,17 +149,12 @@ def scan_shard(path: str, *, strict: bool = True) -> Iterator[TarSample]:
                     break
                 if not wanted:
                     continue
-                duplicate = current is not None and key == current.key and (
-                    ext in current.members)
-                if current is None or key != current.key or duplicate:
+                started = _new_sample(current, key, ext, path)
+                if started is not None:
                     if current is not None:
                         complete += 1
                         yield current
-                    current = TarSample(key)
-                    if duplicate:
-                        current.lost, current.reason = True, "duplicate_key"
-                        current.note = f"{path}#{key}: duplicate_key"
-                    current_start = info.offset
+                    current, current_start = started, info.offset
                 current.members[ext] = (info.offset_data, info.size)
         if current is not None:
             complete += 1
@@ -198,17 +207,13 @@ def stream_shard(url: str, *, strict: bool = True) -> Iterator[TarSample]:
                     else:
                         cut_key, offset = key, info.offset
                     break
-                duplicate = current is not None and key == current.key and (
-                    ext in current.members)
-                if current is None or key != current.key or duplicate:
+                started = _new_sample(current, key, ext, url)
+                if started is not None:
                     if current is not None:
                         complete += 1
                         yield current
-                    current = TarSample(key, data={})
-                    if duplicate:
-                        current.lost, current.reason = True, "duplicate_key"
-                        current.note = f"{url}#{key}: duplicate_key"
-                    offset = info.offset
+                    current, offset = started, info.offset
+                    current.data = {}
                 current.members[ext] = (info.offset_data, info.size)
                 current.data[info.offset_data] = data
     except OSError as e:  # could not be opened: a failing command, an HTTP error
