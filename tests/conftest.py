@@ -1,6 +1,7 @@
 """Fixtures shared by several test files; each file opts in by name."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -18,6 +19,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def large_tmp_path(tmp_path):
+    """A directory for the test's large files (full-size checkpoints, about 1 GB each), removed
+    when the test ends, pass or fail; the rest of `tmp_path` stays, as pytest keeps the last
+    three runs' directories."""
+    path = tmp_path / "large"
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

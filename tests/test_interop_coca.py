@@ -174,7 +174,7 @@ def test_strict_errors(pair, tmp_path):
 
 
 @pytest.mark.slow
-def test_full_coca_vit_b_32_shape_imports_and_exports(tmp_path):
+def test_full_coca_vit_b_32_shape_imports_and_exports(large_tmp_path):
     # open_clip's own coca_ViT-B-32 config (224 px, /32 patches, 12+12+12 layers, 49408 vocab,
     # context 76), random weights: the tiny model above cannot catch a shape-dependent slip
     model_cfg = open_clip.get_model_config("coca_ViT-B-32")
@@ -188,8 +188,8 @@ def test_full_coca_vit_b_32_shape_imports_and_exports(tmp_path):
         for param in reference.parameters():
             param.add_(torch.randn_like(param) * 0.02)
     reference.eval()
-    save_local_dir(reference, tmp_path / "ref", model_cfg)
-    model, _ = load_open_clip_coca(tmp_path / "ref")
+    save_local_dir(reference, large_tmp_path / "ref", model_cfg)
+    model, _ = load_open_clip_coca(large_tmp_path / "ref")
     assert model.config.text.context_length == context and model.config.decoder_layers == 12
     pixels = torch.randn(2, 3, size, size)
     text = padded_text([9, context], seed=5, context=context, vocab=vocab)  # row 0 padded
@@ -201,7 +201,7 @@ def test_full_coca_vit_b_32_shape_imports_and_exports(tmp_path):
     diffs = {key: (ours[key] - out[key]).abs().max().item() for key in ours}
     assert all(d <= ATOL for d in diffs.values()), diffs
 
-    directory = save_open_clip_coca(model, tmp_path / "export")
+    directory = save_open_clip_coca(model, large_tmp_path / "export")
     again = open_clip.create_model(f"local-dir:{directory}").eval()  # strict=True inside
     assert isinstance(again, RefCoCa)
     with torch.no_grad():

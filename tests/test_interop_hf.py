@@ -360,10 +360,10 @@ def test_tokenizer_and_preprocessing_travel_with_the_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_vit_b_32_shape(tmp_path):
+def test_full_vit_b_32_shape(large_tmp_path):
     torch.manual_seed(11)
     reference = CLIPModel(CLIPConfig()).eval()  # HF defaults are the ViT-B/32 shape
-    reference.save_pretrained(tmp_path / "hf")
+    reference.save_pretrained(large_tmp_path / "hf")
     pixels = torch.randn(1, 3, 224, 224)
     ids = torch.full((2, 77), 49407)  # openai's tokenizer pads with eos
     ids[:, 0] = 49406
@@ -373,13 +373,13 @@ def test_full_vit_b_32_shape(tmp_path):
     expected = hf_outputs(reference, pixels, ids, mask)
     del reference
 
-    convert(tmp_path / "hf", tmp_path / "v", "hf", "vlp")
-    model = load_vlp(tmp_path / "v").model
+    convert(large_tmp_path / "hf", large_tmp_path / "v", "hf", "vlp")
+    model = load_vlp(large_tmp_path / "v").model
     assert sum(p.numel() for p in model.parameters()) == 151_277_313
     assert_close(diffs(expected, vlp_outputs(model, pixels, ids, mask)), "hf->vlp ViT-B/32")
-    save_hf(model, tmp_path / "back")
+    save_hf(model, large_tmp_path / "back")
     del model
-    reloaded = CLIPModel.from_pretrained(tmp_path / "back").eval()
+    reloaded = CLIPModel.from_pretrained(large_tmp_path / "back").eval()
     assert_close(diffs(expected, hf_outputs(reloaded, pixels, ids, mask)), "vlp->hf ViT-B/32")
 
 

@@ -219,7 +219,7 @@ def test_vlp_native_model_matches_hf_when_ids_carry_enc_token(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("cls", [BlipForImageTextRetrieval, BlipForConditionalGeneration,
                                  BlipForQuestionAnswering])
-def test_full_vit_b_16_shape(cls, tmp_path):
+def test_full_vit_b_16_shape(cls, large_tmp_path):
     """HF's default BLIP config: ViT-B/16 at 384 px, BERT-base text (8 heads in HF)."""
     torch.manual_seed(11)
     hf = cls(BlipConfig()).eval()
@@ -227,7 +227,7 @@ def test_full_vit_b_16_shape(cls, tmp_path):
         for name, param in hf.named_parameters():
             if name.startswith("vision_model.") and "norm" not in name:
                 param.normal_(std=0.02)
-    hf.save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(large_tmp_path / "hf")
     pix = torch.randn(2, 3, 384, 384)
     ids = torch.tensor([[101, 1037, 3861, 1997, 1037, 4937, 102, 0],
                         [101, 2048, 6077, 2006, 1037, 2795, 2006, 102]])
@@ -244,7 +244,7 @@ def test_full_vit_b_16_shape(cls, tmp_path):
             answer = torch.tensor([[30522, 2048, 102], [30522, 2748, 102]])
             expected = {"vqa": hf_answer_logits(hf, pix, ids, mask, answer, None)}
     del hf
-    model, _ = load_hf_blip(tmp_path / "hf")
+    model, _ = load_hf_blip(large_tmp_path / "hf")
     with torch.no_grad():
         if "itm" in expected:
             ours = retrieval_outputs(model, pix, ids, mask)

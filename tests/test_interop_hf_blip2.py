@@ -239,14 +239,14 @@ def test_imported_model_saves_and_loads_as_vlp(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("llm", ["opt", "t5"])
-def test_real_qformer_shape(llm, tmp_path):
+def test_real_qformer_shape(llm, large_tmp_path):
     """The paper's Q-Former (BERT-base: width 768, 12 layers, 12 heads, 32 queries, cross-
     attention every 2nd layer) between a small vision tower and a tiny LLM."""
     hf = reference(Blip2ForConditionalGeneration, tiny_hf_config(llm, qformer_width=768,
                                                                  qformer_layers=12,
                                                                  queries=32), seed=14,
                    std=0.02)
-    hf.save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(large_tmp_path / "hf")
     pix = pixels(batch=2, seed=15)
     ids, mask = llm_texts([6, 4], seed=16, bos=llm == "opt")
     hf_ids, hf_mask = with_image_tokens(ids, mask, queries=32)
@@ -256,7 +256,7 @@ def test_real_qformer_shape(llm, tmp_path):
                       labels=labels).logits
         hf_rows = hf.generate(pix, input_ids=hf_ids, attention_mask=hf_mask, max_new_tokens=8)
     del hf
-    model, _ = load_hf_blip2(tmp_path / "hf")
+    model, _ = load_hf_blip2(large_tmp_path / "hf")
     with torch.no_grad():
         ours = model.llm_logits(pix, ids, mask, decoder_labels=labels)
         rows = model.generate(pix, ids, mask, max_new_tokens=8)

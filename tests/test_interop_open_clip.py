@@ -314,11 +314,11 @@ def test_preprocessing_comes_from_preprocess_cfg(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_vit_b_32(tmp_path):
+def test_full_vit_b_32(large_tmp_path):
     torch.manual_seed(12)
     reference = open_clip.create_model("ViT-B-32").eval()
     model_cfg = open_clip.get_model_config("ViT-B-32")
-    save_local_dir(reference, model_cfg, tmp_path / "oc")
+    save_local_dir(reference, model_cfg, large_tmp_path / "oc")
     pixels = torch.randn(1, 3, 224, 224)
     ids = torch.zeros(2, 77, dtype=torch.long)
     ids[:, 0] = 49406
@@ -327,13 +327,13 @@ def test_full_vit_b_32(tmp_path):
     expected = ref_outputs(reference, pixels, ids)
     del reference
 
-    convert(tmp_path / "oc", tmp_path / "v", "open_clip", "vlp")
-    model = load_vlp(tmp_path / "v").model
+    convert(large_tmp_path / "oc", large_tmp_path / "v", "open_clip", "vlp")
+    model = load_vlp(large_tmp_path / "v").model
     assert sum(p.numel() for p in model.parameters()) == 151_277_313
     assert_close(diffs(expected, vlp_outputs(model, pixels, ids)), "open_clip->vlp ViT-B-32")
-    save_open_clip(model, tmp_path / "back")
+    save_open_clip(model, large_tmp_path / "back")
     del model
-    reloaded = open_clip.create_model(f"local-dir:{tmp_path / 'back'}").eval()
+    reloaded = open_clip.create_model(f"local-dir:{large_tmp_path / 'back'}").eval()
     assert_close(diffs(expected, ref_outputs(reloaded, pixels, ids)), "vlp->open_clip ViT-B-32")
 
 
