@@ -29,6 +29,11 @@ class Run:
     run: Callable[[], Any]
     samples: int  # samples (captions, answers, images, texts) one run produces
     parameters: int
+    # one part of ``run`` on its own (the image tower on the same pixels; the JPEG decoding of
+    # the image path), for benchmarks/profile_inference.py: the share of a run that a change
+    # elsewhere cannot speed up
+    part: Callable[[], Any] | None = None
+    part_name: str = "image tower"
 
 
 def _draw_every_tensor(model: nn.Module, seed: int, std: float = 0.02) -> None:
@@ -128,6 +133,8 @@ def build_blip(kind: str):
         else:
             cls = BlipForConditionalGeneration if kind == "caption" else BlipForQuestionAnswering
             model = cls.from_pretrained(directory / "hf").eval()
+        tower = (lambda: model.image_tokens(pixels)) if side.startswith(VLP) else (  # noqa: E731
+            lambda: model.vision_model(pixel_values=pixels))
         config = json.loads((directory / "hf" / "config.json").read_text())
         text = config["text_config"]
         sep, size = text.get("sep_token_id", 102), config["vision_config"].get("image_size", 384)
@@ -152,7 +159,7 @@ def build_blip(kind: str):
                 def run():
                     return _rows(model.generate(input_ids=question, pixel_values=pixels,
                                                 attention_mask=mask, **gen), 1, sep)
-        return Run(run, settings["batch"], _count(model))
+        return Run(run, settings["batch"], _count(model), tower)
     return build
 
 
@@ -221,7 +228,9 @@ def build_blip2(side: str, settings: dict, directory: Path) -> Run:
             out = model.generate(pixel_values=pixels, input_ids=ids,
                                  attention_mask=torch.ones_like(ids), **gen)
             return _rows(out, out.shape[1] - new, eos)
-    return Run(run, batch, _count(model))
+    tower = (lambda: model.visual(pixels)) if side == VLP else (  # noqa: E731
+        lambda: model.vision_model(pixel_values=pixels))
+    return Run(run, batch, _count(model), tower)
 
 
 # -- CLIP embedding vs open_clip and transformers -------------------------------------------------
@@ -372,7 +381,9 @@ def build_images(side: str, settings: dict, directory: Path) -> Run:
         def run():
             images = [Image.open(f).convert("RGB") for f in files]
             return processor(images=images, return_tensors="pt")["pixel_values"]
-    return Run(run, len(files), 0)
+    def decode():
+        return [Image.open(f).convert("RGB") for f in files]
+    return Run(run, len(files), 0, decode, "JPEG decode")
 
 
 # -- the registry ---------------------------------------------------------------------------------

@@ -1,13 +1,18 @@
 """Training throughput and peak memory of vlp's CLIP against open_clip's on the same shape.
 
     .venv/bin/python benchmarks/train_throughput.py [--models clip-tiny vit-b-32] [--batch N]
-        [--steps N] [--repeats 6] [--compile | --no-compile] [--device cpu|cuda] [--out PATH]
+        [--steps N] [--repeats 6] [--compile | --no-compile] [--device cpu|cuda]
+        [--optimizer own|same] [--out PATH]
 
 One training step = forward of both towers + contrastive loss + backward + AdamW step, on the
 same seeded random images and full-length token ids (no padding, so vlp's trimming of
 all-padding columns does no work and both libraries run the same FLOPs). open_clip's model is
 built from a config dict of the same shape; equal parameter counts are asserted. Compiled mode
-wraps forward + loss in ``torch.compile``; the optimizer step stays eager in both.
+wraps forward + loss in ``torch.compile``; the optimizer step stays eager in both. The AdamW
+step is the one each library's trainer builds (``--optimizer own``, the default: vlp's
+``build_optimizer`` takes PyTorch's fused kernel, open_clip_train's ``main.py`` the default
+implementation) or one plain ``torch.optim.AdamW`` on both sides (``--optimizer same``: the
+model code alone); each result names the implementation each side ran.
 
 Each (library, model, mode) runs in its own worker process so memory numbers do not mix; the
 two libraries' workers of a configuration are alive together and take turns (ABBA order) for
@@ -122,8 +127,37 @@ def build(library: str, model: str, device: torch.device):
     return module, loss_fn
 
 
+def build_optimizer(library: str, module: torch.nn.Module, kind: str) -> torch.optim.Optimizer:
+    """``own``: AdamW as each library's trainer builds it -- vlp's ``build_optimizer`` (two
+    groups, PyTorch's fused kernel where it has one), open_clip_train's (gains and biases
+    undecayed, PyTorch's default implementation: a per-tensor loop on CPU, ``foreach`` on CUDA);
+    ``same``: one plain ``torch.optim.AdamW`` over every parameter on both sides."""
+    lr, decay = 1e-4, 0.1
+    if kind == "same":
+        return torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=decay)
+    if library == "vlp":
+        from vlp.train.optim import build_optimizer as vlp_optimizer
+
+        return vlp_optimizer(module, lr, decay)
+    named = list(module.named_parameters())
+
+    def exclude(name, param):  # open_clip_train/main.py's rule for gains and biases
+        return (param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name
+                or "logit_scale" in name)
+    return torch.optim.AdamW(
+        [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+         {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": decay}],
+        lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def optimizer_implementation(optimizer: torch.optim.Optimizer) -> str:
+    defaults = optimizer.defaults
+    return ("fused" if defaults.get("fused") else "foreach" if defaults.get("foreach")
+            else "default (per-tensor loop on CPU, foreach on CUDA)")
+
+
 def worker(conn, library: str, model: str, batch: int, text_tokens: int | None, device: str,
-           compiled: bool, threads: int) -> None:
+           compiled: bool, threads: int, optimizer_kind: str = "own") -> None:
     """Serve ("warmup", n), ("time", n), ("memory",), ("quit",) requests over ``conn``."""
     try:
         torch.set_num_threads(threads)
@@ -135,7 +169,7 @@ def worker(conn, library: str, model: str, batch: int, text_tokens: int | None, 
                                   device_)
         baseline_kb = _rss_kb("VmRSS")
         module, loss_fn = build(library, model, device_)
-        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.1)
+        optimizer = build_optimizer(library, module, optimizer_kind)
         step_fn = torch.compile(loss_fn) if compiled else loss_fn
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device_.type == "cuda")
 
@@ -157,6 +191,7 @@ def worker(conn, library: str, model: str, batch: int, text_tokens: int | None, 
             return times, time.process_time() - cpu
 
         conn.send({"parameters": sum(p.numel() for p in module.parameters()),
+                   "optimizer": optimizer_implementation(optimizer),
                    "inputs_checksum": [float(pixels.double().sum()), int(ids.sum())]})
         memory_method, resident_kb = None, 0
         while True:
@@ -245,7 +280,8 @@ def measure(context, model: str, batch: int, steps: int, compiled: bool, args) -
                  "steps_per_repeat": steps}
     workers = {name: Worker(context, name, model=model, batch=batch,
                             text_tokens=args.text_tokens, device=args.device, compiled=compiled,
-                            threads=args.threads) for name in LIBRARIES}
+                            threads=args.threads, optimizer_kind=args.optimizer)
+               for name in LIBRARIES}
     timeout = args.compile_timeout if compiled else args.step_timeout
     on_cpu = torch.device(args.device).type == "cpu"
     try:
@@ -271,6 +307,7 @@ def measure(context, model: str, batch: int, steps: int, compiled: bool, args) -
             row[name] = {
                 "samples_per_s": round(statistics.median(per_rep[name]), 2),
                 "samples_per_s_reps": [round(v, 2) for v in per_rep[name]],
+                "optimizer": info[name]["optimizer"],
                 "first_step_s": round(warm[name][0], 2),
                 "peak_memory_mb": memory[name]["peak_mb"],
                 "step_peak_memory_mb": memory[name]["step_peak_mb"],
@@ -342,6 +379,9 @@ def main() -> None:
     parser.add_argument("--compile-timeout", type=float, default=600.0,
                         help="seconds allowed for the warmup (compilation) of one worker")
     parser.add_argument("--step-timeout", type=float, default=300.0)
+    parser.add_argument("--optimizer", choices=("own", "same"), default="own",
+                        help="own: AdamW as each library's trainer builds it (vlp: fused "
+                             "kernel); same: one plain torch AdamW on both sides")
     parser.add_argument("--out", help="default: benchmarks/results/train_throughput_<device>.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -375,6 +415,9 @@ def main() -> None:
                      "statistic": "median of per-repeat samples/s; paired ratio: median of "
                                   "per-repeat vlp/open_clip ratios; best: ratio of the fastest "
                                   "repeats",
+                     "optimizer": {"own": "AdamW as each library's trainer builds it",
+                                   "same": "one plain torch.optim.AdamW on both sides"}[
+                                       args.optimizer],
                      "text": (f"{args.text_tokens} real tokens, rest padding" if args.text_tokens
                               else "full context, no padding")},
         "results": results,
