@@ -13,12 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workers import error_message  # noqa: E402
 
 from vlp.config import get_preset
 from vlp.models import build_model
@@ -57,18 +61,13 @@ def time_generate(model, pixels, new_tokens: int, use_cache: bool, repeats: int)
     return statistics.median(times[1:]), tokens
 
 
-def _message(error: BaseException) -> str:
-    """``Type: message`` with the machine's paths cut out (results record no paths)."""
-    return re.sub(r"\s*\(/[^)]*\)", "", f"{type(error).__name__}: {error}")
-
-
 def try_open_clip_generate() -> dict:
     """Run open_clip's CoCa.generate on a tiny random model; record how it ends."""
     try:
         import open_clip
         from open_clip.coca_model import CoCa
     except Exception as error:  # not installed, or it fails to import
-        return {"ran": False, "error": _message(error)}
+        return {"ran": False, "error": error_message(error)}
     text = {"context_length": 12, "vocab_size": 64, "width": 32, "heads": 4, "layers": 1,
             "embed_cls": True, "output_tokens": True}
     vision = {"image_size": 32, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16,
@@ -82,13 +81,14 @@ def try_open_clip_generate() -> dict:
                        sot_token_id=62, eos_token_id=63, pad_token_id=0)
         result.update(ran=True)
     except Exception as error:
-        result.update(ran=False, error=_message(error))
+        result.update(ran=False, error=error_message(error))
         try:  # open_clip gates generate() on this import; transformers 4.57 removed the class
             from transformers.generation import BeamSearchScorer  # noqa: F401
         except Exception as cause:
             import transformers
 
-            result["cause"] = f"transformers {transformers.__version__}: {_message(cause)}"
+            result["cause"] = (f"transformers {transformers.__version__}: "
+                               f"{error_message(cause)}")
     return result
 
 

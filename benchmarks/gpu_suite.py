@@ -33,8 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import inference_cases  # noqa: E402
-from generation import _message  # noqa: E402
-from inference import _versions  # noqa: E402
+from workers import error_message, versions  # noqa: E402
 
 TRAIN_MODELS = {  # name: (vlp preset, open_clip model name)
     "clip-vit-b-32": ("clip-vit-b-32", "ViT-B-32"),
@@ -181,7 +180,7 @@ def part_training(args, device, budget, compiled: bool) -> list[dict]:
             row["parameters_m"] = round(params / 1e6, 2)
             row.update(alternate(fns, args.repeats, device, args.train_batch))
         except Exception as error:  # recorded; the suite goes on
-            row["error"] = _message(error)
+            row["error"] = error_message(error)
         rows.append(row)
         print(json.dumps(row), flush=True)
         fns = None
@@ -309,13 +308,13 @@ def main(argv: list[str] | None = None) -> int:
                 results += part(args, device, budget, sub)
             except Exception as error:  # recorded; the suite goes on
                 results.append({"part": part.__name__.removeprefix("part_"),
-                                "error": _message(error)})
+                                "error": error_message(error)})
     results += part_training(args, device, budget, compiled=True)
     report = {
         "benchmark": "GPU suite: training (eager, compiled), BLIP captioning, image embedding; "
                      "vlp vs open_clip / transformers",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": _versions(),
+        "versions": versions(),
         "protocol": {"repeats": args.repeats, "order": "sides alternate, reversed every other "
                      "repeat", "statistic": "median samples/s; ratio vlp / reference",
                      "memory": "torch.cuda.max_memory_allocated over each side's timed runs"},

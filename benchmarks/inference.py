@@ -34,7 +34,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -42,8 +41,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import inference_cases  # noqa: E402
-from generation import _message, try_open_clip_generate  # noqa: E402
-from train_throughput import _load_average, _reset_peak_rss, _rss_kb, device_name  # noqa: E402
+from generation import try_open_clip_generate  # noqa: E402
+from workers import (  # noqa: E402
+    WorkerError,
+    WorkerProcess,
+    device_name,
+    load_average,
+    reset_peak_rss,
+    rss_kb,
+    send_error,
+    versions,
+)
 
 
 def _worker(conn, case_name: str, side: str, toy: bool, threads: int, directory: str) -> None:
@@ -51,7 +59,7 @@ def _worker(conn, case_name: str, side: str, toy: bool, threads: int, directory:
     try:
         case = next(c for c in inference_cases.cases(toy) if c.name == case_name)
         torch.set_num_threads(case.settings.get("threads", threads))
-        rss_before_kb = _rss_kb("VmRSS")
+        rss_before_kb = rss_kb("VmRSS")
         run = case.build(side, case.settings, Path(directory))
         conn.send({"parameters": run.parameters, "samples": run.samples})
         output = None
@@ -60,8 +68,8 @@ def _worker(conn, case_name: str, side: str, toy: bool, threads: int, directory:
             if request[0] == "warmup":
                 with torch.no_grad():
                     output = run.run()
-                resident_kb = _rss_kb("VmRSS")
-                reset = _reset_peak_rss()
+                resident_kb = rss_kb("VmRSS")
+                reset = reset_peak_rss()
                 conn.send({"reset": reset})
             elif request[0] == "time":
                 start, cpu = time.perf_counter(), time.process_time()
@@ -70,7 +78,7 @@ def _worker(conn, case_name: str, side: str, toy: bool, threads: int, directory:
                 conn.send({"seconds": time.perf_counter() - start,
                            "cpu_s": time.process_time() - cpu})
             elif request[0] == "output":
-                peak_kb = _rss_kb("VmHWM")
+                peak_kb = rss_kb("VmHWM")
                 if isinstance(output, torch.Tensor):
                     output = output.detach().float()
                 conn.send({"output": output,
@@ -82,40 +90,9 @@ def _worker(conn, case_name: str, side: str, toy: bool, threads: int, directory:
             else:
                 break
     except BaseException as error:  # the parent records it instead of crashing
-        conn.send({"error": _message(error),
-                   "traceback_tail": "".join(traceback.format_exception(error))[-2500:]})
+        send_error(conn, error)
     finally:
         conn.close()
-
-
-class _Side:
-    def __init__(self, context, side: str, **kwargs) -> None:
-        self.side = side
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker, args=(child,), daemon=True,
-                                       kwargs={"side": side, **kwargs})
-        self.process.start()
-        child.close()
-
-    def ask(self, request: tuple | None, timeout: float) -> dict:
-        if request:
-            self.conn.send(request)
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"{self.side}: no answer in {timeout:.0f} s")
-        answer = self.conn.recv()
-        if "error" in answer:
-            raise RuntimeError(f"{self.side}: {answer['error']}\n{answer['traceback_tail']}")
-        return answer
-
-    def stop(self) -> None:
-        try:
-            self.conn.send(("quit",))
-        except (BrokenPipeError, OSError):
-            pass
-        self.process.join(timeout=30)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
 
 
 def _ours(name: str) -> bool:
@@ -153,8 +130,9 @@ def measure(context, case, args) -> dict:
         start = time.perf_counter()
         case.prepare(case.settings, Path(directory))
         row["prepare_s"] = round(time.perf_counter() - start, 1)
-        sides = {name: _Side(context, name, case_name=case.name, toy=args.toy,
-                             threads=args.threads, directory=directory) for name in case.sides}
+        sides = {name: WorkerProcess(context, name, _worker, side=name, case_name=case.name,
+                                     toy=args.toy, threads=args.threads, directory=directory)
+                 for name in case.sides}
         try:
             info = {name: s.ask(None, args.timeout) for name, s in sides.items()}
             for name in case.sides:  # one at a time: warmups must not overlap either
@@ -187,25 +165,14 @@ def measure(context, case, args) -> dict:
                         a / b for a, b in zip(per_rep[ours], per_rep[name])), 3)
                     row["ratio_peak_rss"][key] = round(row[ours]["peak_rss_mb"]
                                                        / row[name]["peak_rss_mb"], 3)
-        except (RuntimeError, TimeoutError) as error:
+        except (WorkerError, TimeoutError) as error:
             row["error"] = str(error)[-3000:]
+            if isinstance(error, WorkerError):
+                row["traceback_tail"] = error.answer.get("traceback_tail")
         finally:
             for s in sides.values():
                 s.stop()
     return row
-
-
-def _versions() -> dict:
-    """Installed versions, read from package metadata (importing transformers takes long)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"torch": torch.__version__}
-    for name in ("transformers", "open_clip_torch", "pillow", "torchvision"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     for case in chosen:
         case.sides = tuple(s for s in case.sides if s not in args.skip_sides)
     context = mp.get_context("spawn")
-    load_before, start, results = _load_average(), time.perf_counter(), []
+    load_before, start, results = load_average(), time.perf_counter(), []
     for case in chosen:
         row = measure(context, case, args)
         print(json.dumps({k: row[k] for k in ("case", "ratio", "ratio_paired", "outputs", "error")
@@ -243,8 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         "threads_note": "torch.get_num_threads() of the run unless --threads; the image path "
                         "runs one thread (images/s per core)",
         "precision": "fp32",
-        "versions": _versions(),
-        "load_average_1_5_15min": {"before": load_before, "after": _load_average()},
+        "versions": versions(),
+        "load_average_1_5_15min": {"before": load_before, "after": load_average()},
         "protocol": {"repeats": args.repeats, "order": "sides alternate, reversed every other "
                      "repeat", "warmup": "one untimed run per side",
                      "statistic": "median samples/s; ratio_paired: median of per-repeat "

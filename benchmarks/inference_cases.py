@@ -29,11 +29,11 @@ class Run:
     run: Callable[[], Any]
     samples: int  # samples (captions, answers, images, texts) one run produces
     parameters: int
-    # one part of ``run`` on its own (the image tower on the same pixels; the JPEG decoding of
-    # the image path), for benchmarks/profile_inference.py: the share of a run that a change
-    # elsewhere cannot speed up
+    # one part of ``run`` on its own (the image tower on the same pixels; Pillow's decode +
+    # resize + crop of the image path), for benchmarks/profile_inference.py: the share of a
+    # run that a change elsewhere cannot speed up
     part: Callable[[], Any] | None = None
-    part_name: str = "image tower"
+    part_name: str = "image tower (the side's own encoder on the same pixels)"
 
 
 def _draw_every_tensor(model: nn.Module, seed: int, std: float = 0.02) -> None:
@@ -381,9 +381,14 @@ def build_images(side: str, settings: dict, directory: Path) -> Run:
         def run():
             images = [Image.open(f).convert("RGB") for f in files]
             return processor(images=images, return_tensors="pt")["pixel_values"]
-    def decode():
-        return [Image.open(f).convert("RGB") for f in files]
-    return Run(run, len(files), 0, decode, "JPEG decode")
+    def pillow():  # what every side leaves to Pillow: decode, resize, centre crop
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        return [TF.center_crop(TF.resize(Image.open(f).convert("RGB"), [size],
+                                         interpolation=InterpolationMode.BICUBIC,
+                                         antialias=True), [size, size]) for f in files]
+    return Run(run, len(files), 0, pillow, "Pillow: JPEG decode + resize + centre crop")
 
 
 # -- the registry ---------------------------------------------------------------------------------

@@ -36,15 +36,25 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
-import platform
 import resource
 import statistics
+import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workers import (  # noqa: E402
+    WorkerError,
+    WorkerProcess,
+    device_name,
+    load_average,
+    reset_peak_rss,
+    rss_kb,
+    send_error,
+)
 
 LIBRARIES = ("vlp", "open_clip")
 # vlp preset and the open_clip model config dict of the identical architecture
@@ -74,21 +84,6 @@ def open_clip_config(model: str) -> dict:
 
 
 # -- worker: one library, one model, one mode ------------------------------------------------------
-
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := VmRSS
-        return True
-    except OSError:
-        return False
-
 
 def make_inputs(config, batch: int, text_tokens: int, device: torch.device):
     """The same seeded images and ids in every worker: random ids, eos last, no padding."""
@@ -167,7 +162,7 @@ def worker(conn, library: str, model: str, batch: int, text_tokens: int | None, 
         config = get_preset(MODELS[model])
         pixels, ids = make_inputs(config, batch, text_tokens or config.text.context_length,
                                   device_)
-        baseline_kb = _rss_kb("VmRSS")
+        baseline_kb = rss_kb("VmRSS")
         module, loss_fn = build(library, model, device_)
         optimizer = build_optimizer(library, module, optimizer_kind)
         step_fn = torch.compile(loss_fn) if compiled else loss_fn
@@ -202,12 +197,12 @@ def worker(conn, library: str, model: str, batch: int, text_tokens: int | None, 
                     torch.cuda.reset_peak_memory_stats()
                     memory_method = "cuda_max_memory_allocated"
                     resident_kb = torch.cuda.memory_allocated() // 1024
-                elif _reset_peak_rss():
+                elif reset_peak_rss():
                     memory_method = "vmhwm_over_timed_steps_minus_rss_before_model"
-                    resident_kb = _rss_kb("VmRSS")
+                    resident_kb = rss_kb("VmRSS")
                 else:  # cannot reset the high-water mark: the peak includes warmup/compile
                     memory_method = "ru_maxrss_whole_worker_minus_rss_before_model"
-                    resident_kb = _rss_kb("VmRSS")
+                    resident_kb = rss_kb("VmRSS")
                 conn.send({"times": times})
             elif request[0] == "time":
                 times, cpu_s = steps(request[1])
@@ -216,7 +211,7 @@ def worker(conn, library: str, model: str, batch: int, text_tokens: int | None, 
                 if device_.type == "cuda":
                     peak_kb, baseline_kb = torch.cuda.max_memory_allocated() // 1024, 0
                 elif memory_method.startswith("vmhwm"):
-                    peak_kb = _rss_kb("VmHWM")
+                    peak_kb = rss_kb("VmHWM")
                 else:
                     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 conn.send({"peak_mb": round((peak_kb - baseline_kb) / 1024, 1),
@@ -225,67 +220,27 @@ def worker(conn, library: str, model: str, batch: int, text_tokens: int | None, 
             else:
                 break
     except BaseException as error:  # the parent records it instead of crashing
-        lines = traceback.format_exception(error)
-        conn.send({"error": f"{type(error).__name__}: {str(error)[:2000]}",
-                   "traceback_tail": "".join(lines)[-3000:]})
+        send_error(conn, error)
     finally:
         conn.close()
 
 
 # -- parent: start the two workers of a configuration, alternate them ------------------------------
 
-class Worker:
-    def __init__(self, context, library: str, **kwargs) -> None:
-        self.library = library
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=worker, args=(child, library), kwargs=kwargs,
-                                       daemon=True)
-        self.process.start()
-        child.close()
-
-    def ask(self, request: tuple, timeout: float) -> dict:
-        if request:
-            self.conn.send(request)
-        return self.answer(request, timeout)
-
-    def answer(self, request: tuple, timeout: float) -> dict:
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"{self.library}: no answer to {request[:1]} in {timeout:.0f} s")
-        answer = self.conn.recv()
-        if "error" in answer:
-            raise WorkerError(self.library, answer)
-        return answer
-
-    def stop(self) -> None:
-        try:
-            self.conn.send(("quit",))
-        except (BrokenPipeError, OSError):
-            pass
-        self.process.join(timeout=30)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-
-
-class WorkerError(RuntimeError):
-    def __init__(self, library: str, answer: dict) -> None:
-        super().__init__(f"{library}: {answer['error']}")
-        self.answer = answer
-
-
 def measure(context, model: str, batch: int, steps: int, compiled: bool, args) -> dict:
     """Both libraries on one configuration: warmup each, then ABBA-ordered timed repetitions."""
     row: dict = {"model": model, "vlp_preset": MODELS[model], "mode":
                  "compiled" if compiled else "eager", "batch_size": batch,
                  "steps_per_repeat": steps}
-    workers = {name: Worker(context, name, model=model, batch=batch,
-                            text_tokens=args.text_tokens, device=args.device, compiled=compiled,
-                            threads=args.threads, optimizer_kind=args.optimizer)
+    workers = {name: WorkerProcess(context, name, worker, library=name, model=model,
+                                   batch=batch, text_tokens=args.text_tokens,
+                                   device=args.device, compiled=compiled, threads=args.threads,
+                                   optimizer_kind=args.optimizer)
                for name in LIBRARIES}
     timeout = args.compile_timeout if compiled else args.step_timeout
     on_cpu = torch.device(args.device).type == "cpu"
     try:
-        info = {name: w.ask((), args.step_timeout) for name, w in workers.items()}
+        info = {name: w.ask(None, args.step_timeout) for name, w in workers.items()}
         params = {name: i["parameters"] for name, i in info.items()}
         assert params["vlp"] == params["open_clip"], f"parameter counts differ: {params}"
         assert info["vlp"]["inputs_checksum"] == info["open_clip"]["inputs_checksum"]
@@ -339,28 +294,6 @@ def measure(context, model: str, batch: int, steps: int, compiled: bool, args) -
     return row
 
 
-def _load_average() -> list[float] | None:
-    """Other work on the machine, recorded beside the numbers it may have disturbed."""
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def device_name(device: torch.device, threads: int) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU ({model}, {os.cpu_count()} cores, {threads} thread(s))"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -387,7 +320,7 @@ def main() -> None:
     device = torch.device(args.device)
     context = mp.get_context("spawn")
     results = []
-    load_before = _load_average()
+    load_before = load_average()
     modes = [False, True] if args.compile else [False]
     for compiled in modes:
         for model in args.models:
@@ -408,7 +341,7 @@ def main() -> None:
         "torch": torch.__version__,
         "open_clip_version": open_clip.__version__,
         "threads": args.threads,
-        "load_average_1_5_15min": {"before": load_before, "after": _load_average()},
+        "load_average_1_5_15min": {"before": load_before, "after": load_average()},
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "protocol": {"warmup_steps": args.warmup, "warmup": "both libraries at once",
                      "repeats": args.repeats, "order": "ABBA across repeats",

@@ -131,6 +131,39 @@ def test_inference_benchmark_runs_at_toy_size(tmp_path):
     assert row["vlp"]["peak_rss_mb"] > 0 and report["threads"] >= 1
 
 
+def test_profile_benchmark_splits_a_run_at_toy_size(tmp_path):
+    out = tmp_path / "profile.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_inference.py"), "--toy",
+                    "--only", "image_path_224", "--skip-sides", "transformers", "--repeats", "1",
+                    "--out", str(out)],
+                   check=True, cwd=ROOT, timeout=300, capture_output=True)
+    import json
+
+    (row,) = json.loads(out.read_text())["results"]
+    assert "error" not in row, row.get("error")
+    for side in ("vlp", "open_clip"):
+        entry = row[side]
+        assert 0 < entry["part_s"] and 0 < entry["part_share_of_run"] < 1.5
+        assert abs(sum(entry["self_cpu_share_by_kind"].values()) - 1) < 0.01
+    ratios = row["vlp/open_clip"]
+    assert ratios["ceiling_if_rest_free"] > ratios["part"] > 0 and ratios["run"] > 0
+
+
+def test_train_benchmark_records_each_librarys_optimizer(tmp_path):
+    out = tmp_path / "train.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"),
+                    "--models", "clip-tiny", "--batch", "4", "--steps", "1", "--repeats", "1",
+                    "--warmup", "1", "--no-compile", "--out", str(out)],
+                   check=True, cwd=ROOT, timeout=300, capture_output=True)
+    import json
+
+    (row,) = json.loads(out.read_text())["results"]
+    assert "error" not in row, row.get("error")
+    assert row["vlp"]["optimizer"] == "fused"  # vlp's build_optimizer on CPU
+    assert row["open_clip"]["optimizer"].startswith("default")  # open_clip_train's AdamW
+    assert row["ratio_samples_per_s"] > 0
+
+
 def test_gpu_suite_without_a_gpu_says_so_in_one_line():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the suite would run")
