@@ -49,50 +49,47 @@ from workers import (  # noqa: E402
     load_average,
     reset_peak_rss,
     rss_kb,
-    send_error,
+    serve,
     versions,
+    write_result,
 )
 
 
 def _worker(conn, case_name: str, side: str, toy: bool, threads: int, directory: str) -> None:
     """Serve ("warmup",), ("time",), ("output",), ("quit",) for one side of one case."""
-    try:
+    def start():
         case = next(c for c in inference_cases.cases(toy) if c.name == case_name)
         torch.set_num_threads(case.settings.get("threads", threads))
         rss_before_kb = rss_kb("VmRSS")
         run = case.build(side, case.settings, Path(directory))
-        conn.send({"parameters": run.parameters, "samples": run.samples})
-        output = None
-        while True:
-            request = conn.recv()
+        state = {"output": None}
+
+        def handle(request: tuple) -> dict | None:
             if request[0] == "warmup":
                 with torch.no_grad():
-                    output = run.run()
-                resident_kb = rss_kb("VmRSS")
-                reset = reset_peak_rss()
-                conn.send({"reset": reset})
-            elif request[0] == "time":
+                    state["output"] = run.run()
+                state["resident_kb"] = rss_kb("VmRSS")
+                state["reset"] = reset_peak_rss()
+                return {"reset": state["reset"]}
+            if request[0] == "time":
                 start, cpu = time.perf_counter(), time.process_time()
                 with torch.no_grad():
-                    output = run.run()
-                conn.send({"seconds": time.perf_counter() - start,
-                           "cpu_s": time.process_time() - cpu})
-            elif request[0] == "output":
-                peak_kb = rss_kb("VmHWM")
+                    state["output"] = run.run()
+                return {"seconds": time.perf_counter() - start,
+                        "cpu_s": time.process_time() - cpu}
+            if request[0] == "output":
+                peak_kb, output = rss_kb("VmHWM"), state["output"]
                 if isinstance(output, torch.Tensor):
                     output = output.detach().float()
-                conn.send({"output": output,
-                           "peak_rss_mb": round(peak_kb / 1024, 1),
-                           "peak_over_start_mb": round((peak_kb - rss_before_kb) / 1024, 1),
-                           "resident_after_warmup_mb": round(resident_kb / 1024, 1),
-                           "peak_method": "VmHWM over the timed runs (reset after warmup)"
-                           if reset else "VmHWM of the whole worker"})
-            else:
-                break
-    except BaseException as error:  # the parent records it instead of crashing
-        send_error(conn, error)
-    finally:
-        conn.close()
+                return {"output": output,
+                        "peak_rss_mb": round(peak_kb / 1024, 1),
+                        "peak_over_start_mb": round((peak_kb - rss_before_kb) / 1024, 1),
+                        "resident_after_warmup_mb": round(state["resident_kb"] / 1024, 1),
+                        "peak_method": "VmHWM over the timed runs (reset after warmup)"
+                        if state["reset"] else "VmHWM of the whole worker"}
+            return None
+        return {"parameters": run.parameters, "samples": run.samples}, handle
+    serve(conn, start)
 
 
 def _ours(name: str) -> bool:
@@ -222,9 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         "coca_open_clip_generate": try_open_clip_generate(),
     }
     report["wall_s"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out or Path(__file__).parent / "results" / "inference_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_result(report, args.out, "inference_cpu.json")
     print(f"wrote {out} in {report['wall_s']} s")
 
 

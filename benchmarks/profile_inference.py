@@ -42,8 +42,9 @@ from workers import (  # noqa: E402
     WorkerProcess,
     device_name,
     load_average,
-    send_error,
+    serve,
     versions,
+    write_result,
 )
 
 KINDS = (  # (kind, substrings of aten operator names), first match wins
@@ -99,7 +100,7 @@ def _profile(fn) -> dict:
 
 def _side(conn, case_name: str, side: str, toy: bool, threads: int, directory: str) -> None:
     """Serve ("run",), ("part",) (seconds of one), ("profile",), ("quit",) for one side."""
-    try:
+    def start():
         case = next(c for c in inference_cases.cases(toy) if c.name == case_name)
         torch.set_num_threads(case.settings.get("threads", threads))
         run = case.build(side, case.settings, Path(directory))
@@ -107,21 +108,13 @@ def _side(conn, case_name: str, side: str, toy: bool, threads: int, directory: s
             run.run()  # warmup
             if run.part:
                 run.part()
-        conn.send({"samples": run.samples, "part": run.part and run.part_name})
-        while True:
-            request = conn.recv()
-            if request[0] == "run":
-                conn.send({"seconds": _seconds(run.run)})
-            elif request[0] == "part":
-                conn.send({"seconds": _seconds(run.part)})
-            elif request[0] == "profile":
-                conn.send(_profile(run.run))
-            else:
-                break
-    except BaseException as error:  # the parent records it instead of crashing
-        send_error(conn, error)
-    finally:
-        conn.close()
+
+        def handle(request: tuple) -> dict | None:
+            if request[0] in ("run", "part"):
+                return {"seconds": _seconds(getattr(run, request[0]))}
+            return _profile(run.run) if request[0] == "profile" else None
+        return {"samples": run.samples, "part": run.part and run.part_name}, handle
+    serve(conn, start)
 
 
 def profile_case(context, case, args) -> dict:
@@ -216,9 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s": round(time.perf_counter() - start, 1),
         "results": results,
     }
-    out = Path(args.out or Path(__file__).parent / "results" / "inference_profile_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_result(report, args.out, "inference_profile_cpu.json")
     print(f"wrote {out} in {report['wall_s']} s")
 
 

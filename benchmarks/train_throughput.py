@@ -53,7 +53,8 @@ from workers import (  # noqa: E402
     load_average,
     reset_peak_rss,
     rss_kb,
-    send_error,
+    serve,
+    write_result,
 )
 
 LIBRARIES = ("vlp", "open_clip")
@@ -154,7 +155,7 @@ def optimizer_implementation(optimizer: torch.optim.Optimizer) -> str:
 def worker(conn, library: str, model: str, batch: int, text_tokens: int | None, device: str,
            compiled: bool, threads: int, optimizer_kind: str = "own") -> None:
     """Serve ("warmup", n), ("time", n), ("memory",), ("quit",) requests over ``conn``."""
-    try:
+    def start():
         torch.set_num_threads(threads)
         device_ = torch.device(device)
         from vlp.config import get_preset
@@ -167,12 +168,9 @@ def worker(conn, library: str, model: str, batch: int, text_tokens: int | None, 
         optimizer = build_optimizer(library, module, optimizer_kind)
         step_fn = torch.compile(loss_fn) if compiled else loss_fn
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device_.type == "cuda")
+        memory = {"method": None, "resident_kb": 0}
 
-        def sync():
-            if device_.type == "cuda":
-                torch.cuda.synchronize()
-
-        def steps(n: int) -> list[float]:
+        def steps(n: int) -> tuple[list[float], float]:
             times, cpu = [], time.process_time()
             for _ in range(n):
                 start = time.perf_counter()
@@ -181,48 +179,44 @@ def worker(conn, library: str, model: str, batch: int, text_tokens: int | None, 
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                sync()
+                if device_.type == "cuda":
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
             return times, time.process_time() - cpu
 
-        conn.send({"parameters": sum(p.numel() for p in module.parameters()),
-                   "optimizer": optimizer_implementation(optimizer),
-                   "inputs_checksum": [float(pixels.double().sum()), int(ids.sum())]})
-        memory_method, resident_kb = None, 0
-        while True:
-            request = conn.recv()
+        def handle(request: tuple) -> dict | None:
             if request[0] == "warmup":
                 times, _ = steps(request[1])
                 if device_.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                    memory_method = "cuda_max_memory_allocated"
-                    resident_kb = torch.cuda.memory_allocated() // 1024
+                    memory.update(method="cuda_max_memory_allocated",
+                                  resident_kb=torch.cuda.memory_allocated() // 1024)
                 elif reset_peak_rss():
-                    memory_method = "vmhwm_over_timed_steps_minus_rss_before_model"
-                    resident_kb = rss_kb("VmRSS")
+                    memory.update(method="vmhwm_over_timed_steps_minus_rss_before_model",
+                                  resident_kb=rss_kb("VmRSS"))
                 else:  # cannot reset the high-water mark: the peak includes warmup/compile
-                    memory_method = "ru_maxrss_whole_worker_minus_rss_before_model"
-                    resident_kb = rss_kb("VmRSS")
-                conn.send({"times": times})
-            elif request[0] == "time":
+                    memory.update(method="ru_maxrss_whole_worker_minus_rss_before_model",
+                                  resident_kb=rss_kb("VmRSS"))
+                return {"times": times}
+            if request[0] == "time":
                 times, cpu_s = steps(request[1])
-                conn.send({"times": times, "cpu_s": cpu_s})
-            elif request[0] == "memory":
+                return {"times": times, "cpu_s": cpu_s}
+            if request[0] == "memory":
+                base = baseline_kb
                 if device_.type == "cuda":
-                    peak_kb, baseline_kb = torch.cuda.max_memory_allocated() // 1024, 0
-                elif memory_method.startswith("vmhwm"):
+                    peak_kb, base = torch.cuda.max_memory_allocated() // 1024, 0
+                elif memory["method"].startswith("vmhwm"):
                     peak_kb = rss_kb("VmHWM")
                 else:
                     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                conn.send({"peak_mb": round((peak_kb - baseline_kb) / 1024, 1),
-                           "step_peak_mb": round((peak_kb - resident_kb) / 1024, 1),
-                           "method": memory_method})
-            else:
-                break
-    except BaseException as error:  # the parent records it instead of crashing
-        send_error(conn, error)
-    finally:
-        conn.close()
+                return {"peak_mb": round((peak_kb - base) / 1024, 1),
+                        "step_peak_mb": round((peak_kb - memory["resident_kb"]) / 1024, 1),
+                        "method": memory["method"]}
+            return None
+        return {"parameters": sum(p.numel() for p in module.parameters()),
+                "optimizer": optimizer_implementation(optimizer),
+                "inputs_checksum": [float(pixels.double().sum()), int(ids.sum())]}, handle
+    serve(conn, start)
 
 
 # -- parent: start the two workers of a configuration, alternate them ------------------------------
@@ -355,10 +349,7 @@ def main() -> None:
                               else "full context, no padding")},
         "results": results,
     }
-    out = Path(args.out or Path(__file__).parent / "results"
-               / f"train_throughput_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_result(report, args.out, f"train_throughput_{device.type}.json")
     print(f"wrote {out}")
 
 

@@ -10,6 +10,7 @@ own (`rss_kb`, `reset_peak_rss`).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -28,6 +29,34 @@ def send_error(conn, error: BaseException) -> None:
     """Inside a side: report ``error`` to the parent instead of dying with it."""
     conn.send({"error": error_message(error)[:2000],
                "traceback_tail": "".join(traceback.format_exception(error))[-3000:]})
+
+
+def serve(conn, start) -> None:
+    """A side's whole life: ``start()`` builds what the side measures and returns
+    ``(greeting, handle)``; the greeting goes to the parent, then every request is answered
+    with ``handle(request)`` until ("quit",) (or a request ``handle`` answers with None). An
+    error anywhere goes back to the parent (`send_error`) instead of killing the side silently."""
+    try:
+        greeting, handle = start()
+        conn.send(greeting)
+        while True:
+            request = conn.recv()
+            answer = None if request[0] == "quit" else handle(request)
+            if answer is None:
+                break
+            conn.send(answer)
+    except BaseException as error:  # the parent records it instead of crashing
+        send_error(conn, error)
+    finally:
+        conn.close()
+
+
+def write_result(report: dict, out: str | None, default_name: str) -> Path:
+    """``report`` as indented JSON at ``out`` (default: ``benchmarks/results/<default_name>``)."""
+    path = Path(out or Path(__file__).parent / "results" / default_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
 
 
 class WorkerError(RuntimeError):
