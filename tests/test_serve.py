@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 import vlp
 from vlp.caption import caption as caption_images
+from vlp.data.images import read_images
 from vlp.data.qa import QARecord
 from vlp.eval.vqa import answer_questions
 from vlp.eval.zeroshot import zero_shot_classifier
@@ -28,6 +29,7 @@ pytest.importorskip("fastapi", reason="vlp serve needs the serve extra: pip inst
 pytest.importorskip("uvicorn", reason="vlp serve needs the serve extra")
 pytest.importorskip("multipart", reason="vlp serve needs the serve extra")
 
+from photos import photo_jpeg  # noqa: E402  (tests/photos.py)
 from serve_client import Server, multipart  # noqa: E402  (tests/serve_client.py)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,7 +45,8 @@ KEY = "test-key-123"
 FLAGS = {"clip": ["--max-body-bytes", "400000", "--max-pixels", "4000000", "--max-labels",
                   "8", "--max-text-chars", "200", "--max-batch", "16", "--max-wait-ms", "20"],
          "simvlm": ["--cors-origin", "http://allowed.test"],
-         "coca-slow": ["--timeout", "0.01"]}  # a second CoCa server, for the request timeout
+         "coca-slow": ["--timeout", "0.01"],  # a second CoCa server, for the request timeout
+         "clip-fast": ["--fast-decode"]}  # a second CLIP server, reduced-scale JPEG decoding
 
 
 def png(colour, size=(90, 70), shape: str = "circle") -> bytes:
@@ -160,6 +163,26 @@ def test_embed_image_is_the_models_encode_image(servers, library, family):
     status, body = server.post("/v1/embed/image", raw=data, content_type=kind)
     assert status == 200, body
     torch.testing.assert_close(torch.tensor(body["embedding"]), expected, atol=1e-5, rtol=0)
+
+
+def test_fast_decode_serves_the_python_apis_fast_decode_embedding(servers, library):
+    """A large JPEG: --fast-decode serves ``image_transform(model, train=False,
+    fast_decode=True)`` + ``encode_image``, which differs from the exact path; without the
+    flag the server stays exact."""
+    model, _, exact = library("clip")
+    fast = vlp.image_transform(model, train=False, fast_decode=True)
+    photo = photo_jpeg(7)  # 1024 x 768
+    with torch.no_grad():
+        expected = {name: model.encode_image(read_images([photo], transform).pixels)[0]
+                    for name, transform in (("clip", exact), ("clip-fast", fast))}
+    assert (expected["clip"] - expected["clip-fast"]).abs().max() > 1e-4
+    for name in ("clip", "clip-fast"):
+        status, body = servers[name].post("/v1/embed/image", {"image": b64(photo)})
+        assert status == 200, body
+        torch.testing.assert_close(torch.tensor(body["embedding"]), expected[name],
+                                   atol=1e-5, rtol=0)
+        status, body, _ = servers[name].request("GET", "/v1/models")
+        assert body["models"][0]["fast_decode"] is (name == "clip-fast")
 
 
 @pytest.mark.parametrize("family", SERVES["embed"])

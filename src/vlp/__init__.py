@@ -70,11 +70,13 @@ def load_tokenizer(path: str | os.PathLike[str], context_length: int | None = No
     return _load_tokenizer(resolve(path), context_length=context_length)
 
 
-def image_transform(model_or_config: Any, train: bool = False):
-    """PIL image -> normalised tensor, from a model's (or config's) vision settings."""
+def image_transform(model_or_config: Any, train: bool = False, fast_decode: bool = False):
+    """PIL image -> normalised tensor, from a model's (or config's) vision settings;
+    ``fast_decode`` (evaluation only, off by default): large JPEGs decode at a reduced scale
+    and only the kept centre square is resampled (faster, pixels differ slightly)."""
     from vlp.factory import transform
 
-    return transform(model_or_config, train=train)
+    return transform(model_or_config, train=train, fast_decode=fast_decode)
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, src_format: str,

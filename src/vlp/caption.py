@@ -58,11 +58,12 @@ def caption(checkpoint_or_model: str | os.PathLike[str] | nn.Module, images: Any
             out_path: str | os.PathLike[str], *, tokenizer: Any | None = None,
             batch_size: int = 32, max_new_tokens: int = 20, num_beams: int = 3,
             prompt: str | None = None, num_workers: int = 0, progress: bool = True,
-            kind: str = "auto", **source_options: Any) -> Path:
+            kind: str = "auto", fast_decode: bool = False, **source_options: Any) -> Path:
     """Caption every image and write ``{"image": id, "caption": text}`` lines to ``out_path``
     atomically. A checkpoint directory brings its own tokenizer; a model needs ``tokenizer``.
     Unreadable images are skipped, counted and logged. ``kind`` / ``source_options``
-    (image_key, image_root, ...) go to `vlp.data.build_source` for data files."""
+    (image_key, image_root, ...) go to `vlp.data.build_source` for data files;
+    ``fast_decode``: large JPEGs decode at a reduced scale (`vlp.eval.generate_captions`)."""
     if isinstance(checkpoint_or_model, nn.Module):
         model = checkpoint_or_model
         if tokenizer is None:
@@ -77,7 +78,8 @@ def caption(checkpoint_or_model: str | os.PathLike[str] | nn.Module, images: Any
         raise DataError(f"no images to caption in {images}")
     result = generate_captions(model, tokenizer, image_list, ids, batch_size=batch_size,
                                max_new_tokens=max_new_tokens, num_beams=num_beams,
-                               prompt=prompt, num_workers=num_workers, progress=progress)
+                               prompt=prompt, num_workers=num_workers, progress=progress,
+                               fast_decode=fast_decode)
     skipped = [f"{name}: {reason}" for name, reason in lost] + [
         f"{name}: {reason}" for name, reason in zip(result.skipped, result.reasons)]
     if skipped:

@@ -9,7 +9,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from vlp.cliargs import add_config_args, apply_config_file, config_from_args, positive_int
+from vlp.cliargs import (
+    add_config_args,
+    add_decode_args,
+    apply_config_file,
+    config_from_args,
+    positive_int,
+)
 from vlp.errors import VlpError, print_error
 
 
@@ -134,8 +140,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           "--caption-data, --vqa-data")
     model, tokenizer = _load_model_and_tokenizer(args.checkpoint)
     metrics = evaluate(model, tokenizer, spec)
-    _print_json({"checkpoint": args.checkpoint, **metrics})
+    _print_json({"checkpoint": args.checkpoint, **_decoding(spec.fast_decode), **metrics})
     return 0
+
+
+def _decoding(fast_decode: bool) -> dict[str, Any]:
+    """What an evaluation's answer says of its image decoding: ``fast_decode`` when on (the
+    numbers then differ slightly from the exact preprocessing's)."""
+    return {"fast_decode": True} if fast_decode else {}
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
@@ -146,8 +158,8 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
                             classnames=_read_lines(args.classnames) if args.classnames else None,
                             templates=_read_lines(args.templates) if args.templates else None,
                             batch_size=args.eval_batch_size, num_workers=args.num_workers,
-                            progress=not args.no_progress)
-    _print_json({"checkpoint": args.checkpoint, **metrics})
+                            progress=not args.no_progress, fast_decode=args.fast_decode)
+    _print_json({"checkpoint": args.checkpoint, **_decoding(args.fast_decode), **metrics})
     return 0
 
 
@@ -181,7 +193,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     path = caption(args.checkpoint, args.images, args.out, batch_size=args.batch_size,
                    max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                    prompt=args.prompt, num_workers=args.num_workers,
-                   progress=not args.no_progress, kind=args.kind, **options)
+                   progress=not args.no_progress, kind=args.kind,
+                   fast_decode=args.fast_decode, **options)
     with open(path) as lines:
         count = sum(1 for _ in lines)
     _print_json({"out": str(path), "count": count})
@@ -329,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(tr, TrainConfig, required=("train_data",),
                     flags={"keep_last": ("--keep-last", "--keep")},
                     item_flags={"betas": ("--beta1", "--beta2")})
-    _add_eval_args(tr)
+    _add_eval_args(tr)  # --fast-decode there: its evaluation's images only
     tr.add_argument("--eval-suite", metavar="FILE", help="a vlp benchmark suite (JSON/YAML "
                     "list of tasks) run at every evaluation; metrics logged as NAME/METRIC")
     tr.set_defaults(func=cmd_train)
@@ -350,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("--classnames", help="one class name per line")
     zs.add_argument("--templates", metavar="FILE", help=TEMPLATES_HELP)
     zs.add_argument("--eval-batch-size", type=positive_int, default=256)
+    add_decode_args(zs)
     zs.set_defaults(func=cmd_zeroshot)
 
     from vlp.search.options import add_search_parsers
@@ -369,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--max-new-tokens", type=positive_int, default=20)
     cp.add_argument("--num-beams", type=positive_int, default=3)
     cp.add_argument("--prompt", help="text every caption starts from (left out of the output)")
+    add_decode_args(cp)
     _add_source_args(cp)
     cp.set_defaults(func=cmd_caption)
 

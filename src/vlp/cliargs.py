@@ -54,6 +54,32 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *,
                              metadata={k: v for k, v in metadata.items() if v is not None})
 
 
+# `--fast-decode`: one definition for every command that reads images for inference
+FAST_DECODE_HELP = ("decode large JPEGs at a reduced scale (PIL draft mode) and resample only "
+                    "the kept centre square: ~1.8x images/s per core, pixels differ from the "
+                    "exact path by 0.5-1 of 255 levels on average (evaluation preprocessing "
+                    "only; off: exact, as the reference libraries)")
+
+
+def fast_decode_option() -> Any:
+    """The ``fast_decode`` field of a config whose images are read for inference: its flag
+    is ``--fast-decode`` / ``--no-fast-decode``, off by default, with the same help
+    everywhere."""
+    return option(False, FAST_DECODE_HELP)
+
+
+@dataclasses.dataclass
+class DecodeOptions:
+    """The image-decoding flags of a command with no config dataclass of its own."""
+
+    fast_decode: bool = fast_decode_option()
+
+
+def add_decode_args(parser: argparse.ArgumentParser) -> None:
+    """``--fast-decode`` (dest ``fast_decode``) on a command that reads images for inference."""
+    add_config_args(parser, DecodeOptions)
+
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 

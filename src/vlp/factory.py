@@ -92,21 +92,26 @@ def load_tokenizer(path: str | os.PathLike[str], context_length: int | None = No
     return _load_tokenizer(model_dir(path), context_length=context_length)
 
 
-def transform(model_or_config: Any, train: bool = False) -> ImageTransform:
-    """PIL image -> normalised tensor, from a model's (or config's) vision settings."""
-    return image_transform(model_or_config, train=train)
+def transform(model_or_config: Any, train: bool = False, fast_decode: bool = False
+              ) -> ImageTransform:
+    """PIL image -> normalised tensor, from a model's (or config's) vision settings;
+    ``fast_decode`` (evaluation only): large JPEGs decode at a reduced scale, slightly
+    different pixels (`vlp.data.transforms.ImageTransform.draft_size`)."""
+    return image_transform(model_or_config, train=train, fast_decode=fast_decode)
 
 
 def load_model_and_transforms(path: str | os.PathLike[str],
-                              map_location: str | torch.device = "cpu"
+                              map_location: str | torch.device = "cpu", *,
+                              fast_decode: bool = False
                               ) -> tuple[nn.Module, Tokenizer | None, ImageTransform]:
     """``(model in eval mode, its tokenizer or None, its eval image transform)`` from a model or
-    run directory: everything inference needs."""
+    run directory: everything inference needs (``fast_decode``: see `transform`)."""
     directory = model_dir(path)
     model = load_model_dir(directory, map_location=map_location).eval()
     tokenizer = (_load_tokenizer(directory, context_length=text_context_length(model.config))
                  if (directory / TOKENIZER_FILE).is_file() else None)
-    return model, tokenizer, image_transform(model.config, train=False)
+    return model, tokenizer, image_transform(model.config, train=False,
+                                             fast_decode=fast_decode)
 
 
 def text_context_length(config: Any) -> int:

@@ -17,7 +17,7 @@ from vlp.benchmarks import captions, classes, probe, questions
 from vlp.benchmarks.captions import CAPTION_FORMATS, Captions, read_captions
 from vlp.benchmarks.classes import CLASSIFICATION_FORMATS, read_classification
 from vlp.benchmarks.questions import QA_FORMATS, read_questions
-from vlp.cliargs import option
+from vlp.cliargs import fast_decode_option, option
 from vlp.data.images import group_images
 from vlp.errors import ConfigError, DataError
 from vlp.eval.captioning import (
@@ -60,6 +60,7 @@ class BenchmarkTask:
                                    "(default: the dataset's templates.txt, else generic ones)",
                                    metavar="FILE")
     batch_size: int = option(64, "images per batch")
+    fast_decode: bool = fast_decode_option()
     itm_k: int | None = option(None, "retrieval: ITM re-rank each query's top K (BLIP, "
                                "BLIP-2); adds itm_i2t_r1, ...", metavar="K")
     num_beams: int = option(3, "captioning and VQA: beams (1: greedy)")
@@ -132,11 +133,13 @@ def run_task(model: nn.Module, tokenizer: Any, spec: BenchmarkTask, *, model_nam
         raise ConfigError(f"{model_name}: has no tokenizer; task {spec.task!r} needs one")
     split = _split(spec)
     common = {"batch_size": spec.batch_size, "num_workers": spec.num_workers,
-              "progress": progress}
+              "progress": progress, "fast_decode": spec.fast_decode}
     runner = {"zeroshot": _zeroshot, "linear-probe": _probe, "few-shot": _probe,
               "retrieval": _retrieval, "captioning": _captioning, "vqa": _vqa}[spec.task]
     metrics, protocol, num_items, server = runner(model, tokenizer, spec, split, common)
     metrics = {k: v for k, v in metrics.items() if k != "skipped"}
+    if spec.fast_decode:  # the numbers depend on it: pixels differ from the exact decoding's
+        protocol = {**protocol, "fast_decode": True}
     result = {"model": model_name, "task": spec.task, "dataset": spec.format, "split": split,
               "name": spec.label(split), "num_items": num_items, "protocol": protocol,
               **metrics}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlp.cliargs import option
+from vlp.cliargs import fast_decode_option, option
 from vlp.config import check_fields
 from vlp.data.sources import source_option
 from vlp.errors import ConfigError
@@ -102,6 +102,7 @@ class CapfiltConfig:
     ray_cpus_per_actor: float = option(1.0, "CPUs each Ray actor reserves")
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto (CUDA when available), cpu, cuda")
+    fast_decode: bool = fast_decode_option()  # stages 2-3 (captioning and filtering)
     # the trainer's own default: stages 1 and 5 are training runs
     num_workers: int = option(TrainConfig.num_workers, "data loader worker processes of the "
                               "trainer (stages 1 and 5)")

@@ -111,7 +111,13 @@ def caption_settings(cfg: CapfiltConfig) -> dict[str, Any]:
             "repetition_penalty": cfg.repetition_penalty, "num_beams": cfg.num_beams,
             "num_captions": cfg.num_captions, "min_new_tokens": cfg.min_new_tokens,
             "max_new_tokens": cfg.max_new_tokens, "prompt": cfg.prompt,
-            "caption_batch_size": cfg.caption_batch_size}
+            "caption_batch_size": cfg.caption_batch_size, **_decoding(cfg)}
+
+
+def _decoding(cfg: CapfiltConfig) -> dict[str, Any]:
+    """``fast_decode`` among a stage's settings when on (outputs made before the option
+    existed resume as they were)."""
+    return {"fast_decode": True} if cfg.fast_decode else {}
 
 
 def caption_lengths(cfg: CapfiltConfig, tokenizer: Any) -> tuple[int, int]:
@@ -151,7 +157,8 @@ def caption_unit(cfg: CapfiltConfig, unit: WorkUnit, model: nn.Module, tokenizer
                                batch_size=cfg.caption_batch_size * n,
                                min_new_tokens=min_new, max_new_tokens=max_new,
                                prompt=cfg.prompt or None,
-                               num_workers=0, progress=False, **options)
+                               num_workers=0, progress=False, fast_decode=cfg.fast_decode,
+                               **options)
     for index, reason in zip(result.skipped, result.reasons):
         rows[int(index) // n]["skipped"] = reason
     for index, text in result.pairs:
@@ -164,17 +171,19 @@ def caption_unit(cfg: CapfiltConfig, unit: WorkUnit, model: nn.Module, tokenizer
 def filter_settings(cfg: CapfiltConfig) -> dict[str, Any]:
     return {"filter": str(model_path(cfg, "filter").resolve()),
             "itm_threshold": cfg.itm_threshold, "itc_threshold": cfg.itc_threshold,
-            "filter_batch_size": cfg.filter_batch_size}
+            "filter_batch_size": cfg.filter_batch_size, **_decoding(cfg)}
 
 
 @torch.no_grad()
 def score_pairs(model: nn.Module, tokenizer: Any, images: list[str | bytes],
-                texts: list[list[str]]) -> list[list[tuple[float, float]]]:
+                texts: list[list[str]], fast_decode: bool = False
+                ) -> list[list[tuple[float, float]]]:
     """(ITM P(match), ITC cosine) of each text with its image: ``texts[i]`` are image i's.
-    Images must be readable (`filter_unit` sets the others aside)."""
+    Images must be readable (`filter_unit` sets the others aside); ``fast_decode``: large
+    JPEGs decode at a reduced scale (`vlp.data.transforms.ImageTransform.draft_size`)."""
     if not any(texts):
         return [[] for _ in texts]
-    read = read_images(images, image_transform(model, train=False))
+    read = read_images(images, image_transform(model, train=False, fast_decode=fast_decode))
     if read.unreadable:
         raise DataError(f"{images[read.unreadable[0]]!r}: {read.reasons[0]}; score_pairs needs "
                         "readable images")
@@ -233,7 +242,7 @@ def filter_unit(cfg: CapfiltConfig, unit: WorkUnit, model: nn.Module, tokenizer:
             scored.append(row)
         else:
             _set_aside(row, "missing_image")
-    transform = image_transform(model, train=False)
+    transform = image_transform(model, train=False, fast_decode=cfg.fast_decode)
     for start in range(0, len(scored), cfg.filter_batch_size):
         batch = scored[start:start + cfg.filter_batch_size]
         for row in batch:  # an empty caption (a captioner may stop at once) is dropped

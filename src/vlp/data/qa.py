@@ -170,12 +170,16 @@ class QACollate:
 
 
 def qa_loader(records: list[QARecord], config: Any, tokenizer: Any, *, batch_size: int,
-              train: bool, num_workers: int = 0, seed: int = 0) -> DataLoader:
+              train: bool, num_workers: int = 0, seed: int = 0,
+              fast_decode: bool = False) -> DataLoader:
     """Batches of QA pairs for a model ``config`` (shuffled, seeded, full batches if train),
     read through `vlp.data.images.image_batches`: a question whose image cannot be read is
-    left out of its batch and listed in ``unreadable`` (see `QACollate.image_items`)."""
+    left out of its batch and listed in ``unreadable`` (see `QACollate.image_items`).
+    ``fast_decode`` (evaluation only: ignored with ``train``): large JPEGs decode at a
+    reduced scale (`vlp.data.transforms.ImageTransform.draft_size`)."""
     records = list(records)
-    return image_batches([record.image for record in records], image_transform(config, train),
+    transform = image_transform(config, train, fast_decode=fast_decode and not train)
+    return image_batches([record.image for record in records], transform,
                          extras=[(record.question, target_answer(record.answers))
                                  for record in records],
                          batch_size=batch_size, shuffle=train, drop_last=train, seed=seed,

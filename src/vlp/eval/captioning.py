@@ -261,12 +261,13 @@ def _prompt_ids(tokenizer: Any, prompt: str | None, batch: int) -> torch.Tensor 
 def generate_captions(model: nn.Module, tokenizer: Any, images: Sequence[ImageInput],
                       ids: Sequence[str] | None = None, *, batch_size: int = 32,
                       max_new_tokens: int = 20, num_beams: int = 3, prompt: str | None = None,
-                      num_workers: int = 0, progress: bool = True,
+                      num_workers: int = 0, progress: bool = True, fast_decode: bool = False,
                       **generate_kwargs: Any) -> GeneratedCaptions:
     """One caption per image (paths or encoded bytes) with ``model.generate``; images are read
     through `vlp.data.images.image_batches`, so unreadable ones are skipped and listed. With a
     ``prompt``, decoding starts from bos + prompt and the caption is the continuation only (the
-    prompt is not repeated)."""
+    prompt is not repeated). ``fast_decode``: large JPEGs decode at a reduced scale
+    (`vlp.data.transforms.ImageTransform.draft_size`)."""
     model.require(CAPTION, "captioning")
     images = list(images)
     ids = [str(i) for i in ids] if ids is not None else list_ids(images)
@@ -274,7 +275,8 @@ def generate_captions(model: nn.Module, tokenizer: Any, images: Sequence[ImageIn
         raise ConfigError(f"generate_captions: {len(images)} images but {len(ids)} ids")
     if not images:
         raise DataError("no images to caption")
-    loader = image_batches(images, image_transform(model, train=False), batch_size=batch_size,
+    loader = image_batches(images, image_transform(model, train=False, fast_decode=fast_decode),
+                           batch_size=batch_size,
                            num_workers=num_workers,
                            pin_memory=model_device(model).type == "cuda")
     pairs: list[tuple[str, str]] = []
@@ -302,13 +304,13 @@ def generate_captions(model: nn.Module, tokenizer: Any, images: Sequence[ImageIn
 
 def caption_eval(model: nn.Module, tokenizer: Any, source: Any, *, batch_size: int = 32,
                  max_new_tokens: int = 20, num_beams: int = 3, prompt: str | None = None,
-                 num_workers: int = 0, progress: bool = True,
+                 num_workers: int = 0, progress: bool = True, fast_decode: bool = False,
                  backend: str = "auto", **generate_kwargs: Any) -> dict[str, Any]:
     """Caption each unique image of a caption source once (`vlp.data.images.group_images`)
     and score it against all its references: `caption_metrics` keys plus ``num_images``
     (scored), ``num_skipped`` and ``skipped`` (the ids of the images that could not be read).
     ``generate_kwargs`` (min_new_tokens, repetition_penalty, early_stopping, ...) go to the
-    model's ``generate``."""
+    model's ``generate``; ``fast_decode``: see `generate_captions`."""
     groups = group_images(source).captioned()
     if not groups.images:
         raise DataError(f"caption eval: {source!r} has no captioned images")
@@ -316,7 +318,8 @@ def caption_eval(model: nn.Module, tokenizer: Any, source: Any, *, batch_size: i
     generated = generate_captions(model, tokenizer, groups.images, groups.ids,
                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
                                   num_beams=num_beams, prompt=prompt, num_workers=num_workers,
-                                  progress=progress, **generate_kwargs)
+                                  progress=progress, fast_decode=fast_decode,
+                                  **generate_kwargs)
     if not generated.pairs:
         raise DataError(f"caption eval: none of the {len(groups.images)} images could be read "
                         f"(first: {generated.skipped[0]})")

@@ -102,6 +102,7 @@ def embed_images(
     batch_size: int = 256,
     num_workers: int = 0,
     progress: bool = True,
+    fast_decode: bool = False,
 ) -> ImageEmbeddings:
     """Embed a directory, a list of paths / encoded bytes, or a ``vlp.data`` source.
 
@@ -110,7 +111,8 @@ def embed_images(
     ones are skipped and listed in ``skipped``, so one broken file never ends a long run;
     ``indices`` maps rows back to inputs. ``ids`` names a list of images (default: each path
     as itself, encoded bytes as ``#i``). ``transform`` defaults to the model's eval
-    preprocessing.
+    preprocessing, with ``fast_decode`` its reduced-scale JPEG decoding
+    (`vlp.data.transforms.ImageTransform.draft_size`).
     """
     image_list, default_ids = image_inputs(images)
     if ids is None:
@@ -122,7 +124,9 @@ def embed_images(
     if not image_list:
         where = f" in {images}" if isinstance(images, str | Path) else ""
         raise DataError(f"no images to embed{where}")
-    loader = image_batches(image_list, transform or image_transform(model, train=False),
+    if transform is None:
+        transform = image_transform(model, train=False, fast_decode=fast_decode)
+    loader = image_batches(image_list, transform,
                            batch_size=batch_size, num_workers=num_workers,
                            pin_memory=model_device(model).type == "cuda")
     chunks, kept, unreadable, reasons = [], [], [], []

@@ -66,11 +66,13 @@ def itm_rerank_scores(itc_similarity: Tensor, image_tokens: Tensor, input_ids: T
 
 
 def _encode_images(model: PretrainModel, images: list, batch_size: int, num_workers: int,
-                   progress: bool) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+                   progress: bool, fast_decode: bool = False
+                   ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """(ITC embeddings (K, ...), ITM features (K, ...), kept indices (K,), unreadable
     positions) of the images, read through `vlp.data.images.image_batches`, as the model's
     `itm_image` gives them."""
-    loader = image_batches(images, image_transform(model, train=False), batch_size=batch_size,
+    loader = image_batches(images, image_transform(model, train=False, fast_decode=fast_decode),
+                           batch_size=batch_size,
                            num_workers=num_workers,
                            pin_memory=model_device(model).type == "cuda")
     embeddings, tokens, kept, unreadable = [], [], [], []
@@ -90,17 +92,19 @@ def _encode_images(model: PretrainModel, images: list, batch_size: int, num_work
 
 def itm_rerank_eval(model: nn.Module, tokenizer: Any, source: Any, *, k_test: int = 128,
                     batch_size: int = 128, num_workers: int = 0,
-                    ks: Sequence[int] = (1, 5, 10), progress: bool = True) -> dict[str, Any]:
+                    ks: Sequence[int] = (1, 5, 10), progress: bool = True,
+                    fast_decode: bool = False) -> dict[str, Any]:
     """Retrieval of a BLIP model over a caption source, ITC alone (``i2t_r1``, ... as
     `retrieval_eval`) and ITC + ITM re-ranking of the top ``k_test`` (``itm_i2t_r1``, ...).
     Every image's tokens are held in memory, as BLIP's own evaluation does. Unreadable images
-    are skipped with their captions: ``num_skipped`` and ``skipped`` (their ids)."""
+    are skipped with their captions: ``num_skipped`` and ``skipped`` (their ids).
+    ``fast_decode``: large JPEGs decode at a reduced scale (`vlp.eval.embed_images`)."""
     model.require(ITM, "ITM re-ranking")
     groups = retrieval_groups(source)
     if not groups.texts:
         raise DataError(f"retrieval eval: {source!r} has no captioned images")
     image_embeddings, image_tokens, kept, unreadable = _encode_images(
-        model, groups.images, batch_size, num_workers, progress)
+        model, groups.images, batch_size, num_workers, progress, fast_decode)
     captions, text_to_image = keep_readable(groups, kept)
     pad_id = model.config.text.pad_id
     with inference(model) as device:

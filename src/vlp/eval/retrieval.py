@@ -186,8 +186,10 @@ def retrieval_eval(
     *,
     ks: Sequence[int] = (1, 5, 10),
     progress: bool = True,
+    fast_decode: bool = False,
 ) -> dict[str, Any]:
-    """Image<->text retrieval over a caption source: each unique image once, every caption.
+    """Image<->text retrieval over a caption source: each unique image once, every caption
+    (``fast_decode``: large JPEGs decode at a reduced scale, `vlp.eval.embed_images`).
 
     Returns the keys of ``retrieval_metrics`` plus ``num_skipped`` and ``skipped`` (the ids of
     the images that could not be read; their captions are dropped too).
@@ -196,7 +198,8 @@ def retrieval_eval(
     if not groups.texts:
         raise DataError(f"retrieval eval: {source!r} has no captioned images")
     embedded = embed_images(model, groups.images, ids=groups.ids, batch_size=batch_size,
-                            num_workers=num_workers, progress=progress)
+                            num_workers=num_workers, progress=progress,
+                            fast_decode=fast_decode)
     captions, text_to_image = keep_readable(groups, embedded.indices)
     text_features = embed_texts(model, tokenizer, captions, batch_size=batch_size,
                                 progress=progress)

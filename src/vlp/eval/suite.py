@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from vlp.cliargs import check_ranges, option
+from vlp.cliargs import check_ranges, fast_decode_option, option
 from vlp.data import build_source
 from vlp.data.qa import read_qa_jsonl
 from vlp.errors import ConfigError
@@ -66,6 +66,7 @@ class EvalSpec:
                            "--vqa-candidates", choices=VQA_MODES)
     vqa_candidates: list[str] | None = None
     batch_size: int = option(256, "batch size for encoding", valid="positive_count")
+    fast_decode: bool = fast_decode_option()
     num_workers: int = 0
     progress: bool = True
 
@@ -105,7 +106,7 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]
         metrics.update(zeroshot_eval(model, tokenizer, spec.zeroshot_data,
                                      classnames=spec.classnames, templates=spec.templates,
                                      batch_size=spec.batch_size, num_workers=spec.num_workers,
-                                     progress=spec.progress))
+                                     progress=spec.progress, fast_decode=spec.fast_decode))
     if spec.retrieval_data:
         options = {k: v for k, v in spec.retrieval_options.items() if v is not None}
         source = build_source(spec.retrieval_kind, spec.retrieval_data, **options)
@@ -113,10 +114,12 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]
             metrics.update(itm_rerank_eval(model, tokenizer, source, k_test=spec.itm_k,
                                            batch_size=min(spec.batch_size, 128),
                                            num_workers=spec.num_workers,
-                                           progress=spec.progress))
+                                           progress=spec.progress,
+                                           fast_decode=spec.fast_decode))
         else:
             metrics.update(retrieval_eval(model, tokenizer, source, batch_size=spec.batch_size,
-                                          num_workers=spec.num_workers, progress=spec.progress))
+                                          num_workers=spec.num_workers, progress=spec.progress,
+                                          fast_decode=spec.fast_decode))
     if spec.caption_data:
 
         options = {k: v for k, v in spec.retrieval_options.items() if v is not None}
@@ -126,7 +129,8 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]
                               prompt=spec.caption_prompt, num_workers=spec.num_workers,
                               progress=spec.progress, min_new_tokens=spec.min_new_tokens,
                               repetition_penalty=spec.repetition_penalty,
-                              early_stopping=spec.early_stopping)
+                              early_stopping=spec.early_stopping,
+                              fast_decode=spec.fast_decode)
         metrics.update({f"caption_{k}": v for k, v in scores.items()})
     if spec.vqa_data:
 
@@ -134,7 +138,8 @@ def evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec) -> dict[str, Any]
         scores = vqa_eval(model, tokenizer, read_qa_jsonl(spec.vqa_data, image_root),
                           mode=spec.vqa_mode, candidates=spec.vqa_candidates,
                           batch_size=min(spec.batch_size, 64), num_beams=spec.num_beams,
-                          num_workers=spec.num_workers, progress=spec.progress)
+                          num_workers=spec.num_workers, progress=spec.progress,
+                          fast_decode=spec.fast_decode)
         # its skip count would overwrite retrieval's under the same name
         metrics.update({f"vqa_{k}" if k in VQA_PREFIXED else k: v for k, v in scores.items()})
     return metrics

@@ -128,7 +128,7 @@ def majority_baselines(train: Sequence[QARecord], test: Sequence[QARecord]
 def answer_questions(model: nn.Module, tokenizer: Any, records: Sequence[QARecord], *,
                      mode: str = "generate", candidates: Sequence[str] | None = None,
                      batch_size: int = 64, num_beams: int = 3, max_new_tokens: int = 10,
-                     num_workers: int = 0, progress: bool = True,
+                     num_workers: int = 0, progress: bool = True, fast_decode: bool = False,
                      **generate_kwargs: Any) -> list[str | None]:
     """One answer per question, None where its image cannot be read (images come through
     `vlp.data.qa.qa_loader`, so an unreadable one is skipped, never raised): ``"generate"``
@@ -137,7 +137,8 @@ def answer_questions(model: nn.Module, tokenizer: Any, records: Sequence[QARecor
     scoring every candidate), each candidate tokenised as the model reads answers
     (`vlp.data.qa.AnswerTokenizer`). Questions reach ``answer`` as the model reads them
     (`vlp.data.qa.QACollate`: BLIP-2 gets its VQA prompt), with their mask;
-    ``generate_kwargs`` (length_penalty, ...) go to it too."""
+    ``generate_kwargs`` (length_penalty, ...) go to it too. ``fast_decode``: large JPEGs
+    decode at a reduced scale (`vlp.data.transforms.ImageTransform.draft_size`)."""
     if mode not in VQA_MODES:
         raise ConfigError(f"VQA mode {mode!r}; expected one of {list(VQA_MODES)}")
     model.require(VQA, "VQA")
@@ -146,7 +147,7 @@ def answer_questions(model: nn.Module, tokenizer: Any, records: Sequence[QARecor
     context_length = model.config.text.context_length
     records = list(records)
     loader = qa_loader(records, model.config, tokenizer, batch_size=batch_size, train=False,
-                       num_workers=num_workers)
+                       num_workers=num_workers, fast_decode=fast_decode)
     answers: list[str | None] = [None] * len(records)
     with inference(model) as device:
         if mode == "rank":

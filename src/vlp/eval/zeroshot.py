@@ -118,10 +118,12 @@ def zeroshot_eval(
     num_workers: int = 0,
     *,
     progress: bool = True,
+    fast_decode: bool = False,
 ) -> dict[str, float]:
     """Zero-shot top-1/top-5 accuracy on an image-folder dataset (its root, or any labelled source).
     ``templates`` default to the dataset's own (an image folder's ``templates.txt``), else
-    `default_templates`.
+    `default_templates`. ``fast_decode``: large JPEGs decode at a reduced scale
+    (`vlp.eval.embed_images`).
 
     Returns ``zeroshot_top1``, ``zeroshot_top5``, ``zeroshot_mean_per_class_top1`` (balanced
     accuracy), ``num_images`` (evaluated), ``num_classes`` and ``num_skipped`` (unreadable).
@@ -144,7 +146,7 @@ def zeroshot_eval(
     classifier = zero_shot_classifier(model, tokenizer, classnames, templates, batch_size,
                                       progress=progress)
     images = embed_images(model, [r.image for r in records], batch_size=batch_size,
-                          num_workers=num_workers, progress=progress)
+                          num_workers=num_workers, progress=progress, fast_decode=fast_decode)
     labels = torch.tensor([label_map[records[i].label] for i in images.indices.tolist()],
                           dtype=torch.long)
     logits = images.embeddings @ classifier  # (N, C)

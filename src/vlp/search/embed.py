@@ -58,6 +58,7 @@ class EmbedConfig:
     ray_actors: int = 2
     ray_address: str | None = None
     progress: bool = True
+    fast_decode: bool = False  # large JPEGs decode at a reduced scale (ImageTransform.draft_size)
 
     @property
     def spec(self) -> SourceSpec:
@@ -98,6 +99,8 @@ def _manifest(cfg: EmbedConfig, parts: list[Part]) -> dict[str, Any]:
                        else cfg.data, "kind": cfg.spec.resolved_kind(),
                        "options": dict(sorted(cfg.options.items()))},
             "part_size": cfg.part_size, "dtype": cfg.dtype,
+            # recorded only when on: directories written before the option resume as they were
+            **({"fast_decode": True} if cfg.fast_decode and cfg.modality == "image" else {}),
             "parts": [part.describe() for part in parts]}
 
 
@@ -109,7 +112,8 @@ def _open_out(cfg: EmbedConfig, parts: list[Part]) -> Path:
     if path.is_file():
         found = read_json_object(path, DataError)
         if found != manifest:
-            differ = sorted(k for k in manifest if found.get(k) != manifest[k])
+            differ = sorted(k for k in set(manifest) | set(found)
+                            if found.get(k) != manifest.get(k))
             raise ConfigError(f"{out}: holds embeddings made with other settings "
                               f"({', '.join(differ)} differ); use another --out or the same "
                               "settings to resume")
@@ -131,7 +135,7 @@ class PartWorker:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.model, self.tokenizer, self.transform = factory.load_model_and_transforms(
-            resolve(cfg.model), map_location=cfg.device)
+            resolve(cfg.model), map_location=cfg.device, fast_decode=cfg.fast_decode)
         if cfg.modality == "text" and self.tokenizer is None:
             raise ConfigError(f"{cfg.model}: no tokenizer in the model directory; text "
                               "embeddings need one")

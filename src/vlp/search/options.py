@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vlp.cliargs import positive_int
+from vlp.cliargs import add_decode_args, positive_int
 from vlp.errors import ConfigError, DataError
 
 SINGLE_FILE = (".safetensors", ".npy")
@@ -37,6 +37,7 @@ def add_embed_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--out", required=True,
                    help="a directory of parts (resumable), or one .safetensors/.npy file")
     p.add_argument("--batch-size", type=positive_int, default=256, help="(default: %(default)s)")
+    add_decode_args(p)
     g = p.add_argument_group("parts (--out DIR)")
     g.add_argument("--kind", default="auto",
                    choices=["auto", "csv", "tsv", "jsonl", "coco", "imagefolder", "wds"],
@@ -79,7 +80,7 @@ def embed_from_args(args: argparse.Namespace) -> dict[str, Any]:
                       dtype=args.dtype, backend=args.backend, device=args.device,
                       num_workers=args.num_workers, threads=args.threads,
                       ray_actors=args.ray_actors, ray_address=args.ray_address,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, fast_decode=args.fast_decode)
     return embed_collection(cfg)
 
 
@@ -99,7 +100,8 @@ def _embed_one_file(args: argparse.Namespace) -> dict[str, Any]:
                 options.setdefault("caption_key", None)  # a list of images needs no captions
             images = build_source(kind, args.images, **options)
         result = embed_images(model, images, batch_size=args.batch_size,
-                              num_workers=args.num_workers, progress=not args.no_progress)
+                              num_workers=args.num_workers, progress=not args.no_progress,
+                              fast_decode=args.fast_decode)
         embeddings, ids, skipped = result.embeddings, result.ids, len(result.skipped)
     else:
         file = Path(args.texts)
@@ -160,12 +162,14 @@ def add_search_args(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="results per query (default: %(default)s)")
     p.add_argument("--model", help=model_help + " (default: the one the index was built with)")
     p.add_argument("--device", default="cpu", help="(default: %(default)s)")
+    add_decode_args(p)  # an --image query
 
 
 def search_from_args(args: argparse.Namespace) -> None:
     from vlp.search.searcher import Index
 
-    index = Index(args.index, model=args.model, device=str(_check_device(args.device)))
+    index = Index(args.index, model=args.model, device=str(_check_device(args.device)),
+                  fast_decode=args.fast_decode)
     if args.texts_file:
         file = Path(args.texts_file)
         if not file.is_file():

@@ -28,7 +28,7 @@ class Index:
     or image query) the model."""
 
     def __init__(self, directory: str | os.PathLike[str], model: str | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", fast_decode: bool = False) -> None:
         directory = Path(directory)
         self.directory = directory
         self.info = read_json_object(directory / INDEX_JSON, DataError)
@@ -47,12 +47,13 @@ class Index:
         self.metadata = {name: table.column(name).to_pylist() for name in table.column_names}
         self.model_name = model or self.info["model"]
         self.device = device
+        self.fast_decode = fast_decode  # image queries: large JPEGs decode at a reduced scale
         self._loaded: tuple[Any, Any, Any] | None = None
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], model: str | None = None,
-             device: str = "cpu") -> Index:
-        return cls(directory, model=model, device=device)
+             device: str = "cpu", fast_decode: bool = False) -> Index:
+        return cls(directory, model=model, device=device, fast_decode=fast_decode)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -70,8 +71,9 @@ class Index:
             from vlp import factory
             from vlp.hub import resolve
 
-            self._loaded = factory.load_model_and_transforms(resolve(self.model_name),
-                                                             map_location=self.device)
+            self._loaded = factory.load_model_and_transforms(
+                resolve(self.model_name), map_location=self.device,
+                fast_decode=self.fast_decode)
         return self._loaded
 
     # -- queries ------------------------------------------------------------------------------

@@ -17,14 +17,16 @@ from typing import Any
 
 def serve(path: str | os.PathLike[str], *, host: str = "127.0.0.1", port: int = 8000,
           device: str = "cpu", log_level: str = "info", index: str | None = None,
-          **settings: Any) -> None:
+          fast_decode: bool = False, **settings: Any) -> None:
     """Serve the model directory ``path`` until interrupted (with ``/v1/search`` over the
-    `vlp index` directory ``index``); ``settings`` are `vlp.serve.app.Settings` fields
-    (max_batch, max_wait_ms, api_key, cors_origins, limits)."""
+    `vlp index` directory ``index``); ``fast_decode``: uploaded JPEGs decode at a reduced
+    scale (`vlp.data.transforms.ImageTransform.draft_size`); ``settings`` are
+    `vlp.serve.app.Settings` fields (max_batch, max_wait_ms, api_key, cors_origins,
+    limits)."""
     from vlp.serve.server import run
 
     run(path, host=host, port=port, device=device, log_level=log_level, index=index,
-        **settings)
+        fast_decode=fast_decode, **settings)
 
 
 __all__ = ["serve"]

@@ -46,11 +46,15 @@ class ServedModel:
     """A model loaded for inference (`vlp.factory.load_model_and_transforms`)."""
 
     def __init__(self, path: str | os.PathLike[str], device: str = "cpu",
-                 index: str | os.PathLike[str] | None = None) -> None:
+                 index: str | os.PathLike[str] | None = None,
+                 fast_decode: bool = False) -> None:
         """``path``: what `vlp.load` takes (a model or run directory, or a hub name);
-        ``index``: a `vlp index` directory built with this model, for ``/v1/search``."""
+        ``index``: a `vlp index` directory built with this model, for ``/v1/search``;
+        ``fast_decode``: every endpoint decodes large JPEGs at a reduced scale
+        (`vlp.data.transforms.ImageTransform.draft_size`)."""
+        self.fast_decode = fast_decode
         self.model, self.tokenizer, self.transform = factory.load_model_and_transforms(
-            resolve(path), map_location=device)
+            resolve(path), map_location=device, fast_decode=fast_decode)
         # a hub name as given, a directory by its own name: never the machine's path
         self.name = str(path) if is_pretrained_name(path) else Path(path).resolve().name
         self._classifiers: OrderedDict[tuple, Tensor] = OrderedDict()
@@ -93,6 +97,7 @@ class ServedModel:
                 "image_size": config.vision.image_size,
                 "context_length": config.text.context_length,
                 "parameters": sum(p.numel() for p in self.model.parameters()),
+                "fast_decode": self.fast_decode,
                 "index": self.search_info()}
 
     def require(self, endpoint: str) -> None:
@@ -120,7 +125,8 @@ class ServedModel:
 
     def _embed_image(self, images: list[bytes]) -> list[Any]:
         try:
-            result = embed_images(self.model, images, batch_size=len(images), progress=False)
+            result = embed_images(self.model, images, transform=self.transform,
+                                  batch_size=len(images), progress=False)
         except DataError:  # none of the images could be read
             return [unreadable()] * len(images)
         out: list[Any] = [unreadable()] * len(images)
@@ -172,7 +178,8 @@ class ServedModel:
                  prompt: str | None) -> list[Any]:
         result = generate_captions(self.model, self.tokenizer, images, batch_size=len(images),
                                    max_new_tokens=max_new_tokens, num_beams=num_beams,
-                                   prompt=prompt, progress=False)
+                                   prompt=prompt, progress=False,
+                                   fast_decode=self.fast_decode)
         out: list[Any] = [unreadable()] * len(images)
         for index, (_, text) in zip(result.indices, result.pairs):
             out[index] = {"caption": text}
@@ -183,7 +190,7 @@ class ServedModel:
         records = [QARecord(image, question, ("",)) for image, question in requests]
         answers = answer_questions(self.model, self.tokenizer, records, batch_size=len(records),
                                    num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                   progress=False)
+                                   progress=False, fast_decode=self.fast_decode)
         return [unreadable() if answer is None else {"answer": answer} for answer in answers]
 
     def _search(self, queries: list[tuple[str, Any]], k: int) -> list[Any]:

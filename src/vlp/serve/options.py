@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from vlp.cliargs import add_decode_args
+
 
 def add_serve_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("model", help=model_help + "; text endpoints need its tokenizer")
@@ -16,6 +18,7 @@ def add_serve_args(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--index", metavar="INDEX_DIR",
                    help="a vlp index directory built with this model: POST /v1/search and "
                         "search on the page (needs the faiss extra; default: none)")
+    add_decode_args(p)  # every endpoint that reads an uploaded image
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=8,
                    help="most concurrent requests run as one batch (1: no batching; "
@@ -60,6 +63,7 @@ def serve_from_args(args: argparse.Namespace) -> None:
                     timeout_s=args.timeout)
     check_device(args.device)  # before the model is read or the port is taken
     serve(args.model, host=args.host, port=args.port, device=args.device, index=args.index,
-          log_level=args.log_level, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+          fast_decode=args.fast_decode, log_level=args.log_level, max_batch=args.max_batch,
+          max_wait_ms=args.max_wait_ms,
           max_queue=args.max_queue, api_key=args.api_key or os.environ.get("VLP_API_KEY"),
           cors_origins=tuple(args.cors_origin), limits=limits.check())

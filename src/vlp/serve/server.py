@@ -20,14 +20,15 @@ def check_installed() -> None:
 
 
 def run(path: str | os.PathLike[str], *, host: str, port: int, device: str = "cpu",
-        log_level: str = "info", index: str | None = None, **settings: Any) -> None:
+        log_level: str = "info", index: str | None = None, fast_decode: bool = False,
+        **settings: Any) -> None:
     check_installed()
     import uvicorn
 
     from vlp.serve.app import Settings, create_app
     from vlp.serve.engine import ServedModel
 
-    model = ServedModel(path, device=device, index=index)
+    model = ServedModel(path, device=device, index=index, fast_decode=fast_decode)
     app = create_app(model, Settings(**settings))
     logger.info("serving %s (%s: %s) on http://%s:%d", model.name, model.family,
                 ", ".join(model.tasks()), host, port)
